@@ -1,0 +1,98 @@
+"""Build a Megatron-Core ``GPTModel`` from a ``ModelConfig``.
+
+Layer spec: Transformer Engine's spec when TE imports and a GPU is present; otherwise Megatron-Core's
+local spec with torch SDPA as ``core_attention`` and ``TorchNorm`` for the norms.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+
+from minitron_nemo import runtime
+from minitron_nemo.models.config import ModelConfig, transformer_config
+from minitron_nemo.models.layers import SDPAttention, TorchNorm
+
+
+def te_available() -> bool:
+    if runtime.cpu_mode():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+def layer_spec(use_te: bool | None = None):
+    """The transformer layer ``ModuleSpec`` and the final-norm class used by this process."""
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if use_te is None:
+        use_te = te_available()
+    if use_te:
+        return specs.get_gpt_layer_with_transformer_engine_spec(), None
+    spec = specs.get_gpt_layer_local_spec()
+    sub = spec.submodules
+    sub.input_layernorm = TorchNorm
+    sub.pre_mlp_layernorm = TorchNorm
+    sub.self_attention.submodules.core_attention = SDPAttention
+    return spec, TorchNorm
+
+
+def build_model(mc: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
+                use_te: bool | None = None, sequence_parallel: bool = False):
+    """Build this rank's ``GPTModel`` chunk (its TP shard of its PP stage's layers)."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
+                                                             get_num_layers_to_build)
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    cfg = transformer_config(mc, tp=tp, pp=pp, params_dtype=params_dtype, cpu=runtime.cpu_mode(),
+                             sequence_parallel=sequence_parallel)
+    spec, final_norm = layer_spec(use_te)
+    if final_norm is not None:
+        spec = TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(cfg),
+                                          layer_norm=final_norm)
+    model = GPTModel(
+        config=cfg,
+        transformer_layer_spec=spec,
+        vocab_size=mc.padded_vocab_size,
+        max_sequence_length=mc.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=mc.share_embeddings_and_output_weights,
+        position_embedding_type="rope",
+        rotary_percent=mc.rotary_percent,
+        rotary_base=int(mc.rotary_base) if float(mc.rotary_base).is_integer() else mc.rotary_base,
+        rope_scaling=mc.rope_scaling_factor is not None,
+        rope_scaling_factor=mc.rope_scaling_factor or 8.0,
+    )
+    if not runtime.cpu_mode():
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+def layer_offset(mc: ModelConfig) -> int:
+    """Global index of this PP stage's first layer (0-indexed)."""
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    return parallel_state.get_pipeline_model_parallel_rank() * (mc.num_layers // pp)
+
+
+def count_parameters(mc: ModelConfig) -> int:
+    """Parameter count of the unpadded model, computed analytically from the config."""
+    h, f, L = mc.hidden_size, mc.ffn_hidden_size, mc.num_layers
+    q = mc.num_attention_heads * mc.head_dim
+    kv = 2 * mc.num_query_groups * mc.head_dim
+    norm = h if mc.normalization == "RMSNorm" else 2 * h
+    attn = h * (q + kv) + q * h
+    if mc.add_qkv_bias or mc.add_bias_linear:
+        attn += q + kv
+    if mc.add_bias_linear:
+        attn += h
+    fc1 = (2 if mc.activation == "swiglu" else 1) * f
+    mlp = h * fc1 + f * h + ((fc1 + h) if mc.add_bias_linear else 0)
+    emb = mc.vocab_size * h
+    out = 0 if mc.share_embeddings_and_output_weights else mc.vocab_size * h
+    return L * (attn + mlp + 2 * norm) + norm + emb + out

@@ -1,0 +1,146 @@
+"""The model config: the Hydra ``model`` group's schema, and its translation to ``TransformerConfig``.
+
+``ModelConfig`` is what a checkpoint stores (``model.yaml``) and what pruning rewrites; the
+``TransformerConfig`` built from it is the single source of shape for every Megatron-Core module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from minitron_nemo.errors import UserError, check
+
+FAMILIES = ("llama", "mistral", "qwen2", "nemotron")
+ACTIVATIONS = ("swiglu", "squared_relu", "gelu")
+NORMS = ("RMSNorm", "LayerNorm")
+
+
+@dataclass
+class ModelConfig:
+    family: str = "llama"
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    kv_channels: Optional[int] = None  # head_dim; None means hidden_size // num_attention_heads
+    vocab_size: int = 256
+    make_vocab_size_divisible_by: int = 128
+    max_position_embeddings: int = 2048
+    normalization: str = "RMSNorm"
+    norm_epsilon: float = 1e-5
+    layernorm_zero_centered_gamma: bool = False
+    activation: str = "swiglu"
+    add_qkv_bias: bool = False
+    add_bias_linear: bool = False
+    rotary_base: float = 10000.0
+    rotary_percent: float = 1.0
+    rope_scaling_factor: Optional[float] = None  # Llama-3.x scaling (low 1, high 4, original 8192)
+    share_embeddings_and_output_weights: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.make_vocab_size_divisible_by
+        return ((self.vocab_size + m - 1) // m) * m
+
+    def validate(self) -> "ModelConfig":
+        check(self.family in FAMILIES, f"model.family={self.family!r} is not supported; allowed: {', '.join(FAMILIES)}")
+        check(self.activation in ACTIVATIONS, f"model.activation={self.activation!r}; allowed: {', '.join(ACTIVATIONS)}")
+        check(self.normalization in NORMS, f"model.normalization={self.normalization!r}; allowed: {', '.join(NORMS)}")
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                     "num_query_groups", "vocab_size"):
+            check(getattr(self, name) >= 1, f"model.{name}={getattr(self, name)} must be >= 1")
+        check(self.num_attention_heads % self.num_query_groups == 0,
+              f"model.num_attention_heads={self.num_attention_heads} is not a multiple of "
+              f"model.num_query_groups={self.num_query_groups}")
+        return self
+
+    def check_parallel(self, tp: int, pp: int) -> None:
+        """One-line errors when the layout does not divide the model."""
+        for name, value in (("num_attention_heads", self.num_attention_heads),
+                            ("num_query_groups", self.num_query_groups),
+                            ("ffn_hidden_size", self.ffn_hidden_size),
+                            ("padded vocab size", self.padded_vocab_size)):
+            if value % tp:
+                raise UserError(f"tensor_model_parallel_size={tp} does not divide {name}={value}; "
+                                f"allowed: a divisor of {value}")
+        if self.num_layers % pp:
+            raise UserError(f"pipeline_model_parallel_size={pp} does not divide num_layers="
+                            f"{self.num_layers}; allowed: a divisor of {self.num_layers}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d) -> "ModelConfig":
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(f"unknown model config key(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**d).validate()
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes).validate()
+
+
+def squared_relu(x):
+    return torch.pow(F.relu(x), 2)
+
+
+def _activation(name: str):
+    return {"swiglu": F.silu, "squared_relu": squared_relu, "gelu": F.gelu}[name]
+
+
+def transformer_config(mc: ModelConfig, *, tp: int = 1, pp: int = 1,
+                       params_dtype: torch.dtype = torch.float32, cpu: bool = False,
+                       sequence_parallel: bool = False):
+    """Build the Megatron-Core ``TransformerConfig`` for ``mc`` at the given layout."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    mc.check_parallel(tp, pp)
+    return TransformerConfig(
+        num_layers=mc.num_layers,
+        hidden_size=mc.hidden_size,
+        ffn_hidden_size=mc.ffn_hidden_size,
+        num_attention_heads=mc.num_attention_heads,
+        num_query_groups=mc.num_query_groups,
+        kv_channels=mc.head_dim,
+        normalization=mc.normalization,
+        layernorm_epsilon=mc.norm_epsilon,
+        layernorm_zero_centered_gamma=mc.layernorm_zero_centered_gamma,
+        gated_linear_unit=mc.activation == "swiglu",
+        activation_func=_activation(mc.activation),
+        add_bias_linear=mc.add_bias_linear,
+        add_qkv_bias=mc.add_qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=0.02,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=sequence_parallel and tp > 1,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=cpu,
+        perform_initialization=True,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        cross_entropy_loss_fusion=False,
+        deallocate_pipeline_outputs=False,
+        variable_seq_lengths=False,
+    )

@@ -1,0 +1,59 @@
+"""Torch implementations of the two layer-spec parts that Megatron-Core's local spec takes from apex.
+
+``SDPAttention`` replaces ``DotProductAttention`` as ``core_attention`` (causal, GQA aware, any device).
+``TorchNorm`` is LayerNorm / RMSNorm with optional zero-centred gamma (Nemotron), where the local
+spec's ``WrappedTorchNorm`` refuses zero-centred gamma.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+
+class SDPAttention(DotProductAttention):
+    """Core attention through ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Inputs follow Megatron's layout: query ``[sq, b, np, hn]``, key/value ``[sk, b, ng, hn]``.
+    Output ``[sq, b, np * hn]``.
+    """
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        assert packed_seq_params is None and attention_bias is None
+        q = query.permute(1, 2, 0, 3)
+        k = key.permute(1, 2, 0, 3)
+        v = value.permute(1, 2, 0, 3)
+        groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        p = self.config.attention_dropout if self.training else 0.0
+        ctx = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True,
+                                             scale=self.softmax_scale)
+        sq, b = query.shape[0], query.shape[1]
+        return ctx.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+
+
+class TorchNorm(torch.nn.Module):
+    """LayerNorm or RMSNorm over the last dim; ``zero_centered_gamma`` stores ``gamma - 1``."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_):
+        super().__init__()
+        self.config = config
+        self.rms = config.normalization == "RMSNorm"
+        self.zero_centered = bool(config.layernorm_zero_centered_gamma)
+        self.eps = eps
+        init = torch.zeros if self.zero_centered else torch.ones
+        self.weight = torch.nn.Parameter(init(hidden_size, dtype=config.params_dtype))
+        self.bias = None if self.rms else torch.nn.Parameter(
+            torch.zeros(hidden_size, dtype=config.params_dtype))
+        for p in self.parameters():
+            setattr(p, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x):
+        w = self.weight + 1 if self.zero_centered else self.weight
+        if self.rms:
+            return F.rms_norm(x, (x.shape[-1],), w, self.eps)
+        return F.layer_norm(x, (x.shape[-1],), w, self.bias, self.eps)

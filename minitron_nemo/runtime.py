@@ -1,0 +1,167 @@
+"""Process setup: device selection, CPU mode, torch.distributed and Megatron-Core parallel state.
+
+On a machine with CUDA GPUs everything runs as in any Megatron-Core job (NCCL, one GPU per rank).
+Without a GPU the same code runs in *CPU mode*, the path for development, tests and demos:
+  * the gloo backend,
+  * every CUDA device placement (``device="cuda"``, ``tensor.cuda()``, ``torch.cuda.current_device``)
+    redirected to the CPU through a ``TorchFunctionMode``,
+  * Megatron's CUDA RNG tracker backed by the CPU generator,
+  * a torch SDPA core attention in the layer spec (see ``models/builder.py``).
+CPU mode is chosen automatically when ``torch.cuda.is_available()`` is false.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
+
+_CPU_MODE: bool | None = None
+_MODE_STACK = None
+
+
+def cpu_mode() -> bool:
+    """True when this process runs without a GPU (decided once, on first call)."""
+    global _CPU_MODE
+    if _CPU_MODE is None:
+        _CPU_MODE = os.environ.get("MINITRON_FORCE_CPU", "0") == "1" or not torch.cuda.is_available()
+    return _CPU_MODE
+
+
+def device() -> torch.device:
+    return torch.device("cpu") if cpu_mode() else torch.device("cuda", torch.cuda.current_device())
+
+
+def _is_cuda(dev) -> bool:
+    if isinstance(dev, torch.device):
+        return dev.type == "cuda"
+    if isinstance(dev, str):
+        return dev.startswith("cuda")
+    return isinstance(dev, int) and not isinstance(dev, bool)
+
+
+class _CudaToCpu(TorchFunctionMode):
+    """Redirects CUDA placements to the CPU for every torch call made under it."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func in (torch.Tensor.to,) and args and len(args) > 1 and _is_cuda(args[1]):
+            args = (args[0], torch.device("cpu")) + tuple(args[2:])
+        if "device" in kwargs and _is_cuda(kwargs["device"]):
+            kwargs["device"] = torch.device("cpu")
+        if func is torch.Tensor.to and _is_cuda(kwargs.get("device", None)):
+            kwargs["device"] = torch.device("cpu")
+        kwargs.pop("pin_memory", None)
+        return func(*args, **kwargs)
+
+
+def _cpu_rng_get(device="cuda", clone=False, graph_safe=False):
+    return torch.get_rng_state()
+
+
+def _cpu_rng_set(new_state, device=-1, graph_safe=False):
+    torch.set_rng_state(new_state)
+
+
+def enable_cpu_mode() -> None:
+    """Install the CPU redirections (idempotent)."""
+    global _MODE_STACK
+    if _MODE_STACK is not None:
+        return
+    torch.cuda.current_device = lambda: 0
+    torch.cuda.set_device = lambda *a, **k: None
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.empty_cache = lambda *a, **k: None
+    # Megatron's RNG tracker forks "CUDA" generator states: back them with the CPU generator.
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    torch.cuda.manual_seed_all = lambda seed: None
+    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    torch.cuda.max_memory_allocated = lambda *a, **k: 0
+    torch.cuda.memory_allocated = lambda *a, **k: 0
+    torch.cuda.reset_peak_memory_stats = lambda *a, **k: None
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = _cpu_rng_get
+    mrandom._set_cuda_rng_state = _cpu_rng_set
+    mode = _CudaToCpu()
+    mode.__enter__()
+    _MODE_STACK = mode
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env_from_slurm() -> None:
+    """Fill torch.distributed variables from SLURM_* when launched by ``srun`` (one task per GPU)."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    if int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    os.environ.setdefault("MASTER_PORT", "29500")
+
+
+def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
+                     seed: int = 1234, timeout_minutes: int = 30) -> None:
+    """Initialise torch.distributed (torchrun, srun or a single process) and Megatron parallel state."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    if cpu_mode():
+        enable_cpu_mode()
+    _env_from_slurm()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"] = "0", "1", "0"
+        if not cpu_mode():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="gloo" if cpu_mode() else "nccl",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    world = dist.get_world_size()
+    mp = tensor_model_parallel_size * pipeline_model_parallel_size
+    if world % mp != 0:
+        from minitron_nemo.errors import UserError
+
+        raise UserError(f"world size {world} is not divisible by tensor x pipeline parallel "
+                        f"{tensor_model_parallel_size}x{pipeline_model_parallel_size}")
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+    )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*args, **kwargs) -> None:
+    if is_rank0():
+        print(*args, **kwargs, flush=True)
