@@ -1,0 +1,337 @@
+"""Hugging Face <-> Megatron-Core conversion for Llama, Mistral, Qwen2 and Nemotron.
+
+Weights move through one *canonical* layout: Megatron-Core's local-spec names at TP=1 with global
+layer numbers (``decoder.layers.{i}.self_attention.linear_qkv.weight``, ...).
+* ``hf_to_canonical`` / ``canonical_to_hf`` are pure renames and re-packs (fused QKV per query group
+  ``[q_1..q_h, k, v]``, SwiGLU ``linear_fc1 = [gate; up]``, vocab padding).
+* ``shard_for_rank`` cuts a canonical layer set into one rank's tensor/pipeline shard, so import runs
+  at any TP x PP without any rank holding more than its own shard on the model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Dict
+
+import torch
+
+from minitron_nemo.errors import UserError
+from minitron_nemo.models.config import ModelConfig
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "NemotronForCausalLM": "nemotron",
+}
+FAMILY_TO_ARCH = {v: k for k, v in ARCHITECTURES.items()}
+_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+# ----------------------------------------------------------------------------- configs
+def _rope(hf: dict) -> dict:
+    rp = dict(hf.get("rope_parameters") or {})
+    rs = hf.get("rope_scaling") or {}
+    rp.update({k: v for k, v in rs.items() if k not in rp})
+    if "rope_theta" not in rp and "rope_theta" in hf:
+        rp["rope_theta"] = hf["rope_theta"]
+    if "partial_rotary_factor" not in rp and "partial_rotary_factor" in hf:
+        rp["partial_rotary_factor"] = hf["partial_rotary_factor"]
+    return rp
+
+
+def model_config_from_hf(hf: dict) -> ModelConfig:
+    """Translate an HF ``config.json`` dict into a ``ModelConfig``; unsupported features raise."""
+    arch = (hf.get("architectures") or ["?"])[0]
+    if arch not in ARCHITECTURES:
+        raise UserError(f"architecture {arch!r} is not supported; allowed: {', '.join(ARCHITECTURES)}")
+    family = ARCHITECTURES[arch]
+    rope = _rope(hf)
+    rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+    scaling = None
+    if rope_type == "llama3":
+        for k, v in _LLAMA3_ROPE.items():
+            if float(rope.get(k, v)) != v:
+                raise UserError(f"rope_scaling {k}={rope.get(k)} is not supported; allowed: {v} (Llama-3.1)")
+        scaling = float(rope["factor"])
+    elif rope_type != "default":
+        raise UserError(f"rope_type {rope_type!r} is not supported; allowed: default, llama3")
+    heads = hf["num_attention_heads"]
+    groups = hf.get("num_key_value_heads") or heads
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    if family in ("llama", "mistral") and (hf.get("attention_bias") or hf.get("mlp_bias")):
+        raise UserError("attention_bias/mlp_bias=true is not supported for Llama/Mistral; allowed: false")
+    if family == "nemotron" and (hf.get("attention_bias") or hf.get("mlp_bias")):
+        raise UserError("attention_bias/mlp_bias=true is not supported for Nemotron; allowed: false")
+    if family == "qwen2" and hf.get("use_sliding_window"):
+        raise UserError("use_sliding_window=true is not supported for Qwen2; allowed: false")
+    act = hf.get("hidden_act", "silu")
+    want = "relu2" if family == "nemotron" else "silu"
+    if act != want:
+        raise UserError(f"hidden_act={act!r} is not supported for {arch}; allowed: {want}")
+    nemotron = family == "nemotron"
+    return ModelConfig(
+        family=family,
+        num_layers=hf["num_hidden_layers"],
+        hidden_size=hf["hidden_size"],
+        ffn_hidden_size=hf["intermediate_size"],
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        kv_channels=head_dim,
+        vocab_size=hf["vocab_size"],
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        normalization="LayerNorm" if nemotron else "RMSNorm",
+        norm_epsilon=float(hf.get("norm_eps" if nemotron else "rms_norm_eps", 1e-5)),
+        layernorm_zero_centered_gamma=nemotron,
+        activation="squared_relu" if nemotron else "swiglu",
+        add_qkv_bias=family == "qwen2",
+        add_bias_linear=False,
+        rotary_base=float(rope.get("rope_theta", 10000.0)),
+        rotary_percent=float(rope.get("partial_rotary_factor", 1.0)),
+        rope_scaling_factor=scaling,
+        share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", False)),
+    ).validate()
+
+
+def hf_config_from_model_config(mc: ModelConfig, tokenizer_ids: dict | None = None) -> dict:
+    """The ``config.json`` dict for ``mc`` (``head_dim`` always written explicitly)."""
+    nemotron = mc.family == "nemotron"
+    rope = {"rope_type": "default", "rope_theta": mc.rotary_base}
+    if mc.rope_scaling_factor is not None:
+        rope = {"rope_type": "llama3", "factor": mc.rope_scaling_factor, "rope_theta": mc.rotary_base,
+                **_LLAMA3_ROPE}
+    cfg = {
+        "architectures": [FAMILY_TO_ARCH[mc.family]],
+        "model_type": {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "nemotron": "nemotron"}[mc.family],
+        "num_hidden_layers": mc.num_layers,
+        "hidden_size": mc.hidden_size,
+        "intermediate_size": mc.ffn_hidden_size,
+        "num_attention_heads": mc.num_attention_heads,
+        "num_key_value_heads": mc.num_query_groups,
+        "head_dim": mc.head_dim,
+        "vocab_size": mc.vocab_size,
+        "max_position_embeddings": mc.max_position_embeddings,
+        "hidden_act": "relu2" if nemotron else "silu",
+        "tie_word_embeddings": mc.share_embeddings_and_output_weights,
+        "rope_theta": mc.rotary_base,
+        "rope_parameters": rope,
+        "torch_dtype": "float32",
+        "attention_dropout": 0.0,
+    }
+    if mc.rope_scaling_factor is not None:
+        cfg["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    if nemotron:
+        cfg.update(norm_eps=mc.norm_epsilon, partial_rotary_factor=mc.rotary_percent,
+                   attention_bias=False, mlp_bias=False)
+        cfg["rope_parameters"]["partial_rotary_factor"] = mc.rotary_percent
+    else:
+        cfg["rms_norm_eps"] = mc.norm_epsilon
+    if mc.family in ("llama", "mistral"):
+        cfg.update(attention_bias=False, mlp_bias=False)
+    if mc.family == "qwen2":
+        cfg.update(use_sliding_window=False, sliding_window=None)
+    if tokenizer_ids:
+        cfg.update({k: v for k, v in tokenizer_ids.items() if v is not None})
+    return cfg
+
+
+def token_ids(hf: dict) -> dict:
+    return {k: hf.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+
+
+def read_hf_config(hf_dir: Path) -> dict:
+    p = Path(hf_dir) / "config.json"
+    if not p.is_file():
+        raise UserError(f"source={hf_dir} has no config.json; allowed: a Hugging Face model directory")
+    return json.loads(p.read_text())
+
+
+# ----------------------------------------------------------------------------- weights
+def hf_layer_names(mc: ModelConfig, i: int) -> dict:
+    p = f"model.layers.{i}."
+    names = {
+        "in_norm": p + "input_layernorm.weight",
+        "post_norm": p + "post_attention_layernorm.weight",
+        "q": p + "self_attn.q_proj.weight", "k": p + "self_attn.k_proj.weight",
+        "v": p + "self_attn.v_proj.weight", "o": p + "self_attn.o_proj.weight",
+        "up": p + "mlp.up_proj.weight", "down": p + "mlp.down_proj.weight",
+    }
+    if mc.activation == "swiglu":
+        names["gate"] = p + "mlp.gate_proj.weight"
+    if mc.add_qkv_bias:
+        names.update(qb=p + "self_attn.q_proj.bias", kb=p + "self_attn.k_proj.bias",
+                     vb=p + "self_attn.v_proj.bias")
+    if mc.normalization == "LayerNorm":
+        names.update(in_norm_b=p + "input_layernorm.bias", post_norm_b=p + "post_attention_layernorm.bias")
+    return names
+
+
+def _pack_qkv(mc: ModelConfig, q, k, v):
+    """HF q/k/v (rows) -> Megatron fused rows, grouped per query group as [q_1..q_h, k, v]."""
+    g, d = mc.num_query_groups, mc.head_dim
+    hpg = mc.num_attention_heads // g
+    rest = q.shape[1:]
+    q = q.reshape(g, hpg * d, *rest)
+    k = k.reshape(g, d, *rest)
+    v = v.reshape(g, d, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(g * (hpg + 2) * d, *rest)
+
+
+def _unpack_qkv(mc: ModelConfig, qkv):
+    g, d = mc.num_query_groups, mc.head_dim
+    hpg = mc.num_attention_heads // g
+    rest = qkv.shape[1:]
+    x = qkv.reshape(g, (hpg + 2) * d, *rest)
+    q, k, v = torch.split(x, [hpg * d, d, d], dim=1)
+    return (q.reshape(g * hpg * d, *rest), k.reshape(g * d, *rest), v.reshape(g * d, *rest))
+
+
+def _pad_vocab(mc: ModelConfig, w):
+    pad = mc.padded_vocab_size - w.shape[0]
+    return torch.cat([w, w.new_zeros(pad, *w.shape[1:])]) if pad else w
+
+
+def hf_layer_to_canonical(mc: ModelConfig, get: Callable[[str], torch.Tensor], i: int, out_i: int) -> dict:
+    """Canonical tensors of HF layer ``i``, numbered ``out_i``."""
+    n = hf_layer_names(mc, i)
+    p = f"decoder.layers.{out_i}."
+    sd = {
+        p + "input_layernorm.weight": get(n["in_norm"]),
+        p + "pre_mlp_layernorm.weight": get(n["post_norm"]),
+        p + "self_attention.linear_qkv.weight": _pack_qkv(mc, get(n["q"]), get(n["k"]), get(n["v"])),
+        p + "self_attention.linear_proj.weight": get(n["o"]),
+        p + "mlp.linear_fc2.weight": get(n["down"]),
+    }
+    up = get(n["up"])
+    sd[p + "mlp.linear_fc1.weight"] = torch.cat([get(n["gate"]), up]) if "gate" in n else up
+    if mc.add_qkv_bias:
+        sd[p + "self_attention.linear_qkv.bias"] = _pack_qkv(mc, get(n["qb"]), get(n["kb"]), get(n["vb"]))
+    if mc.normalization == "LayerNorm":
+        sd[p + "input_layernorm.bias"] = get(n["in_norm_b"])
+        sd[p + "pre_mlp_layernorm.bias"] = get(n["post_norm_b"])
+    return sd
+
+
+def canonical_layer_to_hf(mc: ModelConfig, sd: dict, i: int) -> dict:
+    n = hf_layer_names(mc, i)
+    p = f"decoder.layers.{i}."
+    q, k, v = _unpack_qkv(mc, sd[p + "self_attention.linear_qkv.weight"])
+    out = {n["in_norm"]: sd[p + "input_layernorm.weight"], n["post_norm"]: sd[p + "pre_mlp_layernorm.weight"],
+           n["q"]: q, n["k"]: k, n["v"]: v, n["o"]: sd[p + "self_attention.linear_proj.weight"],
+           n["down"]: sd[p + "mlp.linear_fc2.weight"]}
+    fc1 = sd[p + "mlp.linear_fc1.weight"]
+    if "gate" in n:
+        out[n["gate"]], out[n["up"]] = torch.chunk(fc1, 2, dim=0)
+    else:
+        out[n["up"]] = fc1
+    if mc.add_qkv_bias:
+        out[n["qb"]], out[n["kb"]], out[n["vb"]] = _unpack_qkv(mc, sd[p + "self_attention.linear_qkv.bias"])
+    if mc.normalization == "LayerNorm":
+        out[n["in_norm_b"]] = sd[p + "input_layernorm.bias"]
+        out[n["post_norm_b"]] = sd[p + "pre_mlp_layernorm.bias"]
+    return out
+
+
+def canonical_to_hf(mc: ModelConfig, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Full canonical (TP=1, all layers) state dict -> HF tensors, vocab padding removed."""
+    V = mc.vocab_size
+    out = {"model.embed_tokens.weight": sd["embedding.word_embeddings.weight"][:V],
+           "model.norm.weight": sd["decoder.final_layernorm.weight"]}
+    if mc.normalization == "LayerNorm":
+        out["model.norm.bias"] = sd["decoder.final_layernorm.bias"]
+    if not mc.share_embeddings_and_output_weights:
+        out["lm_head.weight"] = sd["output_layer.weight"][:V]
+    for i in range(mc.num_layers):
+        out.update(canonical_layer_to_hf(mc, sd, i))
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- sharding
+COLUMN_PARALLEL = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias",
+                   "mlp.linear_fc1.weight", "mlp.linear_fc1.bias",
+                   "embedding.word_embeddings.weight", "output_layer.weight")
+ROW_PARALLEL = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
+
+
+def shard_tensor(mc: ModelConfig, name: str, t: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
+    """This TP rank's slice of a canonical tensor (SwiGLU fc1 shards gate and up separately)."""
+    if tp == 1:
+        return t
+    if name.endswith(("mlp.linear_fc1.weight", "mlp.linear_fc1.bias")) and mc.activation == "swiglu":
+        gate, up = torch.chunk(t, 2, dim=0)
+        return torch.cat([torch.chunk(gate, tp)[tp_rank], torch.chunk(up, tp)[tp_rank]])
+    if name.endswith(COLUMN_PARALLEL):
+        return torch.chunk(t, tp, dim=0)[tp_rank]
+    if name.endswith(ROW_PARALLEL):
+        return torch.chunk(t, tp, dim=1)[tp_rank]
+    return t
+
+
+def unshard_tensor(mc: ModelConfig, name: str, shards: list) -> torch.Tensor:
+    """Inverse of ``shard_tensor`` given every TP rank's shard in rank order."""
+    if len(shards) == 1:
+        return shards[0]
+    if name.endswith(("mlp.linear_fc1.weight", "mlp.linear_fc1.bias")) and mc.activation == "swiglu":
+        halves = [torch.chunk(s, 2, dim=0) for s in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves])
+    if name.endswith(COLUMN_PARALLEL):
+        return torch.cat(shards, dim=0)
+    if name.endswith(ROW_PARALLEL):
+        return torch.cat(shards, dim=1)
+    return shards[0]
+
+
+def hf_to_local_state_dict(mc: ModelConfig, get: Callable[[str], torch.Tensor], *, tp_rank: int, tp: int,
+                           pp_rank: int, pp: int) -> Dict[str, torch.Tensor]:
+    """This rank's model state dict (local layer numbers, local-spec names) read from HF tensors."""
+    per_stage = mc.num_layers // pp
+    first, last = pp_rank == 0, pp_rank == pp - 1
+    sd: Dict[str, torch.Tensor] = {}
+    for j in range(per_stage):
+        sd.update(hf_layer_to_canonical(mc, get, pp_rank * per_stage + j, j))
+    if first:
+        sd["embedding.word_embeddings.weight"] = _pad_vocab(mc, get("model.embed_tokens.weight"))
+    if last:
+        sd["decoder.final_layernorm.weight"] = get("model.norm.weight")
+        if mc.normalization == "LayerNorm":
+            sd["decoder.final_layernorm.bias"] = get("model.norm.bias")
+        head = "model.embed_tokens.weight" if mc.share_embeddings_and_output_weights else "lm_head.weight"
+        sd["output_layer.weight"] = _pad_vocab(mc, get(head))
+    return {k: shard_tensor(mc, k, v, tp_rank, tp) for k, v in sd.items()}
+
+
+# ----------------------------------------------------------------------------- model <-> canonical names
+_TE_NAMES = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "input_layernorm.bias": "self_attention.linear_qkv.layer_norm_bias",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+    "pre_mlp_layernorm.bias": "mlp.linear_fc1.layer_norm_bias",
+}
+
+
+def to_model_names(sd: dict, model_keys) -> dict:
+    """Rename canonical (local-spec) keys to the keys of ``model`` (TE fuses norms into linears)."""
+    keys = set(model_keys)
+    out = {}
+    for k, v in sd.items():
+        if k not in keys:
+            for a, b in _TE_NAMES.items():
+                if k.endswith(a) and k[: -len(a)] + b in keys:
+                    k = k[: -len(a)] + b
+                    break
+        out[k] = v
+    return out
+
+
+def to_canonical_names(sd: dict) -> dict:
+    out = {}
+    for k, v in sd.items():
+        if k.endswith("_extra_state"):
+            continue
+        for a, b in _TE_NAMES.items():
+            if k.endswith(b):
+                k = k[: -len(b)] + a
+                break
+        out[k] = v
+    return out

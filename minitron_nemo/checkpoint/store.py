@@ -1,0 +1,182 @@
+"""Self-describing Megatron checkpoints.
+
+    CKPT/
+      model.yaml     the ModelConfig (model shape; what pruning rewrites)
+      meta.json      format version, the TP/PP it was saved at, provenance
+      tokenizer/     the tokenizer files
+      weights/       a Megatron-Core distributed checkpoint (loadable at any TP/PP)
+
+Saving writes into a sibling temporary directory and renames it into place, so an interrupted
+save never leaves a half-written checkpoint behind or damages an existing one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from megatron.core import dist_checkpointing, parallel_state
+
+from minitron_nemo.checkpoint import hf as hfconv
+from minitron_nemo.errors import UserError
+from minitron_nemo.models.config import ModelConfig
+
+FORMAT = "minitron_nemo/1"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja",
+                   "generation_config.json")
+
+
+def is_checkpoint(path) -> bool:
+    p = Path(path)
+    return (p / "model.yaml").is_file() and (p / "weights").is_dir()
+
+
+def load_model_config(ckpt_dir) -> ModelConfig:
+    p = Path(ckpt_dir)
+    if not is_checkpoint(p):
+        raise UserError(f"checkpoint={ckpt_dir} is not a minitron_nemo checkpoint; "
+                        f"allowed: a directory with model.yaml and weights/")
+    return ModelConfig.from_dict(yaml.safe_load((p / "model.yaml").read_text()))
+
+
+def load_meta(ckpt_dir) -> dict:
+    p = Path(ckpt_dir) / "meta.json"
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def copy_tokenizer(src, dst) -> None:
+    """Copy the tokenizer files found in ``src`` (an HF dir or a checkpoint) into ``dst``."""
+    src = Path(src)
+    if (src / "tokenizer").is_dir():
+        src = src / "tokenizer"
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, Path(dst) / name)
+
+
+def tokenizer_dir(path) -> Path:
+    p = Path(path)
+    return p / "tokenizer" if (p / "tokenizer").is_dir() else p
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def save_checkpoint(model, ckpt_dir, mc: ModelConfig, *, tokenizer_src=None, meta: dict | None = None,
+                    extra_state: dict | None = None) -> Path:
+    """Collectively save ``model`` (this rank's shard) as a self-describing checkpoint.
+
+    ``extra_state`` is an optional sharded state dict merged into the weights checkpoint
+    (e.g. optimizer state) under its own keys.
+    """
+    final = Path(ckpt_dir).resolve()
+    tmp = final.parent / f".{final.name}.tmp"
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "weights").mkdir(parents=True)
+        (tmp / "model.yaml").write_text(yaml.safe_dump(mc.to_dict(), sort_keys=False))
+        info = {"format": FORMAT,
+                "saved_tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+                "saved_pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
+                **(meta or {})}
+        (tmp / "meta.json").write_text(json.dumps(info, indent=2))
+        if tokenizer_src is not None:
+            copy_tokenizer(tokenizer_src, tmp / "tokenizer")
+    _barrier()
+    sharded = model.sharded_state_dict()
+    if extra_state:
+        sharded.update(extra_state)
+    dist_checkpointing.save(sharded, str(tmp / "weights"))
+    _barrier()
+    if _rank() == 0:
+        old = final.parent / f".{final.name}.old"
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_weights(model, ckpt_dir, extra_state: dict | None = None) -> dict | None:
+    """Collectively load this rank's shard of the checkpoint into ``model`` (any TP/PP)."""
+    sharded = model.sharded_state_dict()
+    if extra_state:
+        sharded.update(extra_state)
+    loaded = dist_checkpointing.load(sharded, str(Path(ckpt_dir) / "weights"))
+    extra = {k: loaded.pop(k) for k in list(extra_state or {})}
+    load_state_dict_checked(model, loaded)
+    return extra or None
+
+
+def load_state_dict_checked(model, sd: dict) -> None:
+    """``load_state_dict`` that tolerates only TE ``_extra_state`` differences (any TE version)."""
+    keys = set(model.state_dict().keys())
+    sd = {k: v for k, v in sd.items() if k in keys or not k.endswith("_extra_state")}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    unexpected = [k for k in unexpected if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+
+
+# ----------------------------------------------------------------------------- Hugging Face weights
+class HFWeights:
+    """Lazy reader of an HF directory's safetensors (single file or sharded with an index)."""
+
+    def __init__(self, hf_dir):
+        from safetensors import safe_open
+
+        d = Path(hf_dir)
+        index = d / "model.safetensors.index.json"
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        elif (d / "model.safetensors").is_file():
+            files = ["model.safetensors"]
+        else:
+            raise UserError(f"source={hf_dir} has no model.safetensors; allowed: an HF directory "
+                            f"saved with safetensors")
+        self._handles = [safe_open(str(d / f), framework="pt") for f in files]
+        self._where = {k: h for h in self._handles for k in h.keys()}
+
+    def __contains__(self, name):
+        return name in self._where
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if name not in self._where:
+            raise UserError(f"HF checkpoint lacks tensor {name!r}")
+        return self._where[name].get_tensor(name).float()
+
+
+def load_hf_into_model(model, hf_dir, mc: ModelConfig) -> None:
+    """Fill this rank's shard of ``model`` from an HF directory."""
+    get = HFWeights(hf_dir)
+    sd = hfconv.hf_to_local_state_dict(
+        mc, get,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        tp=parallel_state.get_tensor_model_parallel_world_size(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        pp=parallel_state.get_pipeline_model_parallel_world_size())
+    keys = model.state_dict().keys()
+    sd = {k: v for k, v in hfconv.to_model_names(sd, keys).items() if k in keys}
+    dtype = next(model.parameters()).dtype
+    load_state_dict_checked(model, {k: v.to(dtype) for k, v in sd.items()})
+
+
+def canonical_state_dict(model) -> dict:
+    """Canonical-name state dict of a TP=1, PP=1 model (fp32 tensors)."""
+    return {k: v.detach().float().cpu() for k, v in hfconv.to_canonical_names(model.state_dict()).items()
+            if isinstance(v, torch.Tensor)}

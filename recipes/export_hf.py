@@ -1,0 +1,24 @@
+"""Export a minitron_nemo checkpoint (any TP/PP it was saved at) to a Hugging Face directory.
+
+    python recipes/export_hf.py checkpoint=CKPT_DIR output=HF_DIR [dtype=bfloat16]
+
+The output loads with ``transformers.AutoModelForCausalLM.from_pretrained``; ``head_dim`` is written
+explicitly, so pruned models whose head_dim differs from hidden/heads convert too.
+"""
+
+from minitron_nemo import runtime
+from minitron_nemo.checkpoint import export
+from minitron_nemo.config import compose, dtype, require
+from minitron_nemo.errors import user_errors_exit
+
+
+@user_errors_exit
+def main():
+    cfg = compose("export_hf")
+    require(cfg, "checkpoint", "output")
+    out = export.export_hf(cfg.checkpoint, cfg.output, dtype(cfg.dtype))
+    runtime.print0(f"exported {cfg.checkpoint} -> {out}")
+
+
+if __name__ == "__main__":
+    main()

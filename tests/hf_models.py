@@ -1,0 +1,42 @@
+"""Small random Hugging Face models of every supported family (head_dim != hidden/heads)."""
+
+from pathlib import Path
+
+import torch
+
+FAMILIES = ("llama", "mistral", "qwen2", "nemotron")
+
+
+def hf_config(family: str):
+    import transformers as tf
+
+    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=24, vocab_size=250, max_position_embeddings=256,
+                  bos_token_id=1, eos_token_id=2)
+    if family == "llama":
+        return tf.LlamaConfig(
+            **common, tie_word_embeddings=True, rms_norm_eps=1e-5,
+            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+            rope_theta=500000.0)
+    if family == "mistral":
+        return tf.MistralConfig(**common, tie_word_embeddings=False, rope_theta=1e6, sliding_window=None)
+    if family == "qwen2":
+        return tf.Qwen2Config(**common, tie_word_embeddings=False, rope_theta=1e6)
+    if family == "nemotron":
+        return tf.NemotronConfig(**common, tie_word_embeddings=False, partial_rotary_factor=0.5)
+    raise ValueError(family)
+
+
+def make_hf_model(family: str, path: Path, seed: int = 0) -> Path:
+    """Save a random fp32 model (norms and biases randomised too) to ``path``."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(hf_config(family), torch_dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path, safe_serialization=True)
+    return Path(path)
