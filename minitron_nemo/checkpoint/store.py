@@ -180,3 +180,27 @@ def canonical_state_dict(model) -> dict:
     """Canonical-name state dict of a TP=1, PP=1 model (fp32 tensors)."""
     return {k: v.detach().float().cpu() for k, v in hfconv.to_canonical_names(model.state_dict()).items()
             if isinstance(v, torch.Tensor)}
+
+
+# ----------------------------------------------------------------------------- either kind of source
+def model_config_of(path) -> ModelConfig:
+    """ModelConfig of a minitron_nemo checkpoint or of a Hugging Face directory."""
+    p = Path(path)
+    if not p.is_dir():
+        raise UserError(f"checkpoint={path} does not exist; allowed: a minitron_nemo checkpoint or an "
+                        f"HF model directory")
+    if is_checkpoint(p):
+        return load_model_config(p)
+    return hfconv.model_config_from_hf(hfconv.read_hf_config(p))
+
+
+def load_model(path, mc: ModelConfig, params_dtype: torch.dtype = torch.float32):
+    """Build this rank's model shard and load it from a checkpoint or an HF directory."""
+    from minitron_nemo.models.builder import build_model
+
+    model = build_model(mc, params_dtype=params_dtype)
+    if is_checkpoint(path):
+        load_weights(model, path)
+    else:
+        load_hf_into_model(model, path, mc)
+    return model
