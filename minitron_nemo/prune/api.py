@@ -1,0 +1,213 @@
+"""``prune_model``: importance -> targets (explicit or by parameter budget) -> trimmed model, in-job.
+
+Usable from any recipe that already holds a Megatron model (e.g. prune then distill in one job):
+
+    result = prune_model(model, mc, {"target_ffn_hidden_size": 1024}, batches=calib_batches)
+    student, student_mc = result.model, result.config
+
+Depth ranking (``layer_criterion``): ``bi`` drops the k layers with the lowest Block Importance,
+``loss`` the k layers whose single removal raises the LM loss least, ``block`` (default, P2) the
+contiguous block of k layers whose removal gives the lowest LM loss.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from megatron.core import parallel_state
+
+from minitron_nemo import runtime
+from minitron_nemo.errors import UserError
+from minitron_nemo.models.builder import count_parameters
+from minitron_nemo.models.config import ModelConfig
+from minitron_nemo.prune import importance as imp
+from minitron_nemo.prune.targets import SearchSpace, Targets, candidates, validate
+from minitron_nemo.prune.trim import make_plan, trim_model
+
+LAYER_CRITERIA = ("bi", "loss", "block")
+SCORES_FILE, META_FILE = "importance.safetensors", "importance.json"
+
+
+@dataclass
+class PruneResult:
+    model: object
+    config: ModelConfig
+    scores: dict
+    kept_layers: List[int]  # old 0-indexed layer of each new layer
+    candidates: List[dict] = field(default_factory=list)  # budget search table (best first)
+
+
+# ----------------------------------------------------------------------------- depth
+def need_depth_scores(scores: dict, criterion: str, k: int) -> Optional[str]:
+    """Name of the score that depth pruning by ``k`` layers needs and ``scores`` lacks (else None)."""
+    if k == 0:
+        return None
+    key = {"bi": "layer_bi", "loss": "layer_loss", "block": f"block_loss_k{k}"}[criterion]
+    return None if key in scores else key
+
+
+def ensure_depth_scores(model, mc: ModelConfig, scores: dict, criterion: str, k: int, loss_batches,
+                        progress=True) -> None:
+    """Compute the (b)/(c) layer scores that ``criterion`` needs for dropping ``k`` layers, if missing."""
+    key = need_depth_scores(scores, criterion, k)
+    if key is None:
+        return
+    if not loss_batches:
+        raise UserError(f"prune.layer_criterion={criterion} needs the score {key!r}, which the loaded "
+                        f"importance lacks; allowed: pass prune.calibration.data, or prune.layer_criterion=bi")
+    if criterion == "loss":
+        scores.update(imp.layer_loss_scores(model, mc.num_layers, loss_batches, progress=progress))
+    else:
+        scores.update(imp.block_loss_scores(model, mc.num_layers, loss_batches, k, progress=progress))
+
+
+def select_layers(mc: ModelConfig, num_layers: int, scores: dict, criterion: str,
+                  drop_layers: Optional[List[int]] = None) -> List[int]:
+    """Kept old layers (0-indexed, in order). ``drop_layers`` is 1-indexed (NeMo convention)."""
+    L = mc.num_layers
+    if drop_layers:
+        drop = {x - 1 for x in drop_layers}
+    else:
+        k = L - num_layers
+        if k == 0:
+            return list(range(L))
+        if criterion == "block":
+            start = int(torch.argmin(scores[f"block_loss_k{k}"]))
+            drop = set(range(start, start + k))
+        else:
+            s = scores["layer_bi" if criterion == "bi" else "layer_loss"]
+            drop = set(torch.argsort(s.float(), stable=True)[:k].tolist())
+    return [i for i in range(L) if i not in drop]
+
+
+# ----------------------------------------------------------------------------- one target
+def prune_to(model, mc: ModelConfig, new_mc: ModelConfig, scores: dict, *, layer_criterion="block",
+             drop_layers=None, loss_batches=None, progress=True):
+    """Trim ``model`` to ``new_mc``; returns (new model, kept old layers)."""
+    if not drop_layers:
+        ensure_depth_scores(model, mc, scores, layer_criterion, mc.num_layers - new_mc.num_layers,
+                            loss_batches, progress)
+    kept = select_layers(mc, new_mc.num_layers, scores, layer_criterion, drop_layers)
+    plan = make_plan(mc, new_mc, scores, kept)
+    return trim_model(model, mc, new_mc, plan), kept
+
+
+def prune_model(model, mc: ModelConfig, targets, *, batches=None, scores: Optional[dict] = None,
+                agg: Optional[imp.Aggregation] = None, layer_criterion: str = "block", loss_batches=None,
+                eval_batches=None, search: Optional[SearchSpace] = None, progress: bool = True) -> PruneResult:
+    """Prune ``model`` (this rank's shard, any TP x PP x DP) to ``targets``.
+
+    targets: a ``Targets`` or a dict of its fields (``target_*``, ``drop_layers`` 1-indexed,
+      ``target_params`` / ``target_params_ratio``, ``grid``).
+    batches: calibration micro-batches for the importance pass (skipped when ``scores`` is given).
+    loss_batches: batches for the loss-based depth criteria (default: ``batches``).
+    eval_batches: held-out batches ranking the budget-search candidates (default: ``loss_batches``).
+    Returns the pruned model (freshly built, same layout), its config, the scores, kept layers and
+    (budget search) the candidate table.
+    """
+    t = targets if isinstance(targets, Targets) else Targets.from_cfg(dict(targets))
+    if layer_criterion not in LAYER_CRITERIA:
+        raise UserError(f"prune.layer_criterion={layer_criterion!r}; allowed: {', '.join(LAYER_CRITERIA)}")
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    search = search or SearchSpace()
+    if t.is_empty():
+        raise UserError("nothing to prune; allowed: set a prune.target_*, prune.drop_layers or "
+                        "prune.target_params(_ratio)")
+    cands = candidates(mc, t, search, tp, pp) if t.is_budget() else [validate(mc, t, tp, pp)]
+    if scores is None:
+        if not batches:
+            raise UserError("importance needs calibration data; allowed: prune.calibration.data=PATH "
+                            "or prune.importance.load=PATH")
+        scores = imp.estimate(model, batches, agg, progress=progress)
+    loss_batches = loss_batches or batches
+    if not t.is_budget():
+        new_model, kept = prune_to(model, mc, cands[0], scores, layer_criterion=layer_criterion,
+                                   drop_layers=t.drop_layers, loss_batches=loss_batches, progress=progress)
+        return PruneResult(new_model, cands[0], scores, kept)
+    eval_batches = eval_batches or loss_batches
+    if not eval_batches:
+        raise UserError("the parameter-budget search ranks candidates by calibration loss; allowed: "
+                        "pass prune.calibration.data")
+    rows, best = [], None
+    for n, c in enumerate(cands):
+        new_model, kept = prune_to(model, mc, c, scores, layer_criterion=layer_criterion,
+                                   loss_batches=loss_batches, progress=progress)
+        loss = imp.mean_loss(new_model, eval_batches)
+        row = {"num_layers": c.num_layers, "hidden_size": c.hidden_size, "ffn_hidden_size": c.ffn_hidden_size,
+               "num_attention_heads": c.num_attention_heads, "num_query_groups": c.num_query_groups,
+               "params": count_parameters(c), "loss": loss, "ppl": math.exp(min(loss, 50.0))}
+        rows.append(row)
+        runtime.print0(f"[search] candidate {n + 1}/{len(cands)}: L={c.num_layers} H={c.hidden_size} "
+                       f"F={c.ffn_hidden_size} heads={c.num_attention_heads} params={row['params']} "
+                       f"loss={loss:.4f}")
+        if best is None or loss < best[0]:
+            best = (loss, new_model, c, kept)
+        else:
+            del new_model
+        gc.collect()
+    order = sorted(range(len(rows)), key=lambda i: rows[i]["loss"])
+    table = [dict(rank=r + 1, **rows[i]) for r, i in enumerate(order)]
+    return PruneResult(best[1], best[2], scores, best[3], table)
+
+
+# ----------------------------------------------------------------------------- artifacts
+def save_scores(out_dir, scores: dict, meta: dict) -> Path:
+    """``importance.safetensors`` (global fp32 scores) and ``importance.json`` (rank 0 only)."""
+    from safetensors.torch import save_file
+
+    d = Path(out_dir)
+    if runtime.is_rank0():
+        d.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous().float() for k, v in scores.items()}, str(d / SCORES_FILE))
+        (d / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+    return d
+
+
+def load_scores(path, mc: ModelConfig) -> tuple[dict, dict]:
+    """Scores saved by ``save_scores`` (a directory or the .safetensors file), checked against ``mc``."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    f = p / SCORES_FILE if p.is_dir() else p
+    if not f.is_file():
+        raise UserError(f"prune.importance.load={path} has no {SCORES_FILE}; allowed: a directory "
+                        f"written by a previous prune run (or the .safetensors file)")
+    scores = load_file(str(f))
+    meta_f = f.parent / META_FILE
+    meta = json.loads(meta_f.read_text()) if meta_f.is_file() else {}
+    want = {"hidden": (mc.hidden_size,), "heads": (mc.num_layers, mc.num_attention_heads),
+            "groups": (mc.num_layers, mc.num_query_groups), "ffn": (mc.num_layers, mc.ffn_hidden_size),
+            "layer_bi": (mc.num_layers,)}
+    for k, shape in want.items():
+        if k not in scores or tuple(scores[k].shape) != shape:
+            got = tuple(scores[k].shape) if k in scores else "missing"
+            raise UserError(f"prune.importance.load={path}: score {k!r} has shape {got}, the checkpoint "
+                            f"needs {shape}; allowed: scores computed on this checkpoint")
+    return scores, meta
+
+
+def write_candidates(out_dir, table: List[dict], budget: int) -> None:
+    """``candidates.csv`` and ``candidates.md`` (rank 0 only)."""
+    if not runtime.is_rank0() or not table:
+        return
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    cols = list(table[0].keys())
+    with open(d / "candidates.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(table)
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = [f"# Pruning candidates (budget {budget} params, ranked by zero-shot calibration loss)", "",
+             "| " + " | ".join(cols + ["params/budget"]) + " |", "|" + "---|" * (len(cols) + 1)]
+    for r in table:
+        lines.append("| " + " | ".join(fmt(r[c]) for c in cols) + f" | {r['params'] / budget:.3f} |")
+    (d / "candidates.md").write_text("\n".join(lines) + "\n")

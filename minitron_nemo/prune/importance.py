@@ -1,0 +1,300 @@
+"""Activation-based importance of every prunable axis (SPEC §2), at any TP x PP x DP.
+
+All width axes and Block Importance are scored in ONE forward-only pass over the calibration
+batches, by hooks that read Megatron activations (layout ``[seq, batch, channel]``):
+
+  axis              hook point                                          score
+  ----------------  --------------------------------------------------  ----------------------------
+  MLP neurons       input of ``mlp.linear_fc2`` (after the activation,   agg(x) per neuron
+                    SwiGLU: silu(gate) * up; we follow the reference
+                    code, not P1's pre-activation formula)
+  attention heads   input of ``self_attention.linear_proj``             L2 over head_dim of agg(x)
+                    (concatenated head outputs, [heads, head_dim])       per channel
+  query groups      same                                                L2 over all channels of the
+                                                                        group's query heads
+  hidden channels   output of ``input_layernorm`` and                   agg(x) per norm, then summed
+                    ``pre_mlp_layernorm`` of every layer (under TE: the  over norms, layers and
+                    fused norm, recomputed from the input of             pipeline stages
+                    ``linear_qkv`` / ``linear_fc1``)
+  layers (a)        layer input / output hidden states                  BI = 1 - mean_tokens cos
+  layers (b)        LM loss with layer i skipped (identity)             loss_i - loss_full
+  layers (c)        LM loss with a contiguous block of k layers skipped  loss of the block-removed model
+
+``agg`` = sequence reduction, then batch reduction (``Aggregation``). Per sample b and channel c the
+sequence reduction gives ``v[b, c]``: mean -> mean_s |x|, l2 -> sqrt(sum_s x^2), var -> var_s x
+(population variance of the signed value). The batch reduction over all calibration samples (all
+micro-batches and data-parallel ranks) keeps n, sum v and sum v^2 in fp64:
+l2 -> sqrt(sum v^2), mean -> sum v / n, var -> sum v^2 / n - (sum v / n)^2. Default (l2, mean) is
+``imp[c] = sqrt(sum_b (mean_s |x[s, b, c]|)^2)``.
+
+Parallel assembly: accumulators are summed over DP ranks before finalising; TP-sharded axes (heads,
+groups, neurons) are all-gathered along the channel dim into global order; per-layer scores are
+concatenated over PP stages; hidden-channel scores (replicated over TP) are summed over stages.
+The (b)/(c) criteria need one extra forward pass per candidate layer/block; they run only on request,
+on the first ``num_samples`` calibration samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import parallel_state
+
+from minitron_nemo import runtime
+from minitron_nemo.errors import UserError
+from minitron_nemo.models.forward import lm_loss_sums, run_forward
+
+REDUCTIONS = ("l2", "mean", "var")
+
+
+@dataclass
+class Aggregation:
+    batch: str = "l2"  # over calibration samples: l2 | mean | var
+    seq: str = "mean"  # over the sequence of one sample: mean | l2 | var
+
+    def __post_init__(self):
+        for name in ("batch", "seq"):
+            if getattr(self, name) not in REDUCTIONS:
+                raise UserError(f"prune.importance.{name}_agg={getattr(self, name)!r}; "
+                                f"allowed: {', '.join(REDUCTIONS)}")
+
+
+def seq_reduce(x: torch.Tensor, how: str) -> torch.Tensor:
+    """``[s, b, c]`` -> per-sample ``[b, c]`` in fp32."""
+    if how == "mean":
+        return torch.linalg.vector_norm(x, ord=1, dim=0, dtype=torch.float32) / x.shape[0]
+    if how == "l2":
+        return torch.linalg.vector_norm(x, ord=2, dim=0, dtype=torch.float32)
+    return torch.var(x.float(), dim=0, correction=0)
+
+
+def batch_finalize(s1: torch.Tensor, s2: torch.Tensor, n: float, how: str) -> torch.Tensor:
+    """Batch reduction from the sums of v and v^2 over n samples."""
+    if how == "l2":
+        return s2.sqrt()
+    mean = s1 / n
+    return mean if how == "mean" else (s2 / n - mean * mean).clamp_min(0.0)
+
+
+def aggregate(x: torch.Tensor, agg: Aggregation) -> torch.Tensor:
+    """Reference (single-tensor) aggregation of ``[s, b, c]`` activations: ``[c]`` scores."""
+    v = seq_reduce(x, agg.seq).double()
+    return batch_finalize(v.sum(0), (v * v).sum(0), v.shape[0], agg.batch)
+
+
+# ----------------------------------------------------------------------------- hooks
+def _fused_norm(linear, x):
+    """Output of the norm that Transformer Engine fuses into ``linear`` (LayerNormColumnParallelLinear)."""
+    cfg = linear.config
+    w = linear.layer_norm_weight
+    if getattr(linear, "zero_centered_gamma", cfg.layernorm_zero_centered_gamma):
+        w = w + 1
+    if cfg.normalization == "RMSNorm":
+        return F.rms_norm(x, (x.shape[-1],), w, cfg.layernorm_epsilon)
+    return F.layer_norm(x, (x.shape[-1],), w, getattr(linear, "layer_norm_bias", None), cfg.layernorm_epsilon)
+
+
+class Collector:
+    """Forward hooks that accumulate the width statistics and Block Importance of this rank's layers."""
+
+    def __init__(self, model, agg: Aggregation):
+        self.agg = agg
+        self.layers = list(model.decoder.layers)
+        cfg = model.config
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        n = len(self.layers)
+        z = lambda *shape: torch.zeros(2, n, *shape, dtype=torch.float64, device=runtime.device())  # noqa: E731
+        self.hidden = z(2, cfg.hidden_size)  # [s1|s2, layer, norm, H]
+        self.proj = z(cfg.num_attention_heads // tp * cfg.kv_channels)
+        self.ffn = z(cfg.ffn_hidden_size // tp)
+        self.bi = torch.zeros(2, n, dtype=torch.float64, device=runtime.device())  # [sum cos, tokens]
+        self.handles = []
+        for i, layer in enumerate(self.layers):
+            attn, mlp = layer.self_attention, layer.mlp
+            for k, (norm, fused) in enumerate(((layer.input_layernorm, attn.linear_qkv),
+                                               (layer.pre_mlp_layernorm, mlp.linear_fc1))):
+                if hasattr(fused, "layer_norm_weight"):  # TE: norm fused into the next linear
+                    self.handles.append(fused.register_forward_pre_hook(self._fused_hook(i, k)))
+                else:
+                    self.handles.append(norm.register_forward_hook(self._norm_hook(i, k)))
+            self.handles.append(attn.linear_proj.register_forward_pre_hook(self._input_hook(self.proj, i)))
+            self.handles.append(mlp.linear_fc2.register_forward_pre_hook(self._input_hook(self.ffn, i)))
+            self.handles.append(layer.register_forward_hook(self._bi_hook(i), with_kwargs=True))
+
+    def _add(self, acc, idx, x):
+        v = seq_reduce(x.detach(), self.agg.seq)  # [b, c]
+        acc[(0, *idx)] += v.sum(0)
+        acc[(1, *idx)] += (v * v).sum(0)
+
+    def _norm_hook(self, i, k):
+        return lambda mod, args, out: self._add(self.hidden, (i, k), out)
+
+    def _fused_hook(self, i, k):
+        return lambda mod, args: self._add(self.hidden, (i, k), _fused_norm(mod, args[0].detach()))
+
+    def _input_hook(self, acc, i):
+        return lambda mod, args: self._add(acc, (i,), args[0])
+
+    def _bi_hook(self, i):
+        def hook(mod, args, kwargs, out):
+            h_in = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).detach().float()
+            h_out = out[0].detach().float()
+            cos = F.cosine_similarity(h_in, h_out, dim=-1, eps=1e-8)
+            self.bi[0, i] += cos.sum()
+            self.bi[1, i] += cos.numel()
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+# ----------------------------------------------------------------------------- parallel assembly
+def _all_reduce(t, group):
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, group=group)
+    return t
+
+
+def _all_gather(t, group, dim):
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def _finalize(c: Collector, n: float, cfg) -> dict:
+    """DP-reduce the sums, finalise, gather TP shards and PP stages: global fp32 scores."""
+    dp, tp_g, pp_g = (parallel_state.get_data_parallel_group(), parallel_state.get_tensor_model_parallel_group(),
+                      parallel_state.get_pipeline_model_parallel_group())
+    how = c.agg.batch
+    for acc in (c.hidden, c.proj, c.ffn, c.bi):
+        _all_reduce(acc, dp)
+    hidden = batch_finalize(c.hidden[0], c.hidden[1], n, how)  # [Ll, 2, H]
+    proj = batch_finalize(c.proj[0], c.proj[1], n, how)  # [Ll, heads_local * d]
+    ffn = batch_finalize(c.ffn[0], c.ffn[1], n, how)
+    Ll, d = proj.shape[0], cfg.kv_channels
+    hpg = cfg.num_attention_heads // cfg.num_query_groups
+    heads = proj.view(Ll, -1, d).norm(dim=-1)  # [Ll, heads_local]
+    groups = proj.view(Ll, -1, hpg * d).norm(dim=-1)  # [Ll, groups_local]
+    heads, groups, ffn = (_all_gather(t, tp_g, dim=1) for t in (heads, groups, ffn))
+    bi = 1.0 - c.bi[0] / c.bi[1].clamp_min(1)
+    per_layer = {"hidden_per_layer": hidden.sum(1), "heads": heads, "groups": groups, "ffn": ffn, "layer_bi": bi}
+    out = {k: _all_gather(v, pp_g, dim=0).float().cpu() for k, v in per_layer.items()}
+    out["hidden"] = _all_reduce(hidden.sum((0, 1)), pp_g).float().cpu()
+    return out
+
+
+# ----------------------------------------------------------------------------- the calibration pass
+def _num_samples(batches) -> float:
+    t = torch.tensor([float(sum(b["tokens"].shape[0] for b in batches))], dtype=torch.float64,
+                     device=runtime.device())
+    return float(_all_reduce(t, parallel_state.get_data_parallel_group()).item())
+
+
+def _chunks(batches, pp: int):
+    size = max(2 * pp, len(batches) // 20, 1)
+    return [batches[i:i + size] for i in range(0, len(batches), size)]
+
+
+def run_with_progress(model, batches, label="calibration", on_output=None, progress=True):
+    """Forward-only pass over ``batches`` in chunks, printing samples/s and ETA (rank 0)."""
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    dp = parallel_state.get_data_parallel_world_size()
+    total = sum(b["tokens"].shape[0] for b in batches) * dp
+    done, t0 = 0, time.perf_counter()
+    for chunk in _chunks(batches, pp):
+        run_forward(model, chunk, on_output or (lambda out, b: None))
+        done += sum(b["tokens"].shape[0] for b in chunk) * dp
+        if progress:
+            dt = time.perf_counter() - t0
+            rate = done / max(dt, 1e-9)
+            runtime.print0(f"[{label}] {done}/{total} samples  {rate:.2f} samples/s  "
+                           f"ETA {(total - done) / max(rate, 1e-9):.0f}s")
+
+
+def estimate(model, batches, agg: Aggregation | None = None, *, progress=True) -> dict:
+    """One forward-only pass: width scores and Block Importance, identical on every rank.
+
+    Returns fp32 CPU tensors: ``hidden [H]``, ``hidden_per_layer [L, H]``, ``heads [L, heads]``,
+    ``groups [L, groups]``, ``ffn [L, ffn]``, ``layer_bi [L]`` (global layer order).
+    """
+    agg = agg or Aggregation()
+    c = Collector(model, agg)
+    try:
+        run_with_progress(model, batches, progress=progress)
+    finally:
+        c.remove()
+    return _finalize(c, _num_samples(batches), model.config)
+
+
+# ----------------------------------------------------------------------------- depth criteria (b), (c)
+def _identity_layer(hidden_states=None, *args, context=None, **kwargs):
+    return hidden_states, context
+
+
+@contextlib.contextmanager
+def skip_layers(model, num_layers_total: int, drop: set):
+    """Temporarily replace the forward of the (0-indexed, global) layers in ``drop`` by identity."""
+    off = layer_offset_of(model, num_layers_total)
+    changed = []
+    for j, layer in enumerate(model.decoder.layers):
+        if off + j in drop:
+            layer.forward = _identity_layer
+            changed.append(layer)
+    try:
+        yield
+    finally:
+        for layer in changed:
+            del layer.forward
+
+
+def layer_offset_of(model, num_layers_total: int) -> int:
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    return parallel_state.get_pipeline_model_parallel_rank() * (num_layers_total // pp)
+
+
+def mean_loss(model, batches) -> float:
+    s, n = lm_loss_sums(model, batches)
+    return s / max(n, 1)
+
+
+def removal_losses(model, num_layers: int, batches, blocks, label="layer-loss", progress=True):
+    """LM loss of the model with each block (list of 0-indexed layers) skipped; plus the full-model loss."""
+    base = mean_loss(model, batches)
+    out, t0 = [], time.perf_counter()
+    for i, block in enumerate(blocks):
+        with skip_layers(model, num_layers, set(block)):
+            out.append(mean_loss(model, batches))
+        if progress:
+            dt = time.perf_counter() - t0
+            runtime.print0(f"[{label}] {i + 1}/{len(blocks)} skip layers {block[0] + 1}..{block[-1] + 1} "
+                           f"(1-indexed): loss {out[-1]:.4f} (full {base:.4f})  "
+                           f"ETA {dt / (i + 1) * (len(blocks) - i - 1):.0f}s")
+    return base, torch.tensor(out, dtype=torch.float32)
+
+
+def layer_loss_scores(model, num_layers: int, batches, progress=True) -> dict:
+    """Criterion (b): increase of the LM loss when each single layer is removed (higher = more important)."""
+    base, losses = removal_losses(model, num_layers, batches, [[i] for i in range(num_layers)],
+                                  progress=progress)
+    return {"layer_loss": losses - base, "full_loss": torch.tensor([base])}
+
+
+def block_loss_scores(model, num_layers: int, batches, k: int, progress=True) -> dict:
+    """Criterion (c): LM loss with each contiguous block of ``k`` layers removed (lower = drop it)."""
+    blocks = [list(range(s, s + k)) for s in range(num_layers - k + 1)]
+    base, losses = removal_losses(model, num_layers, batches, blocks, label=f"block-loss k={k}",
+                                  progress=progress)
+    return {f"block_loss_k{k}": losses, "full_loss": torch.tensor([base])}
+
+
+__all__ = ["Aggregation", "aggregate", "seq_reduce", "batch_finalize", "Collector", "estimate",
+           "layer_loss_scores", "block_loss_scores", "skip_layers", "mean_loss", "run_with_progress"]

@@ -1,0 +1,204 @@
+"""Pruning targets: validation (one-line errors before any compute) and the parameter-budget grid.
+
+Targets (names as in NeMo 2 / modelopt): ``target_hidden_size``, ``target_ffn_hidden_size``,
+``target_num_attention_heads``, ``target_num_query_groups``, ``target_num_layers`` or
+``drop_layers`` (1-INDEXED layer numbers, as in NeMo), or a budget ``target_params`` /
+``target_params_ratio``. Unset targets keep the source value, except: with only
+``target_num_query_groups`` set, the heads per group are kept (heads = groups' x heads/group); with
+only ``target_num_attention_heads`` set on an MHA model (groups == heads), groups follow the heads.
+``kv_channels`` (head_dim) is always preserved.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from minitron_nemo.errors import UserError
+from minitron_nemo.models.builder import count_parameters
+from minitron_nemo.models.config import ModelConfig
+
+WIDTH_KEYS = {"target_hidden_size": "hidden_size", "target_ffn_hidden_size": "ffn_hidden_size",
+              "target_num_attention_heads": "num_attention_heads",
+              "target_num_query_groups": "num_query_groups", "target_num_layers": "num_layers"}
+
+
+@dataclass
+class Targets:
+    target_hidden_size: Optional[int] = None
+    target_ffn_hidden_size: Optional[int] = None
+    target_num_attention_heads: Optional[int] = None
+    target_num_query_groups: Optional[int] = None
+    target_num_layers: Optional[int] = None
+    drop_layers: Optional[List[int]] = None  # 1-indexed
+    target_params: Optional[float] = None
+    target_params_ratio: Optional[float] = None
+    grid: int = 64
+
+    @classmethod
+    def from_cfg(cls, p) -> "Targets":
+        get = (lambda k: p.get(k)) if hasattr(p, "get") else (lambda k: getattr(p, k, None))
+        kw = {k: get(k) for k in cls.__dataclass_fields__ if get(k) is not None}
+        if kw.get("drop_layers") is not None:
+            kw["drop_layers"] = [int(x) for x in kw["drop_layers"]]
+        return cls(**kw)
+
+    def explicit(self) -> dict:
+        return {k: getattr(self, k) for k in WIDTH_KEYS if getattr(self, k) is not None}
+
+    def is_budget(self) -> bool:
+        return self.target_params is not None or self.target_params_ratio is not None
+
+    def is_empty(self) -> bool:
+        return not self.explicit() and not self.drop_layers and not self.is_budget()
+
+
+def _fail(msg):
+    raise UserError(msg)
+
+
+def new_config(mc: ModelConfig, t: Targets) -> ModelConfig:
+    """The pruned ``ModelConfig`` for explicit targets (no validation beyond the schema)."""
+    hpg = mc.num_attention_heads // mc.num_query_groups
+    heads, groups = t.target_num_attention_heads, t.target_num_query_groups
+    if groups is not None and heads is None:
+        heads = groups * hpg
+    if heads is not None and groups is None:
+        groups = heads if mc.num_query_groups == mc.num_attention_heads else mc.num_query_groups
+    layers = t.target_num_layers
+    if t.drop_layers:
+        layers = mc.num_layers - len(set(t.drop_layers))
+    return ModelConfig(**{**mc.to_dict(),
+                          "hidden_size": t.target_hidden_size or mc.hidden_size,
+                          "ffn_hidden_size": t.target_ffn_hidden_size or mc.ffn_hidden_size,
+                          "num_attention_heads": heads or mc.num_attention_heads,
+                          "num_query_groups": groups or mc.num_query_groups,
+                          "num_layers": mc.num_layers if layers is None else layers,
+                          "kv_channels": mc.head_dim})
+
+
+def validate(mc: ModelConfig, t: Targets, tp: int, pp: int) -> ModelConfig:
+    """Check explicit targets against the source and the parallel layout; return the pruned config."""
+    if t.grid < 1:
+        _fail(f"prune.grid={t.grid}; allowed: an integer >= 1")
+    for key, attr in WIDTH_KEYS.items():
+        v = getattr(t, key)
+        if v is None:
+            continue
+        if not isinstance(v, int) or v < 1:
+            _fail(f"prune.{key}={v}; allowed: an integer from 1 to the source {attr}={getattr(mc, attr)}")
+        if v > getattr(mc, attr):
+            _fail(f"prune.{key}={v} is larger than the source {attr}={getattr(mc, attr)}; "
+                  f"allowed: 1..{getattr(mc, attr)}")
+    if t.drop_layers is not None:
+        if t.target_num_layers is not None:
+            _fail("prune.drop_layers and prune.target_num_layers are both set; allowed: one of them")
+        bad = [x for x in t.drop_layers if not 1 <= x <= mc.num_layers]
+        if bad:
+            _fail(f"prune.drop_layers has {bad} out of range; allowed: 1-indexed layer numbers "
+                  f"1..{mc.num_layers}")
+        dup = sorted({x for x in t.drop_layers if t.drop_layers.count(x) > 1})
+        if dup:
+            _fail(f"prune.drop_layers lists {dup} more than once; allowed: distinct layer numbers")
+    new = new_config(mc, t)
+    hpg = mc.num_attention_heads // mc.num_query_groups
+    if new.num_layers < 1:
+        _fail(f"pruning leaves {new.num_layers} layers; allowed: at least 1 layer")
+    if new.num_attention_heads % new.num_query_groups:
+        _fail(f"target num_attention_heads={new.num_attention_heads} is not a multiple of "
+              f"num_query_groups={new.num_query_groups}; allowed: a multiple of {new.num_query_groups}")
+    if new.num_attention_heads // new.num_query_groups > hpg:
+        _fail(f"target heads per query group {new.num_attention_heads // new.num_query_groups} "
+              f"({new.num_attention_heads}/{new.num_query_groups}) exceeds the source's {hpg}; allowed: "
+              f"num_attention_heads <= {hpg} x num_query_groups (heads are ranked within their group)")
+    for attr in ("hidden_size", "ffn_hidden_size"):
+        v = getattr(new, attr)
+        if v != getattr(mc, attr) and v % t.grid:
+            _fail(f"target {attr}={v} is off the grid; allowed: a multiple of prune.grid={t.grid} "
+                  f"(e.g. {max(t.grid, v // t.grid * t.grid)}), or set prune.grid")
+    for attr in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
+        v = getattr(new, attr)
+        if v % tp:
+            _fail(f"target {attr}={v} is not divisible by tensor_model_parallel_size={tp}; "
+                  f"allowed: a multiple of {tp}")
+    if new.num_layers % pp:
+        _fail(f"target num_layers={new.num_layers} is not divisible by pipeline_model_parallel_size={pp}; "
+              f"allowed: a multiple of {pp}")
+    return new.validate()
+
+
+# ----------------------------------------------------------------------------- budget search grid
+@dataclass
+class SearchSpace:
+    ratios: List[float] = field(default_factory=lambda: [1.0, 0.875, 0.75, 0.625, 0.5])
+    axes: List[str] = field(default_factory=lambda: ["hidden", "ffn", "heads", "layers"])
+    tolerance: float = 0.05
+    max_candidates: int = 20
+
+
+def _axis_values(mc: ModelConfig, axis: str, ratios, grid: int, tp: int, pp: int) -> List[int]:
+    src = {"hidden": mc.hidden_size, "ffn": mc.ffn_hidden_size, "heads": mc.num_attention_heads,
+           "layers": mc.num_layers}[axis]
+    step = {"hidden": grid, "ffn": grid * tp // _gcd(grid, tp), "heads": _lcm(mc.num_query_groups, tp),
+            "layers": pp}[axis]
+    vals = {src}
+    for r in ratios:
+        v = int(src * r) // step * step
+        if v >= step:
+            vals.add(v)
+    return sorted(vals, reverse=True)
+
+
+def _gcd(a, b):
+    while b:
+        a, b = b, a % b
+    return a
+
+
+def _lcm(a, b):
+    return a * b // _gcd(a, b)
+
+
+def budget(mc: ModelConfig, t: Targets) -> int:
+    if t.target_params is not None and t.target_params_ratio is not None:
+        _fail("prune.target_params and prune.target_params_ratio are both set; allowed: one of them")
+    if t.explicit() or t.drop_layers:
+        _fail(f"prune.target_params(_ratio) cannot be combined with explicit targets {sorted(t.explicit())}"
+              f"{' and drop_layers' if t.drop_layers else ''}; allowed: a budget or explicit targets")
+    full = count_parameters(mc)
+    if t.target_params_ratio is not None:
+        r = float(t.target_params_ratio)
+        if not 0 < r <= 1:
+            _fail(f"prune.target_params_ratio={r}; allowed: 0 < ratio <= 1")
+        return int(full * r)
+    n = float(t.target_params)
+    if not 0 < n <= full:
+        _fail(f"prune.target_params={t.target_params:g} is not in (0, {full}] (the source has {full} "
+              f"parameters); allowed: a smaller positive count")
+    return int(n)
+
+
+def candidates(mc: ModelConfig, t: Targets, space: SearchSpace, tp: int, pp: int) -> List[ModelConfig]:
+    """Grid architectures within ``tolerance`` of the budget, closest first (at most ``max_candidates``)."""
+    target = budget(mc, t)
+    unknown = sorted(set(space.axes) - {"hidden", "ffn", "heads", "layers"})
+    if unknown:
+        _fail(f"prune.search.axes has {unknown}; allowed: hidden, ffn, heads, layers")
+    values = {a: (_axis_values(mc, a, space.ratios, t.grid, tp, pp) if a in space.axes else
+                  [{"hidden": mc.hidden_size, "ffn": mc.ffn_hidden_size, "heads": mc.num_attention_heads,
+                    "layers": mc.num_layers}[a]])
+              for a in ("hidden", "ffn", "heads", "layers")}
+    found = []
+    for h, f, n, L in itertools.product(*values.values()):
+        c = new_config(mc, Targets(target_hidden_size=h, target_ffn_hidden_size=f,
+                                   target_num_attention_heads=n, target_num_layers=L))
+        p = count_parameters(c)
+        if abs(p - target) <= space.tolerance * target:
+            found.append((abs(p - target), -L, c))
+    if not found:
+        _fail(f"no architecture on the search grid has {target} parameters within "
+              f"±{space.tolerance:.0%} (source {count_parameters(mc)}); allowed: another budget, "
+              f"prune.search.ratios or prune.search.tolerance")
+    found.sort(key=lambda x: (x[0], x[1]))
+    return [c.validate() for _, _, c in found[: space.max_candidates]]
