@@ -1,7 +1,7 @@
 """Minitron pruning of a checkpoint: importance on calibration data, then width and/or depth trimming.
 
     torchrun --nproc_per_node=N recipes/prune.py checkpoint=SRC output=DST \
-        prune.calibration.data=TEXT prune.calibration.num_samples=1024 prune.calibration.seq_length=512 \
+        prune.calibration.data=TEXT_OR_PREFIX prune.calibration.num_samples=1024 prune.calibration.seq_length=512 \
         prune.target_ffn_hidden_size=1024 [prune.target_hidden_size=...] [prune.target_num_layers=...] \
         [parallel.tensor_model_parallel_size=2 parallel.pipeline_model_parallel_size=2]
 
@@ -46,8 +46,11 @@ def check_inputs(cfg, mc):
             raise UserError("nothing to prune; allowed: set a prune.target_*, prune.drop_layers, "
                             "prune.target_params(_ratio) or prune.importance_only=true")
         cands = candidates(mc, t, search_space(p), tp, pp) if t.is_budget() else [validate(mc, t, tp, pp)]
-    if p.calibration.data is not None and not Path(p.calibration.data).is_file():
-        raise UserError(f"prune.calibration.data={p.calibration.data} does not exist; allowed: a text file")
+    if p.calibration.data is not None:
+        pdata.check_data(p.calibration.data)
+    for key in ("num_samples", "seq_length", "micro_batch_size", "loss_samples"):
+        if p.calibration[key] < 1:
+            raise UserError(f"prune.calibration.{key}={p.calibration[key]}; allowed: an integer >= 1")
     loaded = None
     if p.importance.load is not None:
         loaded = api.load_scores(p.importance.load, mc)
@@ -61,8 +64,6 @@ def check_inputs(cfg, mc):
                 raise UserError(f"prune.layer_criterion={p.layer_criterion} needs {key!r}, which "
                                 f"{p.importance.load} lacks; allowed: pass prune.calibration.data or "
                                 f"prune.layer_criterion=bi")
-    if p.calibration.micro_batch_size < 1:
-        raise UserError(f"prune.calibration.micro_batch_size={p.calibration.micro_batch_size}; allowed: >= 1")
     return t, cands, agg, loaded
 
 
