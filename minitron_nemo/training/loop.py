@@ -1,0 +1,206 @@
+"""The training loop: Megatron's pipeline schedule per step, validation, checkpoints, auto-resume.
+
+A *step function* pair drives the model:
+  * ``forward(model, batch)`` runs this rank's chunk on a micro-batch (any pipeline stage),
+  * ``loss(batch, output) -> (loss, {name: 0-d tensor})`` on the last stage.
+Teacher correction (LM loss) and distillation (``distill/model.py``) plug different pairs into the
+same loop. The global batch is ``micro_batch x accumulation x data_parallel``; losses are means over
+each micro-batch's tokens, averaged over micro-batches and data-parallel ranks.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_model_config
+
+from minitron_nemo import runtime
+from minitron_nemo.training import state as ckpt
+from minitron_nemo.training.metrics import MetricsLog, plot_losses
+from minitron_nemo.training.optim import cuda_type_names
+
+
+def lm_forward(model, batch):
+    """Per-token LM loss ``[b, s]`` (last stage) or the hidden states (other stages)."""
+    dev = runtime.device()
+    return model(batch["tokens"].to(dev), batch["position_ids"].to(dev), None, labels=batch["labels"].to(dev))
+
+
+def lm_loss(batch, output):
+    mask = batch["loss_mask"].to(output.device).float()
+    loss = (output.float() * mask).sum() / mask.sum().clamp(min=1)
+    return loss, {"lm": loss.detach()}
+
+
+def setup_schedule(chunk, ddp, optimizer) -> None:
+    """Hook the DDP grad sync and the optimizer's loss scale into the chunk's config."""
+    from megatron.core.distributed import finalize_model_grads
+
+    config = get_model_config(chunk)
+    config.no_sync_func = ddp.no_sync
+    config.finalize_model_grads_func = lambda _models, num_tokens=None, **kw: finalize_model_grads(
+        [ddp], num_tokens)
+    config.grad_scale_func = optimizer.scale_loss
+
+
+def reduce_metrics(results: list, names=None) -> dict:
+    """Mean over micro-batches (last stage), then over DP ranks; every rank gets the values."""
+    names = names or (sorted(results[0]) if results else [])
+    if not names:
+        holder = [None]
+        if dist.is_initialized() and parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast_object_list(holder, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                       group=parallel_state.get_pipeline_model_parallel_group())
+        names = holder[0] or []
+    elif dist.is_initialized() and parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast_object_list([list(names)], src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                   group=parallel_state.get_pipeline_model_parallel_group())
+    vec = torch.zeros(len(names), dtype=torch.float64)
+    for r in results:
+        vec += torch.stack([r[k].detach().double().cpu() for k in names])
+    vec /= max(len(results), 1)
+    if dist.is_initialized():
+        t = vec.to(runtime.device())
+        dist.all_reduce(t, group=parallel_state.get_pipeline_model_parallel_group())
+        dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
+        vec = t.cpu() / parallel_state.get_data_parallel_world_size()
+    return {k: float(v) for k, v in zip(names, vec)}
+
+
+def run_schedule(chunk, batches: list, forward, loss, *, forward_only: bool) -> list:
+    """One pass of Megatron's schedule over ``batches`` (this DP rank's micro-batches)."""
+    def step(data_iterator, model):
+        batch = next(data_iterator)
+        return forward(model, batch), partial(_wrap_loss, loss, batch)
+
+    b, s = batches[0]["tokens"].shape
+    return get_forward_backward_func()(forward_step_func=step, data_iterator=iter(batches), model=[chunk],
+                                       num_microbatches=len(batches), seq_length=s, micro_batch_size=b,
+                                       forward_only=forward_only)
+
+
+def _wrap_loss(loss, batch, output):
+    value, metrics = loss(batch, output)
+    return value, metrics
+
+
+def train_step(chunk, ddp, optimizer, scheduler, batches: list, forward, loss) -> tuple[dict, float | None]:
+    chunk.train()
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+    results = run_schedule(chunk, batches, forward, loss, forward_only=False)
+    with cuda_type_names():
+        _ok, grad_norm, _zeros = optimizer.step()
+    scheduler.step(increment=1)
+    return reduce_metrics(results), grad_norm
+
+
+def evaluate(chunk, batches: list, forward, loss) -> dict:
+    was = chunk.training
+    chunk.eval()
+    with torch.no_grad():
+        results = run_schedule(chunk, batches, forward, loss, forward_only=True)
+    chunk.train(was)
+    return reduce_metrics(results)
+
+
+@dataclass
+class Trainer:
+    """Owns the step loop; the recipe builds the pieces and calls ``fit()``."""
+    chunk: object                    # module given to the schedule (DDP(student) or a KD wrapper)
+    ddp: object                      # the student's DDP (grads, no_sync)
+    optimizer: object
+    scheduler: object
+    mc: object                       # the student's ModelConfig (saved in checkpoints)
+    train_batches: Callable[[int], Iterator[dict]]   # consumed_samples -> micro-batch iterator
+    valid_batches: list
+    forward: Callable
+    loss: Callable
+    valid_loss: Callable
+    tcfg: object                     # trainer config node
+    ccfg: object                     # checkpoint config node (save_interval, keep_last)
+    workdir: Path
+    train_iters: int
+    num_microbatches: int
+    global_batch_size: int
+    seq_length: int
+    flops_per_step: float = 0.0
+    tokenizer_src: object = None
+    meta: dict = field(default_factory=dict)
+    iteration: int = 0
+    consumed_samples: int = 0
+    history: list = field(default_factory=list)
+
+    @property
+    def ckpt_root(self) -> Path:
+        return Path(self.workdir) / "checkpoints"
+
+    def resume(self) -> bool:
+        """Load the latest complete checkpoint under ``workdir/checkpoints`` if there is one."""
+        last = ckpt.latest(self.ckpt_root)
+        if last is None:
+            return False
+        s = ckpt.load(last, self.ddp.module, self.optimizer, self.scheduler)
+        self.iteration, self.consumed_samples = s["iteration"], s["consumed_samples"]
+        runtime.print0(f"[train] resumed from {last} (iteration {self.iteration}, "
+                       f"{self.consumed_samples} samples consumed)")
+        return True
+
+    def save(self) -> Path:
+        return ckpt.save(self.ckpt_root, self.iteration, self.ddp.module, self.mc, self.optimizer, self.scheduler,
+                         {"consumed_samples": self.consumed_samples}, tokenizer_src=self.tokenizer_src,
+                         meta=self.meta, keep_last=int(self.ccfg.keep_last))
+
+    def validate(self, log: MetricsLog) -> dict:
+        if not self.valid_batches:
+            return {}
+        v = evaluate(self.chunk, self.valid_batches, self.forward, self.valid_loss)
+        log.valid(self.iteration, v)
+        self.history.append({"kind": "valid", "iteration": self.iteration, **v})
+        return v
+
+    def fit(self, stop_at: int | None = None) -> dict:
+        """Train to ``train_iters`` (or ``stop_at``, for tests of interrupted runs); returns the last
+        validation metrics."""
+        t, c = self.tcfg, self.ccfg
+        setup_schedule(self.chunk, self.ddp, self.optimizer)
+        log = MetricsLog(self.workdir, self.train_iters, float(t.peak_tflops) * 1e12 if t.peak_tflops else None,
+                         bool(t.tensorboard))
+        end = min(self.train_iters, stop_at or self.train_iters)
+        data = self.train_batches(self.consumed_samples)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        last_valid = {}
+        if self.iteration == 0 and t.eval_interval and self.valid_batches:
+            last_valid = self.validate(log)
+        while self.iteration < end:
+            batches = [next(data) for _ in range(self.num_microbatches)]
+            t0 = time.time()
+            losses, grad_norm = train_step(self.chunk, self.ddp, self.optimizer, self.scheduler, batches,
+                                           self.forward, self.loss)
+            dt = time.time() - t0
+            self.iteration += 1
+            self.consumed_samples += self.global_batch_size
+            lr = self.optimizer.param_groups[0]["lr"]
+            rec = log.train(self.iteration, losses, lr, grad_norm, self.global_batch_size * self.seq_length, dt,
+                            self.flops_per_step, world)
+            self.history.append(rec)
+            if t.eval_interval and self.iteration % int(t.eval_interval) == 0:
+                last_valid = self.validate(log)
+            if c.save_interval and self.iteration % int(c.save_interval) == 0 and self.iteration < self.train_iters:
+                self.save()
+        if self.iteration >= self.train_iters:
+            if t.eval_interval and self.iteration % int(t.eval_interval) != 0:
+                last_valid = self.validate(log)
+            if not (ckpt.latest(self.ckpt_root) and ckpt.latest(self.ckpt_root).name == f"iter_{self.iteration:07d}"):
+                self.save()
+            if runtime.is_rank0() and log.path.is_file():
+                plot_losses(log.path, Path(self.workdir) / "loss.png", str(self.workdir))
+        return last_valid

@@ -1,0 +1,117 @@
+"""Training checkpoints: student weights + optimizer + scheduler + data position + RNG; auto-resume.
+
+    WORKDIR/checkpoints/iter_0000100/
+        model.yaml, meta.json, tokenizer/, weights/     the student (``store.save_checkpoint``)
+        train_state/rank_00000.pt                       optimizer, scheduler, iteration, RNG (per rank)
+        train_state/dist_opt_00000.pt                   distributed-optimizer parameter state (if used)
+        COMPLETE                                        written last; incomplete dirs are ignored
+
+The teacher is never saved. Resume needs the same TP/PP/DP layout as the run that saved.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from minitron_nemo import runtime
+from minitron_nemo.checkpoint import store
+from minitron_nemo.errors import UserError
+
+PATTERN = re.compile(r"^iter_(\d{7})$")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": None if runtime.cpu_mode() else torch.cuda.get_rng_state(),
+            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+
+
+def set_rng_state(s: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and not runtime.cpu_mode():
+        torch.cuda.set_rng_state(s["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(s["tracker"])
+
+
+def checkpoints(root) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if PATTERN.match(p.name) and (p / "COMPLETE").is_file()]
+    return sorted(found, key=lambda p: int(PATTERN.match(p.name).group(1)))
+
+
+def latest(root) -> Path | None:
+    found = checkpoints(root)
+    return found[-1] if found else None
+
+
+def save(root, iteration: int, model, mc, optimizer, scheduler, state: dict, *, tokenizer_src, meta: dict,
+         keep_last: int) -> Path:
+    """Collectively save a training checkpoint, then drop all but the ``keep_last`` newest."""
+    path = Path(root) / f"iter_{iteration:07d}"
+    if _rank() == 0 and path.exists():
+        shutil.rmtree(path)
+    store.save_checkpoint(model, path, mc, tokenizer_src=tokenizer_src, meta={**meta, "iteration": iteration})
+    ts = path / "train_state"
+    if _rank() == 0:
+        ts.mkdir(exist_ok=True)
+    _barrier()
+    if hasattr(optimizer, "save_parameter_state") and _uses_dist_opt(optimizer):
+        optimizer.save_parameter_state(str(ts / "dist_opt.pt"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                "iteration": iteration, **state}, ts / f"rank_{_rank():05d}.pt")
+    _barrier()
+    if _rank() == 0:
+        (path / "COMPLETE").write_text(str(iteration))
+        for old in checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return path
+
+
+def _uses_dist_opt(optimizer) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    return any(isinstance(o, DistributedOptimizer) for o in subs)
+
+
+def load(path, model, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and RNG from ``path``; returns the saved train state."""
+    path = Path(path)
+    f = path / "train_state" / f"rank_{_rank():05d}.pt"
+    if not f.is_file():
+        raise UserError(f"{path} has no training state for rank {_rank()}; resume needs the layout "
+                        f"(TP x PP x DP) it was saved with")
+    store.load_weights(model, path)
+    s = torch.load(f, map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(s.pop("optimizer"))
+    if _uses_dist_opt(optimizer):
+        optimizer.load_parameter_state(str(path / "train_state" / "dist_opt.pt"))
+    scheduler.load_state_dict(s.pop("scheduler"))
+    set_rng_state(s.pop("rng"))
+    return s

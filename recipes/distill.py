@@ -1,0 +1,167 @@
+"""Knowledge distillation of a pruned student from its (corrected) teacher, in one job.
+
+    python recipes/distill.py                       # default: conf/smollm2_demo.yaml (2 CPU cores)
+    torchrun --nproc_per_node=N recipes/distill.py --config-name llama31_minitron_4b_width \
+        teacher.checkpoint=HF_OR_CKPT data.blend=PREFIX workdir=DIR
+
+Steps: checks (no compute) -> teacher (the corrected one when ``teacher.corrected_checkpoint`` exists)
+-> teacher sanity on validation data -> student (``student.checkpoint``, or pruned in-job from the
+teacher and saved to ``student.init_checkpoint`` so a restart skips pruning) -> zero-shot student ->
+training loop (auto-resume from WORKDIR/checkpoints) -> held-out perplexities of teacher, zero-shot
+student and distilled student (WORKDIR/results.json). The teacher is frozen and never checkpointed.
+"""
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from minitron_nemo import runtime
+from minitron_nemo.checkpoint import store
+from minitron_nemo.config import compose, dtype, require
+from minitron_nemo.distill import model as kd
+from minitron_nemo.distill.config import DistillationConfig
+from minitron_nemo.errors import UserError, user_errors_exit
+from minitron_nemo.eval import perplexity as ppl
+from minitron_nemo.models.builder import build_model, count_parameters
+from minitron_nemo.models.forward import lm_loss_sums
+from minitron_nemo.training import data as tdata
+from minitron_nemo.training import optim
+from minitron_nemo.training.loop import Trainer
+from minitron_nemo.training.metrics import flops_per_token
+from minitron_nemo.training.setup import check_model_shape, teacher_source, to_dict
+
+
+def prune_student(cfg, teacher, t_mc, t_path, params_dtype):
+    """Prune the teacher in-job to ``cfg.prune`` targets and save the student (once)."""
+    from minitron_nemo.prune import api
+    from minitron_nemo.prune import data as pdata
+    from minitron_nemo.prune.targets import Targets
+
+    c = cfg.prune.calibration
+    calib_text = c.data or tdata.text_files(cfg.data).get("train")
+    if not calib_text:
+        raise UserError("in-job pruning needs prune.calibration.data=TEXT_OR_PREFIX (or a text data source)")
+    from megatron.core import parallel_state as ps
+
+    windows = pdata.calibration_windows(calib_text, store.tokenizer_dir(t_path), c.num_samples, c.seq_length,
+                                        c.seed, t_mc.vocab_size)
+    batches = pdata.to_batches(windows, c.micro_batch_size, ps.get_data_parallel_rank(),
+                               ps.get_data_parallel_world_size())
+    targets = Targets.from_cfg(to_dict(cfg.prune))
+    result = api.prune_model(teacher, t_mc, targets, batches=batches, layer_criterion=cfg.prune.layer_criterion,
+                             loss_batches=batches[: max(1, c.loss_samples // c.micro_batch_size)])
+    meta = {"pruned_from": t_path, "prune": {"kept_layers_1indexed": [i + 1 for i in result.kept_layers]},
+            "dtype": cfg.dtype}
+    store.save_checkpoint(result.model, cfg.student.init_checkpoint, result.config, tokenizer_src=t_path, meta=meta)
+    return result.config
+
+
+def perplexity(model, windows, mbs) -> float:
+    return ppl.megatron_perplexity(model, windows, mbs)["perplexity"] if windows is not None else float("nan")
+
+
+@user_errors_exit
+def main():
+    cfg = compose("smollm2_demo")
+    require(cfg, "workdir", "teacher.checkpoint")
+    par, t = cfg.parallel, cfg.trainer
+    kd.check_virtual_pipeline(par)
+    kd_cfg = DistillationConfig.from_dict(to_dict(cfg.distill))
+    tdata.check(cfg.data)
+    params_dtype = dtype(cfg.dtype)
+    work = Path(cfg.workdir)
+    t_path, corrected = teacher_source(cfg)
+    t_mc = store.model_config_of(t_path)
+    check_model_shape(cfg, t_mc, f"teacher {t_path}")
+    t_mc.check_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size)
+    s_path = cfg.student.checkpoint
+    if s_path is not None:
+        s_mc = store.load_model_config(s_path)
+        kd.check_vocab(t_mc, s_mc)
+        kd.check_tokenizers(t_path, s_path)
+        s_mc.check_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size)
+
+    runtime.init_distributed(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, cfg.seed)
+    from megatron.core import parallel_state as ps
+
+    t0 = time.time()
+    runtime.print0(f"[distill] teacher {t_path}{' (corrected)' if corrected else ''}: {count_parameters(t_mc):,} params")
+    teacher = store.load_model(t_path, t_mc, params_dtype)
+    kd.freeze(teacher)
+    n_acc = optim.batch_layout(int(t.micro_batch_size), int(t.global_batch_size))
+    seq = int(cfg.data.seq_length)
+    train_iters = optim.train_iterations(t, seq)
+    tok_dir = store.tokenizer_dir(t_path)
+    train_ds, valid_ds = tdata.build(cfg.data, tok_dir, work, train_iters * int(t.global_batch_size), cfg.seed)
+    valid = tdata.valid_batches(valid_ds, int(t.micro_batch_size), int(cfg.data.valid_samples))
+
+    # teacher sanity: a teacher whose weights did not load is caught before any training
+    check = valid or tdata.valid_batches(train_ds, int(t.micro_batch_size), int(cfg.data.valid_samples))
+    total, count = lm_loss_sums(teacher, check)
+    teacher_loss = total / max(count, 1)
+    kd.check_teacher_sane(teacher_loss, t_mc, float(cfg.teacher.max_loss_fraction), t_path)
+    runtime.print0(f"[distill] teacher validation loss {teacher_loss:.4f} (ln vocab {math.log(t_mc.vocab_size):.2f})")
+
+    # student: given, or pruned in-job once
+    if s_path is None:
+        s_path = str(cfg.student.init_checkpoint)
+        if not store.is_checkpoint(s_path):
+            runtime.print0(f"[distill] pruning the teacher in-job -> {s_path}")
+            prune_student(cfg, teacher, t_mc, t_path, params_dtype)
+        s_mc = store.load_model_config(s_path)
+        kd.check_vocab(t_mc, s_mc)
+    student = build_model(s_mc, params_dtype=params_dtype, sequence_parallel=bool(par.sequence_parallel))
+    store.load_weights(student, s_path)
+    runtime.print0(f"[distill] student {s_path}: {count_parameters(s_mc):,} params "
+                   f"({count_parameters(s_mc) / count_parameters(t_mc):.1%} of the teacher)")
+
+    test_text = cfg.data.test_text or (tdata.text_files(cfg.data).get("test") if cfg.data.source != "indexed" else None)
+    windows = (ppl.text_windows(ppl.load_tokenizer(t_path), test_text, seq, cfg.data.test_tokens)
+               if test_text else None)
+    zs_file = work / "zero_shot.json"
+    if not zs_file.is_file():
+        zs = {"student_zero_shot": perplexity(student, windows, int(t.micro_batch_size))}
+        if runtime.is_rank0():
+            zs_file.write_text(json.dumps(zs))
+    zero_shot = json.loads(zs_file.read_text())["student_zero_shot"]
+
+    dist_opt = optim.use_distributed_optimizer(bool(t.optim.use_distributed_optimizer))
+    ddp = optim.wrap_ddp(student, distributed_optimizer=dist_opt)
+    optimizer = optim.build_optimizer(ddp, t.optim, params_dtype, dist_opt)
+    scheduler = optim.build_scheduler(optimizer, t.optim, train_iters, int(t.warmup_iters))
+    chunk = kd.KDStage(ddp, teacher, s_mc, t_mc, kd_cfg)
+    flops = (flops_per_token(s_mc, seq, True) + flops_per_token(t_mc, seq, False)) * int(t.global_batch_size) * seq
+    trainer = Trainer(chunk=chunk, ddp=ddp, optimizer=optimizer, scheduler=scheduler, mc=s_mc,
+                      train_batches=tdata.train_iterator(train_ds, int(t.micro_batch_size)), valid_batches=valid,
+                      forward=kd.kd_forward, loss=lambda b, o: kd.kd_loss(kd_cfg, b, o),
+                      valid_loss=lambda b, o: kd.kd_valid_loss(kd_cfg, b, o), tcfg=t, ccfg=cfg.checkpoint,
+                      workdir=work, train_iters=train_iters, num_microbatches=n_acc,
+                      global_batch_size=int(t.global_batch_size), seq_length=seq, flops_per_step=flops,
+                      tokenizer_src=t_path, meta={"distilled_from": t_path, "student_init": s_path})
+    trainer.resume()
+    runtime.print0(f"[distill] {train_iters} iterations x {t.global_batch_size} samples x {seq} tokens "
+                   f"(micro-batch {t.micro_batch_size}, accumulation {n_acc}, DP {ps.get_data_parallel_world_size()})")
+    trainer.fit()
+
+    results = {"teacher": perplexity(teacher, windows, int(t.micro_batch_size)), "student_zero_shot": zero_shot,
+               "student_distilled": perplexity(student, windows, int(t.micro_batch_size)),
+               "tokens": 0 if windows is None else int((windows[:, 1:] >= 0).sum()),
+               "final_checkpoint": str(trainer.ckpt_root / f"iter_{trainer.iteration:07d}"),
+               "seconds": round(time.time() - t0, 1)}
+    if runtime.is_rank0():
+        (work / "results.json").write_text(json.dumps(results, indent=2))
+        print(f"\nheld-out perplexity ({results['tokens']} tokens of {test_text})", flush=True)
+        for name, key in (("teacher" + (" (corrected)" if corrected else ""), "teacher"),
+                          ("student, zero-shot (pruned)", "student_zero_shot"),
+                          ("student, distilled", "student_distilled")):
+            print(f"  {name:<32} {results[key]:>10.3f}", flush=True)
+        print(f"[distill] done in {results['seconds']:.0f}s; student checkpoint {results['final_checkpoint']}",
+              flush=True)
+    runtime.shutdown()
+
+
+if __name__ == "__main__":
+    main()
