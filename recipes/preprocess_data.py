@@ -1,0 +1,59 @@
+"""Tokenize text or JSONL into a Megatron indexed dataset (``PREFIX.bin`` / ``PREFIX.idx``).
+
+    python recipes/preprocess_data.py input=FILE_OR_GLOB[,MORE] tokenizer=HF_DIR output_prefix=PREFIX \
+        [doc=file|paragraph|line] [json_key=text] [eod=TOKEN]
+
+* ``input``: text files (utf-8) and/or ``.jsonl`` files (one JSON object per line, text under ``json_key``).
+* ``doc``: how text files split into documents: the whole file (default), blank-line separated
+  paragraphs, or lines. Every JSONL record is one document.
+* ``tokenizer``: a Hugging Face tokenizer or model dir (the model's own tokenizer).
+* ``eod``: token appended after every document (default: the tokenizer's EOS token).
+
+The outputs are written under temp names and renamed at the end; bad input exits with code 2 and a
+one-line error, leaving existing outputs untouched.
+"""
+
+import sys
+import warnings
+from pathlib import Path
+
+from minitron_nemo.data.indexed import HFTokenizer, expand_inputs, iter_documents, write_indexed_dataset
+from minitron_nemo.errors import UserError, user_errors_exit
+
+REQUIRED = ("input", "tokenizer", "output_prefix")
+DEFAULTS = {"doc": "file", "json_key": "text", "eod": None}
+
+
+def parse_args(argv) -> dict:
+    args = dict(DEFAULTS)
+    for a in argv:
+        key, eq, value = a.partition("=")
+        if not eq or key not in REQUIRED + tuple(DEFAULTS):
+            raise UserError(f"unknown argument {a!r}; allowed: " + ", ".join(f"{k}=..." for k in REQUIRED + tuple(DEFAULTS)))
+        args[key] = value or DEFAULTS.get(key)
+    for k in REQUIRED:
+        if not args.get(k):
+            raise UserError(f"{k} is required; pass {k}=...")
+    return args
+
+
+@user_errors_exit
+def main():
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    args = parse_args(sys.argv[1:])
+    paths = expand_inputs(args["input"])
+    if args["doc"] not in ("file", "paragraph", "line"):
+        raise UserError(f"doc={args['doc']!r}; allowed: file, paragraph, line")
+    out = Path(args["output_prefix"])
+    if out.is_dir() or str(args["output_prefix"]).endswith("/"):
+        raise UserError(f"output_prefix={out} is a directory; give a file prefix such as {out}/train")
+    tok = HFTokenizer(args["tokenizer"], eod=args["eod"])
+    print(f"tokenizing {len(paths)} file(s) with {args['tokenizer']} (eod id {tok.eod})", flush=True)
+    stats = write_indexed_dataset(iter_documents(paths, args["doc"], args["json_key"]), tok, out,
+                                  log=lambda m: print(m, flush=True))
+    print(f"wrote {out}.bin/.idx: {stats['docs']} docs, {stats['tokens']} tokens, "
+          f"{stats['tokens_per_s']:.0f} tokens/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
