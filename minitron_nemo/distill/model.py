@@ -46,6 +46,7 @@ class KDStage(nn.Module):
         freeze(teacher)
         self.config = copy.copy(_unwrap(student).config)
         self.config.hidden_size = student_mc.hidden_size + teacher_mc.hidden_size
+        self.model_type = _unwrap(student).model_type
         self.kd_cfg = kd_cfg
         self.post_process = parallel_state.is_pipeline_last_stage()
         self._captured = {}
