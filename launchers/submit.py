@@ -1,0 +1,241 @@
+"""Slurm submitter: renders one sbatch script per stage from the Hydra job config and submits it.
+
+    python launchers/submit.py STAGE [--config-name JOB] [--dry-run] [launcher.KEY=VALUE ...] [KEY=VALUE ...]
+
+STAGE is correct | prune | distill | export | evaluate, or ``pipeline`` (correct -> prune -> distill ->
+export -> evaluate as dependent jobs, ``--dependency=afterok:<previous id>``). ``launcher.*`` overrides
+pick the launcher (``conf/launcher/*.yaml``, e.g. ``launcher=slurm_bare``) and set its keys; every other
+override is passed through to the recipe. ``--dry-run`` prints the scripts and the sbatch commands.
+Bad input (unknown stage, container on without an image, a node x GPU count that does not fit the
+config's TP x PP x DP) is one line on stderr, exit code 2, before anything is submitted.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from minitron_nemo.config import compose, parse_argv
+from minitron_nemo.errors import UserError, user_errors_exit
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("correct", "prune", "distill", "export", "evaluate")
+DEFAULT_CONFIG = "smollm2_demo"
+REQUEUE_EXIT = 85  # minitron_nemo.launch_signals.REQUEUE_EXIT: "checkpoint saved on a signal, requeue me"
+
+
+def is_launcher_override(o: str) -> bool:
+    return o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] == "launcher"
+
+
+def load(argv):
+    """``(stage, config name, job config with a launcher node, recipe overrides, dry_run)``."""
+    dry_run = "--dry-run" in argv
+    argv = [a for a in argv if a != "--dry-run"]
+    if not argv or argv[0].startswith("-") or "=" in argv[0]:
+        raise UserError(f"a stage is required first; allowed: {', '.join(STAGES)}, pipeline")
+    stage, argv = argv[0], argv[1:]
+    if stage not in STAGES + ("pipeline",):
+        raise UserError(f"unknown stage {stage!r}; allowed: {', '.join(STAGES)}, pipeline")
+    name, overrides = parse_argv(argv, DEFAULT_CONFIG)
+    launch = [o for o in overrides if is_launcher_override(o)]
+    choice = [o for o in launch if o.split("=", 1)[0] == "launcher"]
+    launch = [o for o in launch if o not in choice]
+    pick = "+launcher=" + (choice[-1].split("=", 1)[1] if choice else "slurm")
+    cfg = compose(name, ["--config-name", name, pick, *launch,
+                         *[o for o in overrides if not is_launcher_override(o)]])
+    return stage, name, cfg, [o for o in overrides if not is_launcher_override(o)], dry_run
+
+
+def check(cfg, stage: str) -> None:
+    """Bad input before anything is submitted."""
+    L, par = cfg.launcher, cfg.get("parallel")
+    if L.mode not in ("srun", "torchrun"):
+        raise UserError(f"launcher.mode={L.mode!r}; allowed: srun, torchrun")
+    if L.container is not None and not L.container.get("image"):
+        raise UserError("launcher.container.image is required when containers are on; "
+                        "pass launcher.container.image=nvcr.io/nvidia/nemo:YY.MM or launcher=slurm_bare")
+    nodes, gpn = int(L.nodes), int(L.gpus_per_node)
+    if nodes < 1 or gpn < 1:
+        raise UserError(f"launcher.nodes={nodes} and launcher.gpus_per_node={gpn} must be >= 1")
+    if par is None or stage == "export":
+        return
+    world = nodes_of(cfg, stage) * gpn
+    tp, pp = int(par.tensor_model_parallel_size), int(par.pipeline_model_parallel_size)
+    if world % (tp * pp):
+        raise UserError(f"{nodes_of(cfg, stage)} nodes x {gpn} GPUs = {world} ranks is not divisible by "
+                        f"TP x PP = {tp}x{pp}; change launcher.nodes/gpus_per_node or parallel.*")
+    dp = par.get("data_parallel_size")
+    if dp is not None and world != tp * pp * int(dp):
+        raise UserError(f"{nodes_of(cfg, stage)} nodes x {gpn} GPUs = {world} ranks but TP x PP x DP = "
+                        f"{tp}x{pp}x{dp} = {tp * pp * int(dp)}")
+
+
+def nodes_of(cfg, stage: str) -> int:
+    return 1 if stage in cfg.launcher.single_node else int(cfg.launcher.nodes)
+
+
+def sel(cfg, key):
+    return OmegaConf.select(cfg, key, default=None)
+
+
+def recipe_args(cfg, name: str, stage: str, overrides: list) -> list:
+    """The recipe's command-line arguments for ``stage`` of job config ``name``."""
+    job = ["--config-name", name, *overrides]
+    work = sel(cfg, "workdir")
+    if stage in ("correct", "distill"):
+        return job
+    if stage == "prune":
+        teacher = sel(cfg, "teacher.corrected_checkpoint") or sel(cfg, "teacher.checkpoint")
+        if not sel(cfg, "prune.calibration.data"):
+            raise UserError("the prune stage needs prune.calibration.data=TEXT_OR_PREFIX "
+                            "(without it the distill stage prunes in-job)")
+        flat = [f"prune.{k}={v}" for k, v in flat_items(OmegaConf.to_container(cfg.prune, resolve=True))]
+        par = [f"parallel.{k}={v}" for k, v in OmegaConf.to_container(cfg.parallel, resolve=True).items()]
+        return [f"checkpoint={teacher}", f"output={cfg.student.init_checkpoint}", f"dtype={cfg.dtype}",
+                *par, *flat]
+    if stage == "export":  # the distilled student named in the distill job's results.json
+        return ["checkpoint=$(final_checkpoint)", f"output={work}/hf"]
+    text = sel(cfg, "data.test_text")
+    if not text:
+        raise UserError("the evaluate stage needs data.test_text=FILE (held-out text)")
+    return [f"checkpoint={work}/hf", f"eval.text_file={text}", f"eval.seq_length={cfg.data.seq_length}",
+            f"eval.output={work}/eval.json"]
+
+
+def flat_items(d: dict, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from flat_items(v, f"{prefix}{k}.")
+        elif v is not None:
+            yield f"{prefix}{k}", ("[" + ",".join(map(str, v)) + "]") if isinstance(v, list) else v
+
+
+def quote(a: str) -> str:
+    return a if a.startswith("checkpoint=$(") else shlex.quote(a)
+
+
+def render(cfg, name: str, stage: str, overrides: list) -> str:
+    """The sbatch script of one stage."""
+    L = cfg.launcher
+    nodes = nodes_of(cfg, stage)
+    tasks = 1 if stage == "export" else int(L.gpus_per_node)
+    job = L.job_name or f"minitron-{name}-{stage}"
+    logs = Path(L.logs) if Path(L.logs).is_absolute() else ROOT / L.logs
+    python = L.python or ("python" if L.container is not None else sys.executable)
+    torchrun = L.mode == "torchrun" and stage != "export"
+    sb = [f"--job-name={job}", f"--nodes={nodes}", f"--ntasks-per-node={1 if torchrun else tasks}",
+          f"--output={logs}/%x-%j.out", "--open-mode=append"]
+    if L.request_gpus:
+        sb.append(f"--gpus-per-node={tasks}")
+    if L.cpus_per_task:
+        sb.append(f"--cpus-per-task={L.cpus_per_task}")
+    sb += [f"--{k}={v}" for k, v in (("time", L.time), ("partition", L.partition), ("account", L.account)) if v]
+    if L.requeue:
+        sb += [f"--signal=B:{L.signal}", "--requeue"]
+    srun = ["srun", "--kill-on-bad-exit=1", f"--ntasks-per-node={1 if torchrun else tasks}"]
+    if L.container is not None:
+        mounts = [f"{ROOT}:{ROOT}", *L.container.mounts]
+        srun += [f"--container-image={L.container.image}", f"--container-mounts={','.join(mounts)}",
+                 f"--container-workdir={ROOT}"]
+    if torchrun:
+        srun += [python, "-m", "torch.distributed.run", "--nnodes=$SLURM_NNODES", f"--nproc_per_node={tasks}",
+                 "--rdzv_id=$SLURM_JOB_ID", "--rdzv_backend=c10d", "--rdzv_endpoint=$MASTER_ADDR:$MASTER_PORT"]
+    else:
+        srun.append(python)
+    cmd = " ".join(a if "$" in a and not a.startswith("--container") else shlex.quote(a) for a in srun)
+    cmd += " " + " ".join(quote(str(a)) for a in [L.recipes[stage], *recipe_args(cfg, name, stage, overrides)])
+    env = "\n".join(f"export {k}={shlex.quote(str(v))}" for k, v in L.env.items())
+    port = L.master_port or "$((20000 + SLURM_JOB_ID % 20000))"
+    final = ('final_checkpoint() { python3 -c \'import json,sys; print(json.load(open(sys.argv[1]))'
+             f'["final_checkpoint"])\' {shlex.quote(str(sel(cfg, "workdir")))}/results.json; }}\n'
+             if stage == "export" else "")
+    return f"""#!/bin/bash
+{chr(10).join('#SBATCH ' + s for s in sb)}
+# {stage} stage of --config-name {name}, rendered by launchers/submit.py
+set -uo pipefail
+cd {shlex.quote(str(ROOT))}
+LOG_DIR={shlex.quote(str(logs))}/$SLURM_JOB_NAME-$SLURM_JOB_ID
+mkdir -p "$LOG_DIR" && cp "$0" "$LOG_DIR/job.sbatch" 2>/dev/null
+export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+export MASTER_PORT={port}
+{env}
+{chr(10).join(L.setup)}
+{final}echo "[launcher] job $SLURM_JOB_ID ({stage}) restart ${{SLURM_RESTART_COUNT:-0}} on $SLURM_JOB_NODELIST, master $MASTER_ADDR:$MASTER_PORT"
+
+# preemption: forward the signal to the ranks; they checkpoint and exit {REQUEUE_EXIT}, then the job requeues itself
+PREEMPTED=0
+forward() {{ PREEMPTED=1; echo "[launcher] SIG$1 received: checkpoint and stop"; kill -s "$1" "$SRUN_PID" 2>/dev/null; }}
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+{cmd} &
+SRUN_PID=$!
+while :; do wait "$SRUN_PID"; RC=$?; [ "$RC" -gt 128 ] && kill -0 "$SRUN_PID" 2>/dev/null && continue; break; done
+echo "[launcher] ranks exited with $RC"
+if [ "{int(bool(L.requeue))}" = 1 ] && {{ [ "$RC" = {REQUEUE_EXIT} ] || {{ [ "$PREEMPTED" = 1 ] && [ "$RC" != 0 ]; }}; }}; then
+  if [ "${{SLURM_RESTART_COUNT:-0}}" -lt {int(L.max_requeues)} ]; then
+    echo "[launcher] requeueing job $SLURM_JOB_ID; it resumes from the latest checkpoint"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+  fi
+  echo "[launcher] not requeueing: {int(L.max_requeues)} restarts already"
+fi
+exit "$RC"
+"""
+
+
+def plan(cfg, stage: str) -> list:
+    """The stages to submit, with a note for each pipeline stage that is left out."""
+    if stage != "pipeline":
+        return [stage]
+    stages = []
+    for s in STAGES:
+        why = None
+        if s == "correct" and not sel(cfg, "teacher.corrected_checkpoint"):
+            why = "teacher.corrected_checkpoint is null"
+        elif s == "prune" and sel(cfg, "student.checkpoint"):
+            why = "student.checkpoint is given"
+        elif s == "prune" and not sel(cfg, "prune.calibration.data"):
+            why = "prune.calibration.data is null: the distill stage prunes in-job"
+        elif s == "evaluate" and not sel(cfg, "data.test_text"):
+            why = "data.test_text is null: the distill stage's results.json has the held-out perplexities"
+        if why:
+            print(f"# pipeline: skipping {s} ({why})", flush=True)
+        else:
+            stages.append(s)
+    return stages
+
+
+@user_errors_exit
+def main(argv=None):
+    stage, name, cfg, overrides, dry_run = load(sys.argv[1:] if argv is None else argv)
+    stages = plan(cfg, stage)
+    scripts = []
+    for s in stages:
+        check(cfg, s)
+        scripts.append(render(cfg, name, s, overrides))
+    logs = Path(cfg.launcher.logs) if Path(cfg.launcher.logs).is_absolute() else ROOT / cfg.launcher.logs
+    if not dry_run:
+        logs.mkdir(parents=True, exist_ok=True)
+    prev = None
+    for s, text in zip(stages, scripts):
+        path = logs / f"{cfg.launcher.job_name or f'minitron-{name}-{s}'}.sbatch"
+        cmd = ["sbatch", "--parsable"] + ([f"--dependency=afterok:{prev}"] if prev else []) + [str(path)]
+        if dry_run:
+            print(f"# ---- {path}\n{text}\n$ {' '.join(cmd)}\n", flush=True)
+            prev = f"<{s} job id>"
+            continue
+        path.write_text(text)
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise UserError(f"sbatch failed for the {s} stage: {' '.join(p.stderr.split())}")
+        prev = p.stdout.strip().split(";")[0]
+        print(f"submitted {s}: job {prev} (logs {logs}/{path.stem}-{prev}.out)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
