@@ -37,7 +37,7 @@ def lm_forward(model, batch):
 def lm_loss(batch, output):
     mask = batch["loss_mask"].to(output.device).float()
     loss = (output.float() * mask).sum() / mask.sum().clamp(min=1)
-    return loss, {"lm": loss.detach()}
+    return loss, {"lm": loss.detach().clone()}
 
 
 def setup_schedule(chunk, ddp, optimizer) -> None:
@@ -88,8 +88,8 @@ def run_schedule(chunk, batches: list, forward, loss, *, forward_only: bool) -> 
 
 
 def _wrap_loss(loss, batch, output):
-    value, metrics = loss(batch, output)
-    return value, metrics
+    value, metrics = loss(batch, output)  # the schedule divides ``value`` in place: log copies
+    return value, {k: v.detach().clone() for k, v in metrics.items()}
 
 
 def train_step(chunk, ddp, optimizer, scheduler, batches: list, forward, loss) -> tuple[dict, float | None]:
