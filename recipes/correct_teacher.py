@@ -75,7 +75,7 @@ def main():
     scheduler = optim.build_scheduler(optimizer, t.optim, iters, int(t.warmup_iters))
     trainer = Trainer(chunk=ddp, ddp=ddp, optimizer=optimizer, scheduler=scheduler, mc=mc,
                       train_batches=tdata.train_iterator(train_ds, int(t.micro_batch_size)), valid_batches=valid,
-                      forward=lm_forward, loss=lm_loss, valid_loss=lm_loss, tcfg=t, ccfg=cfg.checkpoint, workdir=work,
+                      forward=lm_forward, loss=lm_loss, valid_loss=lm_loss, tcfg=t, ccfg=cfg.checkpointing, workdir=work,
                       train_iters=iters, num_microbatches=n_acc, global_batch_size=int(t.global_batch_size),
                       seq_length=seq, flops_per_step=flops_per_token(mc, seq, True) * int(t.global_batch_size) * seq,
                       tokenizer_src=src, meta={"corrected_from": src})

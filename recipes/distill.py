@@ -137,7 +137,7 @@ def main():
     trainer = Trainer(chunk=chunk, ddp=ddp, optimizer=optimizer, scheduler=scheduler, mc=s_mc,
                       train_batches=tdata.train_iterator(train_ds, int(t.micro_batch_size)), valid_batches=valid,
                       forward=kd.kd_forward, loss=lambda b, o: kd.kd_loss(kd_cfg, b, o),
-                      valid_loss=lambda b, o: kd.kd_valid_loss(kd_cfg, b, o), tcfg=t, ccfg=cfg.checkpoint,
+                      valid_loss=lambda b, o: kd.kd_valid_loss(kd_cfg, b, o), tcfg=t, ccfg=cfg.checkpointing,
                       workdir=work, train_iters=train_iters, num_microbatches=n_acc,
                       global_batch_size=int(t.global_batch_size), seq_length=seq, flops_per_step=flops,
                       tokenizer_src=t_path, meta={"distilled_from": t_path, "student_init": s_path})
