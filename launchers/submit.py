@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from minitron_nemo.config import compose, parse_argv
+from minitron_nemo.config import compose, parse_argv, require
 from minitron_nemo.errors import UserError, user_errors_exit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,6 +87,8 @@ def recipe_args(cfg, name: str, stage: str, overrides: list) -> list:
     """The recipe's command-line arguments for ``stage`` of job config ``name``."""
     job = ["--config-name", name, *overrides]
     work = sel(cfg, "workdir")
+    if stage in ("correct", "prune", "distill"):
+        require(cfg, "workdir", "teacher.checkpoint")
     if stage in ("correct", "distill"):
         return job
     if stage == "prune":
@@ -154,6 +156,15 @@ def render(cfg, name: str, stage: str, overrides: list) -> str:
     final = ('final_checkpoint() { python3 -c \'import json,sys; print(json.load(open(sys.argv[1]))'
              f'["final_checkpoint"])\' {shlex.quote(str(sel(cfg, "workdir")))}/results.json; }}\n'
              if stage == "export" else "")
+    requeue = f"""if [ "$RC" = {REQUEUE_EXIT} ] || {{ [ "$PREEMPTED" = 1 ] && [ "$RC" != 0 ]; }}; then
+  if [ "${{SLURM_RESTART_COUNT:-0}}" -lt {int(L.max_requeues)} ]; then
+    echo "[launcher] requeueing job $SLURM_JOB_ID; it resumes from the latest checkpoint"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+  fi
+  echo "[launcher] not requeueing: {int(L.max_requeues)} restarts already"
+fi
+""" if L.requeue else ""
     return f"""#!/bin/bash
 {chr(10).join('#SBATCH ' + s for s in sb)}
 # {stage} stage of --config-name {name}, rendered by launchers/submit.py
@@ -176,15 +187,7 @@ trap 'forward TERM' TERM
 SRUN_PID=$!
 while :; do wait "$SRUN_PID"; RC=$?; [ "$RC" -gt 128 ] && kill -0 "$SRUN_PID" 2>/dev/null && continue; break; done
 echo "[launcher] ranks exited with $RC"
-if [ "{int(bool(L.requeue))}" = 1 ] && {{ [ "$RC" = {REQUEUE_EXIT} ] || {{ [ "$PREEMPTED" = 1 ] && [ "$RC" != 0 ]; }}; }}; then
-  if [ "${{SLURM_RESTART_COUNT:-0}}" -lt {int(L.max_requeues)} ]; then
-    echo "[launcher] requeueing job $SLURM_JOB_ID; it resumes from the latest checkpoint"
-    scontrol requeue "$SLURM_JOB_ID"
-    exit 0
-  fi
-  echo "[launcher] not requeueing: {int(L.max_requeues)} restarts already"
-fi
-exit "$RC"
+{requeue}exit "$RC"
 """
 
 

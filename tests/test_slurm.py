@@ -51,6 +51,8 @@ def test_bad_input(capsys):
     assert_one_line_error(code, err, "16 ranks but TP x PP x DP = 4x1x8 = 32")
     code, _, err = submit_main(capsys, "distill", "--dry-run", "launcher.mode=mpi")
     assert_one_line_error(code, err, "launcher.mode='mpi'")
+    code, _, err = submit_main(capsys, "distill", "--config-name", "mn_minitron_8b", "--dry-run", "launcher.nodes=32")
+    assert_one_line_error(code, err, "teacher.checkpoint is required")
     # the real command line: one line, exit 2, nothing submitted
     p = run_py(ROOT / "launchers" / "submit.py", "evaluate", check=False, timeout=300)
     assert p.returncode == 2 and p.stderr.strip().startswith("error: the evaluate stage needs data.test_text"), p.stderr
@@ -105,12 +107,12 @@ def cluster(tmp_path_factory):
             os.environ.pop("SLURM_CONF", None)
 
 
-def submit_tiny(capsys, cluster, work, iters=30, every=5, step_seconds="0.3"):
+def submit_tiny(capsys, cluster, work, iters=30, every=5, step_seconds="0.2"):
     code, out, err = submit_main(
         capsys, "distill", "launcher=slurm_bare", "launcher.gpus_per_node=2", "launcher.request_gpus=false",
         "launcher.time=00:10:00", f"launcher.logs={work}/logs", "launcher.recipes.distill=tests/slurm/tiny_job.py",
         "launcher.job_name=tiny", f"+launcher.env.TINY_STEP_SECONDS={step_seconds}", "+launcher.env.OMP_NUM_THREADS=1",
-        f"workdir={work}", f"trainer.train_iters={iters}", f"checkpoint.save_interval={every}")
+        f"workdir={work}", f"trainer.train_iters={iters}", f"checkpointing.save_interval={every}")
     assert code == 0, (out, err, cluster.logs())
     print(out, end="")
     return re.findall(r"submitted distill: job (\d+)", out)[-1]
