@@ -1,7 +1,7 @@
 """A tiny training job (no model download) with the distillation job's CLI, checkpoints and resume.
 
     [srun|torchrun] python tests/slurm/tiny_job.py --config-name smollm2_demo workdir=DIR trainer.train_iters=N
-        checkpoint.save_interval=K          (TINY_STEP_SECONDS=S: sleep per step, default 0.2)
+        checkpointing.save_interval=K          (TINY_STEP_SECONDS=S: sleep per step, default 0.2)
 
 Data-parallel least squares on gloo: gradients all-reduced, a checkpoint every K steps under
 WORKDIR/checkpoints/step_XXXX.pt, automatic resume from the latest, and the preemption hook of
@@ -31,7 +31,7 @@ def batch(step: int, rank: int):
 def main():
     pause = float(os.environ.get("TINY_STEP_SECONDS", "0.2"))
     cfg = compose("smollm2_demo")
-    iters, every = int(cfg.trainer.train_iters), int(cfg.checkpoint.save_interval)
+    iters, every = int(cfg.trainer.train_iters), int(cfg.checkpointing.save_interval)
     root = Path(cfg.workdir) / "checkpoints"
     runtime._env_from_slurm()
     if "RANK" in os.environ:
