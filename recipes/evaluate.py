@@ -1,10 +1,13 @@
-"""Held-out perplexity of a minitron_nemo checkpoint or a Hugging Face directory.
+"""Held-out perplexity (and lm-eval tasks) of a minitron_nemo checkpoint or a Hugging Face directory.
 
     python recipes/evaluate.py checkpoint=CKPT_OR_HF_DIR eval.text_file=FILE eval.seq_length=N \
         eval.output=OUT.json
     torchrun --nproc_per_node=2 recipes/evaluate.py ... parallel.pipeline_model_parallel_size=2
 
 Writes {"loss": mean next-token NLL in nats, "perplexity": exp(loss), "tokens": count}.
+With eval.lm_eval_tasks=[shakespeare_mc,shakespeare_lastword] it also runs lm-evaluation-harness on
+the HF form of the model (a checkpoint is exported to a temporary directory first) and adds
+"lm_eval": {task: {metric: value}} to the output.
 """
 
 import json
@@ -27,6 +30,28 @@ def write_json(path, obj):
     os.replace(tmp, p)
 
 
+def windows(cfg):
+    return ppl.text_windows(ppl.load_tokenizer(cfg.checkpoint), cfg.eval.text_file, cfg.eval.seq_length,
+                            cfg.eval.max_tokens)
+
+
+def lm_eval_results(cfg) -> dict:
+    """lm-eval on the HF form of the model (a checkpoint is exported to a temp dir first)."""
+    import tempfile
+
+    from minitron_nemo.checkpoint.export import export_hf
+    from minitron_nemo.eval.harness import run_lm_eval
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("eval.lm_eval_tasks runs in a single process (lm-eval's HF model); run it without torchrun")
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_dir = cfg.checkpoint
+        if store.is_checkpoint(cfg.checkpoint):
+            hf_dir = export_hf(cfg.checkpoint, Path(tmp) / "hf")
+        return run_lm_eval(hf_dir, list(cfg.eval.lm_eval_tasks), cfg.eval.text_file, tmp,
+                           limit=cfg.eval.lm_eval_limit, batch_size=cfg.eval.lm_eval_batch_size, seed=cfg.seed)
+
+
 @user_errors_exit
 def main():
     cfg = compose("evaluate")
@@ -36,24 +61,29 @@ def main():
     if ev.backend not in ("megatron", "transformers"):
         raise UserError(f"eval.backend={ev.backend!r}; allowed: megatron, transformers")
     mc.check_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size)
-    windows = ppl.text_windows(ppl.load_tokenizer(cfg.checkpoint), ev.text_file, ev.seq_length, ev.max_tokens)
     t0 = time.time()
-    if ev.backend == "transformers":
+    result = {}
+    if ev.lm_eval_tasks:
+        result["lm_eval"] = lm_eval_results(cfg)
+    if ev.perplexity and ev.backend == "transformers":
         if store.is_checkpoint(cfg.checkpoint):
             raise UserError("eval.backend=transformers needs an HF directory; export the checkpoint first")
-        result = ppl.hf_perplexity(cfg.checkpoint, windows, ev.micro_batch_size, dtype(cfg.dtype))
-    else:
+        result.update(ppl.hf_perplexity(cfg.checkpoint, windows(cfg), ev.micro_batch_size, dtype(cfg.dtype)))
+    elif ev.perplexity:
         runtime.init_distributed(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, cfg.seed)
         model = store.load_model(cfg.checkpoint, mc, dtype(cfg.dtype))
-        result = ppl.megatron_perplexity(model, windows, ev.micro_batch_size)
+        result.update(ppl.megatron_perplexity(model, windows(cfg), ev.micro_batch_size))
     result.update(backend=ev.backend, seq_length=ev.seq_length, text_file=str(ev.text_file),
                   checkpoint=str(cfg.checkpoint), seconds=round(time.time() - t0, 2))
-    if runtime.is_rank0():
+    if runtime.is_rank0() and "loss" in result:
         print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  tokens {result['tokens']}  "
               f"({result['tokens'] / max(result['seconds'], 1e-9):.0f} tokens/s)", flush=True)
+    if runtime.is_rank0():
+        for task, metrics in result.get("lm_eval", {}).items():
+            print(f"lm-eval {task}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
         if ev.output:
             write_json(ev.output, result)
-    if ev.backend == "megatron":
+    if ev.perplexity and ev.backend == "megatron":
         runtime.shutdown()
 
 
