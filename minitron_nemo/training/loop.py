@@ -22,7 +22,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 
-from minitron_nemo import runtime
+from minitron_nemo import launch_signals, runtime
 from minitron_nemo.training import state as ckpt
 from minitron_nemo.training.metrics import MetricsLog, plot_losses
 from minitron_nemo.training.optim import cuda_type_names
@@ -196,6 +196,9 @@ class Trainer:
                 last_valid = self.validate(log)
             if c.save_interval and self.iteration % int(c.save_interval) == 0 and self.iteration < self.train_iters:
                 self.save()
+            if launch_signals.stop_requested():  # preemption / time limit under Slurm: save, exit for requeue
+                self.save()
+                launch_signals.exit_for_requeue()
         if self.iteration >= self.train_iters:
             if t.eval_interval and self.iteration % int(t.eval_interval) != 0:
                 last_valid = self.validate(log)
