@@ -1,0 +1,90 @@
+"""Cost of the importance calibration pass relative to a plain forward pass on the same data.
+
+    python bench/bench_calibration.py [--hf HF_DIR] [--samples 16] [--seq 256] [--mbs 4] [--repeats 3]
+    torchrun --nproc_per_node=2 bench/bench_calibration.py --tp 2
+
+Model: SmolLM2-135M (``minitron_nemo.data.assets``) when its assets exist, else ``--hf``, else a random
+Llama-shaped model. Timings alternate plain / calibration ``--repeats`` times after one warm-up of each
+(the median of each is reported), so load changes on a shared machine hit both alike.
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from minitron_nemo import runtime
+from minitron_nemo.models.builder import build_model
+from minitron_nemo.models.config import ModelConfig
+from minitron_nemo.models.forward import run_forward
+from minitron_nemo.prune import importance as imp
+from minitron_nemo.prune.data import to_batches
+
+
+def load_model(hf_dir):
+    from minitron_nemo.checkpoint import hf as hfconv
+    from minitron_nemo.checkpoint import store
+
+    if hf_dir is None:
+        try:
+            from minitron_nemo.data.assets import cache_dir
+
+            d = cache_dir() / "smollm2-135m-instruct-hf"
+            hf_dir = d if (d / "config.json").is_file() else None
+        except ImportError:
+            hf_dir = None
+    if hf_dir is None:
+        mc = ModelConfig(num_layers=8, hidden_size=512, ffn_hidden_size=1536, num_attention_heads=8,
+                         num_query_groups=4, vocab_size=32000).validate()
+        return build_model(mc), mc, "random Llama-shaped model"
+    mc = hfconv.model_config_from_hf(hfconv.read_hf_config(hf_dir))
+    model = build_model(mc)
+    store.load_hf_into_model(model, hf_dir, mc)
+    return model, mc, str(hf_dir)
+
+
+def timed(fn):
+    if torch.cuda.is_available() and not runtime.cpu_mode():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if torch.cuda.is_available() and not runtime.cpu_mode():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hf", default=None)
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--mbs", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--pp", type=int, default=1)
+    a = ap.parse_args()
+    runtime.init_distributed(a.tp, a.pp)
+    from megatron.core import parallel_state as ps
+
+    model, mc, name = load_model(a.hf)
+    g = torch.Generator().manual_seed(0)
+    windows = torch.randint(0, mc.vocab_size, (a.samples, a.seq + 1), generator=g)
+    batches = to_batches(windows, a.mbs, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+    plain = lambda: run_forward(model, batches, lambda out, b: None)  # noqa: E731
+    calib = lambda: imp.estimate(model, batches, progress=False)  # noqa: E731
+    plain(), calib()  # warm-up
+    tp_, tc = [], []
+    for _ in range(a.repeats):
+        tp_.append(timed(plain))
+        tc.append(timed(calib))
+    p, c = statistics.median(tp_), statistics.median(tc)
+    runtime.print0(f"model {name}: {a.samples} samples x {a.seq} tokens, micro-batch {a.mbs}, TP={a.tp} PP={a.pp}")
+    runtime.print0(f"plain forward     {p:.3f}s  (runs {', '.join(f'{x:.2f}' for x in tp_)})")
+    runtime.print0(f"calibration pass  {c:.3f}s  (runs {', '.join(f'{x:.2f}' for x in tc)})")
+    runtime.print0(f"ratio calibration / plain forward = {c / p:.3f}")
+    runtime.shutdown()
+
+
+if __name__ == "__main__":
+    main()
