@@ -51,9 +51,8 @@ def test_recipe_outputs_and_hf_export(work, pruned):
     run_py(ROOT / "recipes" / "export_hf.py", f"checkpoint={out}", f"output={hf}")
     cfg = yaml.safe_load((hf / "config.json").read_text())
     assert cfg["head_dim"] == 24 and cfg["hidden_size"] == 48
-    for tp, pp in ((1, 1), (2, 1)):
-        p = run_torchrun(ROOT / "tests" / "workers" / "logits_worker.py", tp * pp, out, hf, tp, pp, "1e-4")
-        assert "max|logits diff|" in p.stdout
+    p = run_py(ROOT / "tests" / "workers" / "logits_worker.py", out, hf, 1, 1, "1e-4")
+    assert "max|logits diff|" in p.stdout
 
 
 def test_reuse_scores_budget_search(work, pruned):
