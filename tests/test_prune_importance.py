@@ -26,9 +26,7 @@ def test_independent_masking_and_count():
 def test_parallel_invariance(tmp_path):
     """A small random Llama (tied embeddings; SmolLM2's 9 heads / 3 groups do not divide by TP=2)."""
     hf = make_spread_hf_model("llama", tmp_path / "hf")
-    outs = []
-    for name, tp, pp in (("tp2", 2, 1), ("pp2", 1, 2), ("dp2", 1, 1)):
-        run_torchrun(PARALLEL, 2, "run", hf, tmp_path / name, tp, pp)
-        outs.append(tmp_path / name)
+    run_torchrun(PARALLEL, 2, "run", hf, tmp_path)  # TP=2, then PP=2, then DP=2 in one launch
+    outs = [tmp_path / n for n in ("tp2", "pp2", "dp2")]
     out = run_py(PARALLEL, "compare", hf, *outs, env={"OMP_NUM_THREADS": "1"}).stdout
     assert out.count("match TP=1") == 3, out

@@ -1,9 +1,9 @@
 """Parallel invariance of importance and trimming.
 
-    prune_parallel_worker.py run HF_DIR OUT TP PP      (under torchrun; DP = world / (TP x PP))
+    prune_parallel_worker.py run HF_DIR OUT_ROOT       (torchrun, 2 ranks: TP=2, then PP=2, then DP=2)
     prune_parallel_worker.py compare HF_DIR OUT...     (one process: TP=1 reference vs every OUT)
 
-``run`` loads the HF model at TP x PP, scores it on fixed random windows (all width axes, BI, per-layer
+``run`` (one launch, Megatron parallel state re-initialised per layout) loads the HF model at TP x PP, scores it on fixed random windows (all width axes, BI, per-layer
 and k=2 block removal losses), prunes width + depth (``drop_layers=[1, 2]`` moves layers across
 pipeline stages) and writes OUT/scores.safetensors and the pruned checkpoint OUT/ckpt.
 ``compare`` computes the same at TP=1 and checks every OUT against it (fp32 tolerance).
@@ -42,16 +42,21 @@ def scores_and_prune(hf_dir):
     return mc, scores, res
 
 
-def run(hf_dir, out, tp, pp):
+LAYOUTS = (("tp2", 2, 1), ("pp2", 1, 2), ("dp2", 1, 1))
+
+
+def run(hf_dir, root):
     from safetensors.torch import save_file
 
-    runtime.init_distributed(tp, pp)
-    mc, scores, res = scores_and_prune(hf_dir)
-    Path(out).mkdir(parents=True, exist_ok=True)
-    if runtime.is_rank0():
-        save_file({k: v.contiguous() for k, v in scores.items()}, str(Path(out) / "scores.safetensors"))
-    store.save_checkpoint(res.model, Path(out) / "ckpt", res.config)
-    runtime.print0(f"kept layers {res.kept_layers}; scores {sorted(scores)}")
+    for name, tp, pp in LAYOUTS:
+        runtime.init_distributed(tp, pp)
+        out = Path(root) / name
+        mc, scores, res = scores_and_prune(hf_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if runtime.is_rank0():
+            save_file({k: v.contiguous() for k, v in scores.items()}, str(out / "scores.safetensors"))
+        store.save_checkpoint(res.model, out / "ckpt", res.config)
+        runtime.print0(f"{name}: kept layers {res.kept_layers}; scores {sorted(scores)}")
     runtime.shutdown()
 
 
@@ -82,6 +87,6 @@ def compare(hf_dir, outs):
 
 if __name__ == "__main__":
     if sys.argv[1] == "run":
-        run(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+        run(sys.argv[2], sys.argv[3])
     else:
         compare(sys.argv[2], sys.argv[3:])
