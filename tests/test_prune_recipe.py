@@ -55,14 +55,21 @@ def test_recipe_outputs_and_hf_export(work, pruned):
     assert "max|logits diff|" in p.stdout
 
 
-def test_reuse_scores_budget_search(work, pruned):
+def test_reuse_scores_budget_search(work):
+    """importance_only writes the scores; a budget search then reuses them without a calibration pass."""
     tmp, ckpt = work
-    out1, _ = pruned
+    env = {"OMP_NUM_THREADS": "1"}
+    scores = tmp / "scores_only"
+    p = run_py(RECIPE, f"checkpoint={ckpt}", f"output={scores}", f"prune.calibration.data={tmp / 'calib.txt'}",
+               *SMALL, "prune.importance_only=true", "prune.importance.batch_agg=mean", env=env)
+    assert "[calibration]" in p.stdout
+    assert {f.name for f in scores.iterdir()} == {"importance.safetensors", "importance.json", "importance.png"}
     out = tmp / "budget"
-    p = run_py(RECIPE, f"checkpoint={ckpt}", f"output={out}", f"prune.importance.load={out1 / 'prune'}",
+    p = run_py(RECIPE, f"checkpoint={ckpt}", f"output={out}", f"prune.importance.load={scores}",
                f"prune.calibration.data={tmp / 'calib.txt'}", *SMALL, "prune.target_params_ratio=0.6",
-               "prune.layer_criterion=bi", "prune.search.eval_samples=8", env={"OMP_NUM_THREADS": "1"})
+               "prune.layer_criterion=bi", "prune.search.eval_samples=8", env=env)
     assert "[calibration]" not in p.stdout and "importance loaded from" in p.stdout
+    assert "'batch': 'mean'" in p.stdout
     rows = list(csv.DictReader(open(out / "prune" / "candidates.csv")))
     assert 1 <= len(rows) <= 20 and (out / "prune" / "candidates.md").is_file()
     losses = [float(r["loss"]) for r in rows]

@@ -22,13 +22,16 @@ from typing import List, Optional
 
 import torch
 from megatron.core import parallel_state
+from omegaconf import OmegaConf
 
 from minitron_nemo import runtime
 from minitron_nemo.errors import UserError
 from minitron_nemo.models.builder import count_parameters
 from minitron_nemo.models.config import ModelConfig
+from minitron_nemo.prune import data as pdata
 from minitron_nemo.prune import importance as imp
-from minitron_nemo.prune.targets import SearchSpace, Targets, candidates, validate
+from minitron_nemo.prune.plot import plot_importance
+from minitron_nemo.prune.targets import SearchSpace, Targets, budget, candidates, validate
 from minitron_nemo.prune.trim import make_plan, trim_model
 
 LAYER_CRITERIA = ("bi", "loss", "block")
@@ -42,6 +45,8 @@ class PruneResult:
     scores: dict
     kept_layers: List[int]  # old 0-indexed layer of each new layer
     candidates: List[dict] = field(default_factory=list)  # budget search table (best first)
+    meta: dict = field(default_factory=dict)  # how the scores were made (importance.json)
+    calib_loss: Optional[float] = None  # zero-shot LM loss of the pruned model on calibration samples
 
 
 # ----------------------------------------------------------------------------- depth
@@ -112,7 +117,7 @@ def prune_model(model, mc: ModelConfig, targets, *, batches=None, scores: Option
     Returns the pruned model (freshly built, same layout), its config, the scores, kept layers and
     (budget search) the candidate table.
     """
-    t = targets if isinstance(targets, Targets) else Targets.from_cfg(dict(targets))
+    t = targets if isinstance(targets, Targets) else Targets.from_cfg(targets)
     if layer_criterion not in LAYER_CRITERIA:
         raise UserError(f"prune.layer_criterion={layer_criterion!r}; allowed: {', '.join(LAYER_CRITERIA)}")
     tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -158,6 +163,95 @@ def prune_model(model, mc: ModelConfig, targets, *, batches=None, scores: Option
     return PruneResult(best[1], best[2], scores, best[3], table)
 
 
+# ----------------------------------------------------------------------------- from a `prune` config node
+def search_space(p) -> SearchSpace:
+    s = p.search
+    return SearchSpace(ratios=list(s.ratios), axes=list(s.axes), tolerance=float(s.tolerance),
+                       max_candidates=int(s.max_candidates))
+
+
+def check_config(mc: ModelConfig, p, tp: int, pp: int):
+    """Every check of a ``prune`` config node (conf/prune/default.yaml) that needs no compute.
+
+    Returns (targets, candidate configs, aggregation, loaded (scores, meta) or None)."""
+    mc.check_parallel(tp, pp)
+    t = Targets.from_cfg(OmegaConf.to_container(p, resolve=True) if OmegaConf.is_config(p) else p)
+    agg = imp.Aggregation(p.importance.batch_agg, p.importance.seq_agg)
+    if p.layer_criterion not in LAYER_CRITERIA:
+        raise UserError(f"prune.layer_criterion={p.layer_criterion!r}; allowed: {', '.join(LAYER_CRITERIA)}")
+    cands = []
+    if not p.importance_only:
+        if t.is_empty():
+            raise UserError("nothing to prune; allowed: set a prune.target_*, prune.drop_layers, "
+                            "prune.target_params(_ratio) or prune.importance_only=true")
+        cands = candidates(mc, t, search_space(p), tp, pp) if t.is_budget() else [validate(mc, t, tp, pp)]
+    c = p.calibration
+    if c.data is not None:
+        pdata.check_data(c.data)
+    for key in ("num_samples", "seq_length", "micro_batch_size", "loss_samples"):
+        if c[key] < 1:
+            raise UserError(f"prune.calibration.{key}={c[key]}; allowed: an integer >= 1")
+    loaded = None
+    if p.importance.load is not None:
+        loaded = load_scores(p.importance.load, mc)
+    elif c.data is None:
+        raise UserError("prune.calibration.data is required (or prune.importance.load=DIR of saved scores)")
+    if c.data is None and not t.drop_layers:
+        for cand in cands:
+            key = need_depth_scores(loaded[0], p.layer_criterion, mc.num_layers - cand.num_layers)
+            if key:
+                raise UserError(f"prune.layer_criterion={p.layer_criterion} needs {key!r}, which "
+                                f"{p.importance.load} lacks; allowed: pass prune.calibration.data or "
+                                f"prune.layer_criterion=bi")
+    return t, cands, agg, loaded
+
+
+def calibration_batches(mc: ModelConfig, p, tokenizer_dir, budget_search: bool = False):
+    """This DP rank's (importance, loss-criteria, search-eval) micro-batches from ``prune.calibration``."""
+    c = p.calibration
+    if c.data is None:
+        return None, None, None
+    dp, r = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    w = pdata.calibration_windows(c.data, tokenizer_dir, c.num_samples, c.seq_length, c.seed, mc.vocab_size)
+    ev = None
+    if budget_search:
+        ev = pdata.to_batches(pdata.calibration_windows(c.data, tokenizer_dir, p.search.eval_samples,
+                                                        c.seq_length, c.seed + 1, mc.vocab_size),
+                              c.micro_batch_size, r, dp)
+    return (pdata.to_batches(w, c.micro_batch_size, r, dp),
+            pdata.to_batches(w[: c.loss_samples], c.micro_batch_size, r, dp), ev)
+
+
+def config_scores(model, mc: ModelConfig, p, batches, agg, loaded=None, progress=True):
+    """(scores, meta): loaded from ``prune.importance.load`` or computed on ``batches``."""
+    if loaded is not None:
+        runtime.print0(f"importance loaded from {p.importance.load} (aggregation {loaded[1].get('aggregation')})")
+        return loaded[0], {**loaded[1], "loaded_from": str(p.importance.load)}
+    meta = {"aggregation": {"batch": agg.batch, "seq": agg.seq}, "num_samples": p.calibration.num_samples,
+            "calibration": OmegaConf.to_container(p.calibration, resolve=True) if OmegaConf.is_config(p)
+            else dict(p.calibration), "model": mc.to_dict(),
+            "parallel": {"tp": parallel_state.get_tensor_model_parallel_world_size(),
+                         "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+                         "dp": parallel_state.get_data_parallel_world_size()}}
+    return imp.estimate(model, batches, agg, progress=progress), meta
+
+
+def prune_from_config(model, mc: ModelConfig, p, tokenizer_dir, progress: bool = True) -> PruneResult:
+    """In-job pruning driven by a ``prune`` config node (what ``recipes/prune.py`` does between loading
+    and saving; ``recipes/distill.py`` can call it on a loaded teacher). Collective: call on every rank."""
+    t, _, agg, loaded = check_config(mc, p, parallel_state.get_tensor_model_parallel_world_size(),
+                                     parallel_state.get_pipeline_model_parallel_world_size())
+    batches, loss_batches, eval_batches = calibration_batches(mc, p, tokenizer_dir, t.is_budget())
+    scores, meta = config_scores(model, mc, p, batches, agg, loaded, progress)
+    result = prune_model(model, mc, t, scores=scores, layer_criterion=p.layer_criterion,
+                         loss_batches=loss_batches, eval_batches=eval_batches, search=search_space(p),
+                         progress=progress)
+    result.meta = meta
+    if loss_batches:
+        result.calib_loss = imp.mean_loss(result.model, loss_batches)
+    return result
+
+
 # ----------------------------------------------------------------------------- artifacts
 def save_scores(out_dir, scores: dict, meta: dict) -> Path:
     """``importance.safetensors`` (global fp32 scores) and ``importance.json`` (rank 0 only)."""
@@ -192,6 +286,15 @@ def load_scores(path, mc: ModelConfig) -> tuple[dict, dict]:
             raise UserError(f"prune.importance.load={path}: score {k!r} has shape {got}, the checkpoint "
                             f"needs {shape}; allowed: scores computed on this checkpoint")
     return scores, meta
+
+
+def save_artifacts(out_dir, mc: ModelConfig, result: PruneResult, targets: Targets, title: str = "") -> None:
+    """importance.safetensors / .json / .png and, for a budget search, candidates.csv / .md (rank 0)."""
+    save_scores(out_dir, result.scores, result.meta)
+    if result.candidates:
+        write_candidates(out_dir, result.candidates, budget(mc, targets))
+    if runtime.is_rank0():
+        plot_importance(result.scores, Path(out_dir) / "importance.png", title)
 
 
 def write_candidates(out_dir, table: List[dict], budget: int) -> None:
