@@ -29,12 +29,14 @@ def plot_importance(scores: dict, path, title: str = "") -> Path:
     a.set_title("per-layer importance")
     a = ax[0, 1]
     a.plot(torch.sort(scores["hidden"], descending=True).values.numpy())
+    a.set_yscale("log")
     a.set_title("hidden channels (sorted)")
     a.set_xlabel("rank")
     a = ax[1, 0]
     ffn = torch.sort(scores["ffn"], dim=1, descending=True).values
     for i in range(ffn.shape[0]):
         a.plot(ffn[i].numpy(), color=matplotlib.cm.viridis(i / max(ffn.shape[0] - 1, 1)), lw=0.8)
+    a.set_yscale("log")
     a.set_title("MLP neurons per layer (sorted; colour = layer)")
     a.set_xlabel("rank")
     a = ax[1, 1]
