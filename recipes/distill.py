@@ -128,6 +128,7 @@ def main():
             zs_file.write_text(json.dumps(zs))
     zero_shot = json.loads(zs_file.read_text())["student_zero_shot"]
 
+    kd.attach_projection(student, s_mc, t_mc, kd_cfg, params_dtype)
     dist_opt = optim.use_distributed_optimizer(bool(t.optim.use_distributed_optimizer))
     ddp = optim.wrap_ddp(student, distributed_optimizer=dist_opt)
     optimizer = optim.build_optimizer(ddp, t.optim, params_dtype, dist_opt)

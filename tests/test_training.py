@@ -26,6 +26,19 @@ def test_resume_is_bitwise(tmp_path):
     assert (tmp_path / "res" / "metrics.jsonl").is_file() and (tmp_path / "res" / "loss.png").is_file()
 
 
+def test_intermediate_loss_through_learned_projection_resumes_bitwise(tmp_path):
+    """Width-pruned student (hidden 48) vs teacher (64): the cosine loss on the final norms goes through
+    the student's learned projection, which trains, checkpoints and resumes with the student."""
+    run_py(WORKER, "full", tmp_path / "full.json", tmp_path / "full", "1", "bf16", "inter")
+    run_py(WORKER, "resume", tmp_path / "res.json", tmp_path / "res", "1", "bf16", "inter")
+    full = json.loads((tmp_path / "full.json").read_text())["losses"]
+    res = json.loads((tmp_path / "res.json").read_text())["losses"]
+    assert full == res and len(full) == 6
+    assert all(r["intermediate"] > 0 for r in full)
+    # balanced as alpha = L_logits / L_is (detached): both terms carry the same value
+    assert all(math.isclose(r["total"], 2 * r["logits"], rel_tol=1e-2) for r in full), full
+
+
 def test_pp2_matches_pp1(tmp_path):
     """Distillation at PP=2 (teacher and student stages in one pipeline) matches PP=1 on the first steps."""
     run_py(WORKER, "init", "-", tmp_path, "1", "fp32")

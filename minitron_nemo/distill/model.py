@@ -24,7 +24,7 @@ from torch import nn
 
 from minitron_nemo import runtime
 from minitron_nemo.distill.config import DistillationConfig
-from minitron_nemo.distill.losses import distillation_loss
+from minitron_nemo.distill.losses import HiddenProjection, distillation_loss
 from minitron_nemo.errors import UserError
 from minitron_nemo.models.config import ModelConfig
 
@@ -50,15 +50,15 @@ class KDStage(nn.Module):
         self.kd_cfg = kd_cfg
         self.post_process = parallel_state.is_pipeline_last_stage()
         self._captured = {}
+        self.projection = getattr(_unwrap(student), "kd_projection", None)
         self._hooks = self._capture_hidden(kd_cfg, student_mc, teacher_mc) if self.post_process else []
 
     def _capture_hidden(self, cfg, smc, tmc):
         if not cfg.intermediate_layer_pairs:
             return []
-        if smc.hidden_size != tmc.hidden_size:
-            raise UserError("distill.intermediate_layer_pairs with different student/teacher hidden sizes "
-                            "needs a learned projection, which this trainer does not support yet; allowed: "
-                            "intermediate pairs for depth-pruned students (same hidden size) or none")
+        if smc.hidden_size != tmc.hidden_size and self.projection is None:
+            raise UserError("distill.intermediate_layer_pairs with different hidden sizes need the student's "
+                            "projection: call attach_projection(student, ...) before wrapping it in DDP")
         hooks = []
         for i, (s_name, t_name, _) in enumerate(cfg.intermediate_layer_pairs):
             for side, model, name in (("s", _unwrap(self.student), s_name), ("t", self.teacher[0], t_name)):
@@ -100,7 +100,19 @@ class KDStage(nn.Module):
             return torch.cat([s_out, t_out.detach().to(s_out.dtype)], dim=-1)
         n = len(self.kd_cfg.intermediate_layer_pairs)
         pairs = [(self._captured[("s", i)], self._captured[("t", i)].detach()) for i in range(n)]
-        return {"student": s_out, "teacher": t_out.detach(), "pairs": pairs}
+        return {"student": s_out, "teacher": t_out.detach(), "pairs": pairs, "projection": self.projection}
+
+
+def attach_projection(student, student_mc: ModelConfig, teacher_mc: ModelConfig, kd_cfg: DistillationConfig,
+                      params_dtype: torch.dtype) -> None:
+    """Give the student (last pipeline stage) the one shared learned projection student hidden -> teacher
+    hidden used by every intermediate-state loss when the hidden sizes differ. It is a submodule of the
+    student, so DDP reduces its gradients, the optimizer trains it and training checkpoints hold it; a
+    plain ``GPTModel`` (export, evaluation) ignores it when loading."""
+    if (kd_cfg.intermediate_layer_pairs and student_mc.hidden_size != teacher_mc.hidden_size
+            and parallel_state.is_pipeline_last_stage()):
+        student.kd_projection = HiddenProjection(student_mc.hidden_size, teacher_mc.hidden_size).to(
+            device=runtime.device(), dtype=params_dtype)
 
 
 def freeze(model) -> None:
@@ -129,7 +141,8 @@ def kd_loss(kd_cfg: DistillationConfig, batch, output):
     s, t = output["student"], output["teacher"]
     mask = batch["loss_mask"].to(s.device).float()
     lm = token_nll(s, batch["labels"].to(s.device))
-    out = distillation_loss(kd_cfg, s, t, mask, hidden_pairs=output["pairs"], lm_loss=lm)
+    out = distillation_loss(kd_cfg, s, t, mask, hidden_pairs=output["pairs"], lm_loss=lm,
+                            projection=output.get("projection"))
     return out["total"], {k: out[k].detach().float() for k in ("lm", "logits", "intermediate", "total")}
 
 
@@ -138,7 +151,7 @@ def kd_valid_loss(kd_cfg: DistillationConfig, batch, output):
     s, t = output["student"], output["teacher"]
     mask = batch["loss_mask"].to(s.device).float()
     labels = batch["labels"].to(s.device)
-    out = distillation_loss(kd_cfg, s, t, mask, hidden_pairs=output["pairs"])
+    out = distillation_loss(kd_cfg, s, t, mask, hidden_pairs=output["pairs"], projection=output.get("projection"))
     metrics = {"student_lm": _masked_mean(token_nll(s, labels), mask), "kd": out["logits"].detach(),
                "teacher_lm": _masked_mean(token_nll(t, labels), mask)}
     return metrics["kd"], metrics

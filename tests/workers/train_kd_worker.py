@@ -1,4 +1,7 @@
-"""KD training worker on tiny random models: ``train_kd_worker.py MODE OUT_JSON WORKDIR [PP] [DTYPE]``.
+"""KD training worker on tiny random models: ``train_kd_worker.py MODE OUT_JSON WORKDIR [PP] [DTYPE] [inter]``.
+
+``inter``: add a cosine intermediate loss on the final norms (student hidden 48 != teacher 64, so
+through the student's learned projection).
 
 MODE ``full``: 6 steps. ``resume``: 3 steps (checkpoint), then fresh objects resume to 6.
 ``init``: save random teacher/student checkpoints to WORKDIR/{teacher,student}. ``run``: load them, 3 steps.
@@ -49,13 +52,22 @@ def batches_from(consumed):
         i += MBS * dp
 
 
+INTER = False
+
+
+def kd_config():
+    pairs = [["decoder.final_layernorm", "decoder.final_layernorm", "cosine"]] if INTER else []
+    return DistillationConfig(intermediate_layer_pairs=pairs)
+
+
 def make_trainer(work, dtype, teacher=None, student=None):
     if teacher is None:
         teacher, student = build_model(T_MC, params_dtype=dtype), build_model(S_MC, params_dtype=dtype)
+    cfg = kd_config()
+    kd.attach_projection(student, S_MC, T_MC, cfg, dtype)
     ddp = optim.wrap_ddp(student, distributed_optimizer=False)
     opt = optim.build_optimizer(ddp, TCFG.optim, dtype, False)
     sched = optim.build_scheduler(opt, TCFG.optim, ITERS, 1)
-    cfg = DistillationConfig()
     chunk = kd.KDStage(ddp, teacher, S_MC, T_MC, cfg)
     valid = [next(batches_from(1000 + k)) for k in range(2)]
     return Trainer(chunk=chunk, ddp=ddp, optimizer=opt, scheduler=sched, mc=S_MC, train_batches=batches_from,
@@ -66,13 +78,16 @@ def make_trainer(work, dtype, teacher=None, student=None):
 
 
 def losses(tr):
-    return [{k: r[k] for k in ("iteration", "total", "logits", "lm")} for r in tr.history if r["kind"] == "train"]
+    return [{k: r[k] for k in ("iteration", "total", "logits", "lm", "intermediate")}
+            for r in tr.history if r["kind"] == "train"]
 
 
 def main():
     mode, out, work = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     pp = int(sys.argv[4]) if len(sys.argv) > 4 else 1
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[sys.argv[5] if len(sys.argv) > 5 else "bf16"]
+    global INTER
+    INTER = len(sys.argv) > 6 and sys.argv[6] == "inter"
     runtime.init_distributed(1, pp, 1234)
     result = {}
     if mode == "full":
