@@ -28,12 +28,16 @@ def hf_config(family: str):
     raise ValueError(family)
 
 
-def make_hf_model(family: str, path: Path, seed: int = 0) -> Path:
-    """Save a random fp32 model (norms and biases randomised too) to ``path``."""
+def make_hf_model(family: str, path: Path, seed: int = 0, std: float | None = None) -> Path:
+    """Save a random fp32 model (norms and biases randomised too) to ``path``; ``std`` overrides the
+    init std of the weights."""
     import transformers as tf
 
+    cfg = hf_config(family)
+    if std is not None:
+        cfg.initializer_range = std
     torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(hf_config(family), torch_dtype=torch.float32)
+    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):

@@ -4,6 +4,7 @@ Run under torchrun (gloo). Exits non-zero with a message on the first mismatch.
 """
 
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -12,17 +13,8 @@ import torch.nn.functional as F
 from minitron_nemo import runtime
 from minitron_nemo.distill.losses import logits_kl_loss
 
-
-def reference_kl(s, t, mask, tau, reverse, top_k):
-    """Direct full-vocabulary fp64 masked-mean of tau^2 * KL."""
-    s, t = s.double() / tau, t.double() / tau
-    if top_k:
-        idx = t.topk(top_k, dim=-1).indices
-        s, t = s.gather(-1, idx), t.gather(-1, idx)
-    ls, lt = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
-    p, q = (ls, lt) if reverse else (lt, ls)
-    kl = (p.exp() * (p - q)).sum(-1) * tau ** 2
-    return (kl * mask).sum() / mask.sum()
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kd_reference import reference_kl  # noqa: E402
 
 
 def main():

@@ -34,22 +34,10 @@ def make_tokenizer(text_file: Path, out_dir: Path, vocab_size: int = 250) -> Non
 def make_spread_hf_model(family: str, path: Path, seed: int = 0, std: float = 0.15) -> Path:
     """Like ``hf_models.make_hf_model`` but with weights large enough (std 0.15) that heads and neurons
     clearly differ (tiny-init models have near-tied importance scores, making rankings fragile)."""
-    import torch
-    import transformers as tf
-
     sys.path.insert(0, str(ROOT / "tests"))
-    from hf_models import hf_config
+    from hf_models import make_hf_model
 
-    cfg = hf_config(family)
-    cfg.initializer_range = std
-    torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(path, safe_serialization=True)
-    return Path(path)
+    return make_hf_model(family, path, seed, std=std)
 
 
 def small_checkpoint(tmp: Path, family: str = "llama", tp: int = 1, seed: int = 0) -> Path:
