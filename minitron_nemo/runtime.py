@@ -51,11 +51,9 @@ class _CudaToCpu(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.Tensor.cuda:
             return args[0]
-        if func in (torch.Tensor.to,) and args and len(args) > 1 and _is_cuda(args[1]):
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
             args = (args[0], torch.device("cpu")) + tuple(args[2:])
         if "device" in kwargs and _is_cuda(kwargs["device"]):
-            kwargs["device"] = torch.device("cpu")
-        if func is torch.Tensor.to and _is_cuda(kwargs.get("device", None)):
             kwargs["device"] = torch.device("cpu")
         kwargs.pop("pin_memory", None)
         return func(*args, **kwargs)
