@@ -9,6 +9,9 @@ Steps: checks (no compute) -> teacher (the corrected one when ``teacher.correcte
 teacher and saved to ``student.init_checkpoint`` so a restart skips pruning) -> zero-shot student ->
 training loop (auto-resume from WORKDIR/checkpoints) -> held-out perplexities of teacher, zero-shot
 student and distilled student (WORKDIR/results.json). The teacher is frozen and never checkpointed.
+
+Baselines of the same recipe (P1's comparisons): ``student.loss=lm`` trains the student on the LM loss
+alone (no teacher forward); ``student.init=random`` starts from random weights of the pruned architecture.
 """
 
 import json
@@ -29,7 +32,7 @@ from minitron_nemo.models.builder import build_model, count_parameters
 from minitron_nemo.models.forward import lm_loss_sums
 from minitron_nemo.training import data as tdata
 from minitron_nemo.training import optim
-from minitron_nemo.training.loop import Trainer
+from minitron_nemo.training.loop import Trainer, lm_forward, lm_loss
 from minitron_nemo.training.metrics import flops_per_token
 from minitron_nemo.training.setup import check_model_shape, teacher_source, to_dict
 
@@ -38,6 +41,7 @@ def prune_student(cfg, teacher, t_mc, t_path, params_dtype):
     """Prune the teacher in-job to ``cfg.prune`` targets and save the student (once)."""
     from minitron_nemo.prune import api
     from minitron_nemo.prune import data as pdata
+    from minitron_nemo.prune import importance as imp
     from minitron_nemo.prune.targets import Targets
 
     c = cfg.prune.calibration
@@ -51,12 +55,22 @@ def prune_student(cfg, teacher, t_mc, t_path, params_dtype):
     batches = pdata.to_batches(windows, c.micro_batch_size, ps.get_data_parallel_rank(),
                                ps.get_data_parallel_world_size())
     targets = Targets.from_cfg(to_dict(cfg.prune))
-    result = api.prune_model(teacher, t_mc, targets, batches=batches, layer_criterion=cfg.prune.layer_criterion,
-                             loss_batches=batches[: max(1, c.loss_samples // c.micro_batch_size)])
+    agg = imp.Aggregation(batch=cfg.prune.importance.batch_agg, seq=cfg.prune.importance.seq_agg)
+    result = api.prune_model(teacher, t_mc, targets, batches=batches, agg=agg,
+                             layer_criterion=cfg.prune.layer_criterion, loss_batches=batches[: max(1, c.loss_samples // c.micro_batch_size)])
     meta = {"pruned_from": t_path, "prune": {"kept_layers_1indexed": [i + 1 for i in result.kept_layers]},
             "dtype": cfg.dtype}
     store.save_checkpoint(result.model, cfg.student.init_checkpoint, result.config, tokenizer_src=t_path, meta=meta)
     return result.config
+
+
+STUDENT_INITS, STUDENT_LOSSES = ("pruned", "random"), ("kd", "lm")
+
+
+def student_lm_loss(batch, output):
+    """LM-loss training, reported under the same validation key as distillation's student LM loss."""
+    value, metrics = lm_loss(batch, output)
+    return value, {"student_lm": metrics["lm"]}
 
 
 def perplexity(model, windows, mbs) -> float:
@@ -67,6 +81,10 @@ def perplexity(model, windows, mbs) -> float:
 def main():
     cfg = compose("smollm2_demo")
     require(cfg, "workdir", "teacher.checkpoint")
+    for key, allowed in (("init", STUDENT_INITS), ("loss", STUDENT_LOSSES)):
+        if cfg.student[key] not in allowed:
+            raise UserError(f"student.{key}={cfg.student[key]!r}; allowed: {', '.join(allowed)}")
+    use_kd = cfg.student.loss == "kd"
     par, t = cfg.parallel, cfg.trainer
     kd.check_virtual_pipeline(par)
     kd_cfg = DistillationConfig.from_dict(to_dict(cfg.distill))
@@ -114,34 +132,44 @@ def main():
         s_mc = store.load_model_config(s_path)
         kd.check_vocab(t_mc, s_mc)
     student = build_model(s_mc, params_dtype=params_dtype, sequence_parallel=bool(par.sequence_parallel))
-    store.load_weights(student, s_path)
-    runtime.print0(f"[distill] student {s_path}: {count_parameters(s_mc):,} params "
-                   f"({count_parameters(s_mc) / count_parameters(t_mc):.1%} of the teacher)")
+    if cfg.student.init == "pruned":
+        store.load_weights(student, s_path)
+    runtime.print0(f"[distill] student {s_path}{' (architecture only: random init)' if cfg.student.init == 'random' else ''}"
+                   f": {count_parameters(s_mc):,} params ({count_parameters(s_mc) / count_parameters(t_mc):.1%} of the "
+                   f"teacher); loss {'KD' if use_kd else 'LM only'}")
 
     test_text = cfg.data.test_text or (tdata.text_files(cfg.data).get("test") if cfg.data.source != "indexed" else None)
     windows = (ppl.text_windows(ppl.load_tokenizer(t_path), test_text, seq, cfg.data.test_tokens)
                if test_text else None)
-    zs_file = work / "zero_shot.json"
-    if not zs_file.is_file():
-        zs = {"student_zero_shot": perplexity(student, windows, int(t.micro_batch_size))}
+    zs_file = work / "zero_shot.json"  # measured once: a resumed job reports the same zero-shot number
+    if zs_file.is_file():
+        zero_shot = json.loads(zs_file.read_text())["student_zero_shot"]
+    else:  # every rank takes part; rank 0 writes it after the collective, so no rank reads a partial file
+        zero_shot = perplexity(student, windows, int(t.micro_batch_size))
         if runtime.is_rank0():
-            zs_file.write_text(json.dumps(zs))
-    zero_shot = json.loads(zs_file.read_text())["student_zero_shot"]
+            work.mkdir(parents=True, exist_ok=True)
+            zs_file.write_text(json.dumps({"student_zero_shot": zero_shot}))
 
-    kd.attach_projection(student, s_mc, t_mc, kd_cfg, params_dtype)
+    if use_kd:
+        kd.attach_projection(student, s_mc, t_mc, kd_cfg, params_dtype)
     dist_opt = optim.use_distributed_optimizer(bool(t.optim.use_distributed_optimizer))
     ddp = optim.wrap_ddp(student, distributed_optimizer=dist_opt)
     optimizer = optim.build_optimizer(ddp, t.optim, params_dtype, dist_opt)
     scheduler = optim.build_scheduler(optimizer, t.optim, train_iters, int(t.warmup_iters))
-    chunk = kd.KDStage(ddp, teacher, s_mc, t_mc, kd_cfg)
-    flops = (flops_per_token(s_mc, seq, True) + flops_per_token(t_mc, seq, False)) * int(t.global_batch_size) * seq
+    flops = (flops_per_token(s_mc, seq, True) + use_kd * flops_per_token(t_mc, seq, False)) \
+        * int(t.global_batch_size) * seq
+    if use_kd:
+        chunk, fwd = kd.KDStage(ddp, teacher, s_mc, t_mc, kd_cfg), kd.kd_forward
+        loss, valid_loss = (lambda b, o: kd.kd_loss(kd_cfg, b, o)), (lambda b, o: kd.kd_valid_loss(kd_cfg, b, o))
+    else:
+        chunk, fwd, loss, valid_loss = ddp, lm_forward, student_lm_loss, student_lm_loss
     trainer = Trainer(chunk=chunk, ddp=ddp, optimizer=optimizer, scheduler=scheduler, mc=s_mc,
                       train_batches=tdata.train_iterator(train_ds, int(t.micro_batch_size)), valid_batches=valid,
-                      forward=kd.kd_forward, loss=lambda b, o: kd.kd_loss(kd_cfg, b, o),
-                      valid_loss=lambda b, o: kd.kd_valid_loss(kd_cfg, b, o), tcfg=t, ccfg=cfg.checkpointing,
+                      forward=fwd, loss=loss, valid_loss=valid_loss, tcfg=t, ccfg=cfg.checkpointing,
                       workdir=work, train_iters=train_iters, num_microbatches=n_acc,
                       global_batch_size=int(t.global_batch_size), seq_length=seq, flops_per_step=flops,
-                      tokenizer_src=t_path, meta={"distilled_from": t_path, "student_init": s_path})
+                      tokenizer_src=t_path, meta={"distilled_from": t_path, "student_init": s_path,
+                                                                  "init": cfg.student.init, "loss": cfg.student.loss})
     trainer.resume()
     runtime.print0(f"[distill] {train_iters} iterations x {t.global_batch_size} samples x {seq} tokens "
                    f"(micro-batch {t.micro_batch_size}, accumulation {n_acc}, DP {ps.get_data_parallel_world_size()})")

@@ -5,9 +5,10 @@
     torchrun --nproc_per_node=2 recipes/evaluate.py ... parallel.pipeline_model_parallel_size=2
 
 Writes {"loss": mean next-token NLL in nats, "perplexity": exp(loss), "tokens": count}.
-With eval.lm_eval_tasks=[shakespeare_mc,shakespeare_lastword] it also runs lm-evaluation-harness on
-the HF form of the model (a checkpoint is exported to a temporary directory first) and adds
-"lm_eval": {task: {metric: value}} to the output.
+On the HF form of the model (a checkpoint is exported to a temporary directory first), single process:
+  eval.lm_eval_tasks=[shakespeare_mc,shakespeare_lastword]  lm-evaluation-harness -> "lm_eval": {task: {metric: v}}
+  eval.generate.prompts=["To be, or not", ...]            greedy samples -> "samples"
+  eval.throughput.enabled=true                            generation tokens/s (eval.throughput.*) -> "throughput"
 """
 
 import json
@@ -35,21 +36,37 @@ def windows(cfg):
                             cfg.eval.max_tokens)
 
 
-def lm_eval_results(cfg) -> dict:
-    """lm-eval on the HF form of the model (a checkpoint is exported to a temp dir first)."""
+def hf_results(cfg) -> dict:
+    """lm-eval, greedy samples and throughput on the HF form of the model (a checkpoint is exported to a
+    temp dir first)."""
     import tempfile
 
     from minitron_nemo.checkpoint.export import export_hf
+    from minitron_nemo.eval import generate
     from minitron_nemo.eval.harness import run_lm_eval
 
+    ev = cfg.eval
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("eval.lm_eval_tasks runs in a single process (lm-eval's HF model); run it without torchrun")
+        raise UserError("eval.lm_eval_tasks, eval.generate and eval.throughput run in a single process "
+                        "(transformers); run them without torchrun")
+    out = {}
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = cfg.checkpoint
         if store.is_checkpoint(cfg.checkpoint):
             hf_dir = export_hf(cfg.checkpoint, Path(tmp) / "hf")
-        return run_lm_eval(hf_dir, list(cfg.eval.lm_eval_tasks), cfg.eval.text_file, tmp,
-                           limit=cfg.eval.lm_eval_limit, batch_size=cfg.eval.lm_eval_batch_size, seed=cfg.seed)
+        if ev.lm_eval_tasks:
+            out["lm_eval"] = run_lm_eval(hf_dir, list(ev.lm_eval_tasks), ev.text_file, tmp, limit=ev.lm_eval_limit,
+                                         batch_size=ev.lm_eval_batch_size, seed=cfg.seed)
+        if ev.generate.prompts or ev.throughput.enabled:
+            model, tok = generate.load_hf(hf_dir, dtype(cfg.dtype))
+            if ev.generate.prompts:
+                out["samples"] = generate.greedy_samples(model, tok, list(ev.generate.prompts),
+                                                         int(ev.generate.max_new_tokens))
+            if ev.throughput.enabled:
+                th = ev.throughput
+                out["throughput"] = generate.throughput(model, th.batch_size, th.prompt_length, th.generation_length,
+                                                        th.repeats, cfg.seed)
+    return out
 
 
 @user_errors_exit
@@ -63,8 +80,8 @@ def main():
     mc.check_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size)
     t0 = time.time()
     result = {}
-    if ev.lm_eval_tasks:
-        result["lm_eval"] = lm_eval_results(cfg)
+    if ev.lm_eval_tasks or ev.generate.prompts or ev.throughput.enabled:
+        result.update(hf_results(cfg))
     if ev.perplexity and ev.backend == "transformers":
         if store.is_checkpoint(cfg.checkpoint):
             raise UserError("eval.backend=transformers needs an HF directory; export the checkpoint first")
@@ -81,6 +98,13 @@ def main():
     if runtime.is_rank0():
         for task, metrics in result.get("lm_eval", {}).items():
             print(f"lm-eval {task}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
+        for s in result.get("samples", []):
+            print(f"--- {s['prompt']!r} ->\n{s['completion']}", flush=True)
+        if "throughput" in result:
+            th = result["throughput"]
+            print(f"throughput (batch {th['batch_size']}, prompt {th['prompt_length']}, generate "
+                  f"{th['generation_length']}, {th['device']}): prefill {th['prefill_tokens_per_s']:.0f} tokens/s, "
+                  f"generation {th['generation_tokens_per_s']:.1f} tokens/s", flush=True)
         if ev.output:
             write_json(ev.output, result)
     if ev.perplexity and ev.backend == "megatron":

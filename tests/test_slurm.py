@@ -107,51 +107,128 @@ def cluster(tmp_path_factory):
             os.environ.pop("SLURM_CONF", None)
 
 
-def submit_tiny(capsys, cluster, work, iters=30, every=5, step_seconds="0.2"):
+TRAIN_ITERS, SAVE_EVERY = 40, 10
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    """A random 4-layer Llama (tests/hf_models) with SmolLM2's tokenizer, and small slices of the cached
+    Shakespeare splits as train / valid / test text."""
+    from hf_models import make_hf_model
+    from safetensors.torch import load_file, save_file
+
+    import torch
+    from minitron_nemo.checkpoint.store import copy_tokenizer
+    from minitron_nemo.data import assets
+
+    d = tmp_path_factory.mktemp("teacher")
+    teacher = make_hf_model("llama", d / "hf")
+    hf = assets.smollm2_hf_dir()
+    vocab = json.loads((hf / "config.json").read_text())["vocab_size"]
+    cfg = json.loads((teacher / "config.json").read_text())
+    sd = load_file(str(teacher / "model.safetensors"))
+    g = torch.Generator().manual_seed(0)  # the tokenizer's vocabulary: a random embedding of that size (tied)
+    sd["model.embed_tokens.weight"] = torch.randn(vocab, cfg["hidden_size"], generator=g) * cfg["initializer_range"]
+    save_file(sd, str(teacher / "model.safetensors"), metadata={"format": "pt"})
+    (teacher / "config.json").write_text(json.dumps({**cfg, "vocab_size": vocab}))
+    copy_tokenizer(hf, teacher)
+    text = {}
+    for split, chars in (("train", 200_000), ("valid", 30_000), ("test", 30_000)):
+        text[split] = d / f"{split}.txt"
+        text[split].write_text(assets.shakespeare_splits()[split].read_text()[:chars])
+    return teacher, text
+
+
+def submit_distill(capsys, cluster, teacher, work):
+    """The real distillation job (recipes/distill.py, rendered by submit.py) on 2 gloo ranks: the tiny
+    teacher, pruned in-job to half its width, distilled for TRAIN_ITERS steps."""
+    hf, text = teacher
     code, out, err = submit_main(
         capsys, "distill", "launcher=slurm_bare", "launcher.gpus_per_node=2", "launcher.request_gpus=false",
-        "launcher.time=00:10:00", f"launcher.logs={work}/logs", "launcher.recipes.distill=tests/slurm/tiny_job.py",
-        "launcher.job_name=tiny", f"+launcher.env.TINY_STEP_SECONDS={step_seconds}", "+launcher.env.OMP_NUM_THREADS=1",
-        f"workdir={work}", f"trainer.train_iters={iters}", f"checkpointing.save_interval={every}")
+        "launcher.time=00:10:00", f"launcher.logs={work}/logs", "launcher.job_name=distill",
+        "+launcher.env.OMP_NUM_THREADS=1",
+        f"workdir={work}", f"teacher.checkpoint={hf}", "teacher.corrected_checkpoint=null", "~model",
+        "teacher.max_loss_fraction=10",  # a random teacher scores about ln(vocab): not a trained one
+        "data=text", f"data.train_text={text['train']}", f"data.valid_text={text['valid']}",
+        f"data.test_text={text['test']}", "data.seq_length=32", "data.valid_samples=4", "data.test_tokens=1024",
+        "prune.target_hidden_size=32", "prune.target_ffn_hidden_size=48", "prune.grid=16",
+        "prune.calibration.num_samples=8", "prune.calibration.seq_length=32", "prune.calibration.micro_batch_size=2",
+        "prune.calibration.loss_samples=4", "trainer.micro_batch_size=1", "trainer.global_batch_size=2",
+        f"trainer.train_iters={TRAIN_ITERS}", "trainer.warmup_iters=2", "trainer.eval_interval=20",
+        "trainer.tensorboard=false", f"checkpointing.save_interval={SAVE_EVERY}")
     assert code == 0, (out, err, cluster.logs())
     print(out, end="")
     return re.findall(r"submitted distill: job (\d+)", out)[-1]
 
 
 def job_log(work, job):
-    return (work / "logs" / f"tiny-{job}.out").read_text()
+    return (work / "logs" / f"distill-{job}.out").read_text()
 
 
-def test_tiny_job_and_preemption(capsys, cluster, tmp_path):
+def assert_no_leftovers(cluster, job, grace: float = 15):
+    """No process of the job outlives it (the step's processes are killed with it)."""
+    deadline = time.time() + grace
+    while (left := cluster.leftovers(job)) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not left, left
+
+
+def train_losses(work) -> dict:
+    """``{iteration: train losses}`` from WORKDIR/metrics.jsonl (one record per iteration, resumed runs included)."""
+    recs = [json.loads(l) for l in (work / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    train = [r for r in recs if r["kind"] == "train"]
+    by_it = {r["iteration"]: {k: r[k] for k in ("total", "logits", "lm")} for r in train}
+    assert len(by_it) == len(train), "an iteration was logged twice"
+    return by_it
+
+
+def test_distill_job_and_preemption(capsys, cluster, tiny_teacher, tmp_path):
     t0 = time.time()
     ref = tmp_path / "uninterrupted"
-    job = submit_tiny(capsys, cluster, ref)
+    job = submit_distill(capsys, cluster, tiny_teacher, ref)
     info = cluster.wait(job)
     log = job_log(ref, job)
     print(f"uninterrupted job {job}: {info['JobState']} exit {info['ExitCode']} in {time.time() - t0:.0f}s")
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, log, cluster.logs())
-    result = json.loads((ref / "result.json").read_text())
-    assert result == {**result, "step": 30, "world": 2}
-    assert "[tiny] rank 0/2" in log
-    assert "[tiny] done: final loss" in log and (ref / "checkpoints" / "step_0030.pt").is_file()
-    assert (ref / "logs" / f"tiny-{job}" / "job.sbatch").is_file()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, log[-6000:], cluster.logs())
+    assert "[launcher] job" in log and "restart 0" in log and "ranks exited with 0" in log, log[-6000:]
+    assert "pruning the teacher in-job" in log and f"[train] iter {TRAIN_ITERS}/{TRAIN_ITERS}" in log, log[-6000:]
+    assert "DP 2)" in log, log[-6000:]  # 2 Slurm tasks = 2 data-parallel gloo ranks
+    final = ref / "checkpoints" / f"iter_{TRAIN_ITERS:07d}"
+    assert (final / "COMPLETE").read_text() == str(TRAIN_ITERS)
+    results = json.loads((ref / "results.json").read_text())
+    assert results["final_checkpoint"] == str(final) and results["tokens"] == 1024, results
+    assert (ref / "logs" / f"distill-{job}" / "job.sbatch").is_file()
+    assert_no_leftovers(cluster, job)
+    ref_losses = train_losses(ref)
+    assert sorted(ref_losses) == list(range(1, TRAIN_ITERS + 1))
 
-    # preempted mid-run: SIGTERM -> checkpoint -> exit 85 -> scontrol requeue -> resume -> same final loss
+    # the time-limit signal, as Slurm sends it (--signal=B:USR1): the batch shell forwards it to the ranks,
+    # which checkpoint and exit 85; the script requeues the job; it resumes and ends with the same losses
     t1 = time.time()
     pre = tmp_path / "preempted"
-    job = submit_tiny(capsys, cluster, pre)
-    deadline = time.time() + 120
-    while not (pre / "checkpoints" / "step_0010.pt").is_file():
-        assert time.time() < deadline and cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), cluster.job(job)
-        time.sleep(0.3)
-    cluster.run("scancel", "--signal=TERM", job)
+    job = submit_distill(capsys, cluster, tiny_teacher, pre)
+    first = pre / "checkpoints" / f"iter_{SAVE_EVERY:07d}" / "COMPLETE"
+    deadline = time.time() + 180
+    while not first.is_file():
+        state = cluster.job(job).get("JobState")
+        assert time.time() < deadline and state in ("PENDING", "RUNNING"), (state, cluster.logs())
+        time.sleep(0.2)
+    cluster.run("scancel", "--batch", "--signal=USR1", job)
     info = cluster.wait(job, timeout=240, until=lambda i: i.get("JobState") == "COMPLETED" and i.get("Restarts") != "0")
     log = job_log(pre, job)
     print(f"preempted job {job}: {info['JobState']} exit {info['ExitCode']} restarts {info['Restarts']} "
           f"in {time.time() - t1:.0f}s")
-    print("\n".join(l for l in log.splitlines() if "[launcher]" in l or "resumed" in l or "stopping" in l
-                    or "done" in l))
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log)
-    assert "ranks exited with 85" in log and "requeueing job" in log and "[tiny] resumed from" in log
-    resumed = json.loads((pre / "result.json").read_text())
-    assert resumed["step"] == 30 and resumed["loss"] == result["loss"], (resumed, result)
+    print("\n".join(l for l in log.splitlines() if l.startswith(("[launcher]", "[signals]", "[train] resumed"))))
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", (info, log)
+    assert "SIGUSR1 received" in log and "ranks exited with 85" in log and "requeueing job" in log, log[-6000:]
+    resumed = re.findall(r"\[train\] resumed from \S+/iter_(\d+)", log)
+    assert len(resumed) == 1 and SAVE_EVERY <= int(resumed[0]) < TRAIN_ITERS, (resumed, log[-6000:])
+    assert "pruning the teacher in-job" in log.split("restart 1")[0] and "pruning" not in log.split("restart 1")[1]
+    assert (pre / "checkpoints" / f"iter_{TRAIN_ITERS:07d}" / "COMPLETE").is_file()
+    assert_no_leftovers(cluster, job)
+    pre_losses = train_losses(pre)
+    print(f"final training loss: uninterrupted {ref_losses[TRAIN_ITERS]['total']!r}, "
+          f"preempted at iteration {int(resumed[0])} and resumed {pre_losses[TRAIN_ITERS]['total']!r}")
+    assert pre_losses == ref_losses
+    pre_results = json.loads((pre / "results.json").read_text())
+    assert pre_results["student_distilled"] == results["student_distilled"], (pre_results, results)

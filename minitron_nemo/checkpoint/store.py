@@ -12,6 +12,7 @@ save never leaves a half-written checkpoint behind or damages an existing one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -63,6 +64,15 @@ def copy_tokenizer(src, dst) -> None:
 def tokenizer_dir(path) -> Path:
     p = Path(path)
     return p / "tokenizer" if (p / "tokenizer").is_dir() else p
+
+
+def tokenizer_digest(path) -> str | None:
+    """SHA-256 of the tokenizer file of an HF dir or checkpoint (None when it has none we know)."""
+    d = tokenizer_dir(path)
+    for name in ("tokenizer.json", "tokenizer.model", "vocab.json"):
+        if (Path(d) / name).is_file():
+            return hashlib.sha256((Path(d) / name).read_bytes()).hexdigest()
+    return None
 
 
 def _barrier():

@@ -14,7 +14,6 @@ micro-batch as the student. Virtual (interleaved) pipeline is not supported.
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 from pathlib import Path
 
@@ -172,18 +171,10 @@ def check_vocab(teacher_mc: ModelConfig, student_mc: ModelConfig) -> None:
                         f"tokenizer and make_vocab_size_divisible_by for both")
 
 
-def _tokenizer_digest(path) -> str | None:
-    from minitron_nemo.checkpoint.store import tokenizer_dir
-
-    d = tokenizer_dir(path)
-    for name in ("tokenizer.json", "tokenizer.model", "vocab.json"):
-        if (Path(d) / name).is_file():
-            return hashlib.sha256((Path(d) / name).read_bytes()).hexdigest()
-    return None
-
-
 def check_tokenizers(teacher_path, student_path) -> None:
-    a, b = _tokenizer_digest(teacher_path), _tokenizer_digest(student_path)
+    from minitron_nemo.checkpoint.store import tokenizer_digest
+
+    a, b = tokenizer_digest(teacher_path), tokenizer_digest(student_path)
     if a is not None and b is not None and a != b:
         raise UserError(f"the tokenizers of teacher {teacher_path} and student {student_path} differ; "
                         f"allowed: a student pruned from this teacher (same tokenizer)")

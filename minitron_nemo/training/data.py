@@ -77,10 +77,15 @@ def build(dcfg, tokenizer_dir, workdir, train_samples: int, seed: int):
             ds = indexed.build_gpt_datasets(tok, seq, blend=dcfg.blend, split=str(dcfg.split), seed=seed,
                                             samples=(train_samples, valid_samples, None))
         return ds[0], ds[1]
-    prefixes = _tokenize(text_files(dcfg), tokenizer_dir, Path(workdir) / "data")
+    data_dir = Path(workdir) / "data"
+    if dcfg.get("cache_dir"):  # shared between jobs: one subfolder per tokenizer
+        from minitron_nemo.checkpoint.store import tokenizer_digest
+
+        data_dir = Path(dcfg.cache_dir) / (tokenizer_digest(tokenizer_dir) or "tokenizer")[:16]
+    prefixes = _tokenize(text_files(dcfg), tokenizer_dir, data_dir)
     per = [[prefixes["train"]], [prefixes["valid"]] if "valid" in prefixes else None, None]
     ds = indexed.build_gpt_datasets(tok, seq, blend_per_split=per, seed=seed,
-                                    cache_dir=str(Path(workdir) / "data" / "index_cache"))
+                                    cache_dir=str(data_dir / "index_cache"))
     return ds[0], ds[1]
 
 

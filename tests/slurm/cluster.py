@@ -4,7 +4,9 @@
         job = c.sbatch(script)              # job id
         c.wait(job)                          # final state, e.g. "COMPLETED"
 
-Cgroup-free (proctrack/linuxproc, task/none), no accounting daemon; every daemon is a child process
+Cgroup-free (proctrack/pgid: a step's processes are its tasks' process groups, so children a task leaves
+behind, e.g. a multiprocessing manager orphaned by ``os._exit``, are killed with the step as cgroups
+would; task/none), no accounting daemon; every daemon is a child process
 of the test, stopped (by its own pid) on exit, even on failure. Needs root and Debian's slurm-wlm/munge,
 installed on demand by ``ensure_installed()`` (returns a reason string when that is impossible).
 """
@@ -76,7 +78,7 @@ class SlurmCluster:
             f"StateSaveLocation={r}/state", f"SlurmdSpoolDir={r}/spool/%n",
             f"SlurmctldPidFile={r}/slurmctld.pid", f"SlurmdPidFile={r}/slurmd-%n.pid",
             f"SlurmctldLogFile={r}/slurmctld.log", f"SlurmdLogFile={r}/slurmd-%n.log",
-            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
+            "ProctrackType=proctrack/pgid", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
             "AccountingStorageType=accounting_storage/none", f"JobCompType=jobcomp/filetxt",
             f"JobCompLoc={r}/jobcomp.txt", "SchedulerType=sched/builtin", "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_CPU", "MpiDefault=none", "ReturnToService=2", "KillWait=30",
@@ -149,6 +151,19 @@ class SlurmCluster:
         if check and p.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}): {p.stdout} {p.stderr}")
         return p
+
+    def leftovers(self, job_id: str) -> list[str]:
+        """Processes still alive with ``SLURM_JOB_ID=job_id`` in their environment (``pid cmdline``)."""
+        found = []
+        for proc in Path("/proc").iterdir():
+            try:
+                env = (proc / "environ").read_bytes().split(b"\0")
+                if f"SLURM_JOB_ID={job_id}".encode() in env:
+                    cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    found.append(f"{proc.name} {cmd[:200]}")
+            except (OSError, ValueError):
+                continue
+        return found
 
     def job(self, job_id: str) -> dict:
         """``scontrol show job`` as a dict (JobState, ExitCode, Restarts, ...)."""

@@ -1,0 +1,320 @@
+"""make experiment: the Minitron claims, measured on SmolLM2-135M and the Shakespeare plays.
+
+    python recipes/experiments/minitron_smollm2.py [scale=4] [workdir=DIR] [results=DIR] [key=value ...]
+
+Config: conf/experiment.yaml (``scale`` multiplies every token budget). Each stage runs a recipe users
+run themselves and leaves its outputs under WORKDIR; a rerun skips the stages already done.
+
+  1. correct    recipes/correct_teacher.py               teacher -> WORKDIR/teacher_corrected
+  2. prune      recipes/experiments/prune_study.py       aggregations and depth criteria, zero shot;
+                                                          the width and depth students
+  3. train      recipes/distill.py, one run per arm, all with the same token budget:
+                width_kd (corrected teacher), width_kd_uncorrected (pruned from and distilled by the
+                original teacher), width_lm (LM loss only), random_lm (random init, LM loss),
+                depth_<criterion>_kd for each depth criterion
+  4. evaluate   recipes/evaluate.py: lm-eval tasks, greedy samples and generation throughput of the
+                corrected teacher and the width and depth students
+  5. report     RESULTS/results.md, RESULTS/img/*.png and the results block of the README
+"""
+
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from minitron_nemo.config import compose
+from minitron_nemo.errors import UserError, user_errors_exit
+from minitron_nemo.eval import report
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPES = ROOT / "recipes"
+
+
+def scaled(cfg, key: str) -> int:
+    return max(1, round(float(cfg.budget[key]) * float(cfg.scale)))
+
+
+def warmup(iters: int) -> int:
+    """About 10% of the iterations, at least 1, fewer than ``iters``."""
+    return min(iters - 1, max(1, iters // 10))
+
+
+def run(script: Path, args: list, log: Path) -> None:
+    """Run one recipe, its output appended to ``log``; a failure stops the experiment. Wall times are
+    added up per log name in ``LOG_DIR/seconds.json`` (for the report)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    print(f"[experiment] {script.relative_to(ROOT)} {' '.join(args)}", flush=True)
+    with open(log, "a") as f:
+        p = subprocess.run([sys.executable, str(script), *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if p.returncode != 0:
+        tail = log.read_text().strip().splitlines()[-1:] or [""]
+        raise UserError(f"{script.name} failed (exit {p.returncode}): {tail[0][:300]}; full log {log}")
+    secs = time.time() - t0
+    times = log.parent / "seconds.json"
+    spent = json.loads(times.read_text()) if times.is_file() else {}
+    spent[log.stem] = spent.get(log.stem, 0.0) + secs
+    times.write_text(json.dumps(spent, indent=1))
+    print(f"[experiment]   done in {secs:.0f}s (log {log})", flush=True)
+
+
+def train_args(cfg, work: Path) -> list:
+    seq, mbs = int(cfg.budget.seq_length), int(cfg.budget.micro_batch_size)
+    iters = scaled(cfg, "train_iters")
+    return ["--config-name", "smollm2_demo", f"data={cfg.data}", f"dtype={cfg.dtype}", f"seed={cfg.seed}",
+            f"teacher.checkpoint={cfg.teacher}", f"data.seq_length={seq}", f"data.cache_dir={work / 'data'}",
+            f"data.valid_samples={scaled(cfg, 'valid_samples')}", f"data.test_tokens={scaled(cfg, 'test_tokens')}",
+            f"trainer.micro_batch_size={mbs}", f"trainer.global_batch_size={mbs}", f"trainer.train_iters={iters}",
+            "trainer.train_tokens=null", f"trainer.warmup_iters={warmup(iters)}",
+            f"trainer.eval_interval={max(1, math.ceil(iters / int(cfg.budget.evals_per_run)))}",
+            "checkpointing.save_interval=null", "checkpointing.keep_last=1",
+            *([] if cfg.teacher == "smollm2" else ["~model"]),  # the demo config names SmolLM2's shape
+            *cfg.extra_overrides]
+
+
+ARMS = ("width_kd", "width_kd_uncorrected", "width_lm", "random_lm")
+
+
+def arm_args(cfg, work: Path, arm: str) -> list:
+    """Overrides of one training arm (see the module docstring)."""
+    study = work / "prune_study"
+    corrected = f"teacher.corrected_checkpoint={work / 'teacher_corrected'}"
+    if arm == "width_kd_uncorrected":  # pruned in-job from the original teacher, same calibration
+        c = cfg.budget
+        return ["teacher.corrected_checkpoint=null", "student.checkpoint=null",
+                f"prune.target_hidden_size={cfg.width.hidden_size}",
+                f"prune.target_ffn_hidden_size={cfg.width.ffn_hidden_size}", f"prune.grid={cfg.width.grid}",
+                f"prune.importance.batch_agg={cfg.aggregations[0][0]}",
+                f"prune.importance.seq_agg={cfg.aggregations[0][1]}",
+                f"prune.calibration.num_samples={scaled(cfg, 'calibration_samples')}",
+                f"prune.calibration.seq_length={c.seq_length}", f"prune.calibration.micro_batch_size={c.micro_batch_size}",
+                f"prune.calibration.seed={cfg.seed}"]
+    if arm.startswith("depth_"):
+        crit = arm[len("depth_"):-len("_kd")]
+        return [corrected, f"student.checkpoint={study / f'depth_{crit}'}"]
+    init = "random" if arm == "random_lm" else "pruned"
+    loss = "kd" if arm == "width_kd" else "lm"
+    return [corrected, f"student.checkpoint={study / 'width'}", f"student.init={init}", f"student.loss={loss}"]
+
+
+def arm_names(cfg) -> list:
+    return [*ARMS, *(f"depth_{c}_kd" for c in cfg.depth_criteria)]
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+# ----------------------------------------------------------------------------- report
+def loss_of(ppl: float) -> float:
+    return math.log(ppl)
+
+
+def write_report(cfg, work: Path, evaluated: list) -> Path:
+    out = Path(cfg.results)
+    img = out / "img"
+    img.mkdir(parents=True, exist_ok=True)
+    seq, mbs = int(cfg.budget.seq_length), int(cfg.budget.micro_batch_size)
+    iters, per_iter = scaled(cfg, "train_iters"), seq * mbs
+    arms = {a: load(work / "arms" / a / "results.json") for a in arm_names(cfg)}
+    curves = {a: report.valid_curve(work / "arms" / a / "metrics.jsonl", "student_lm", per_iter) for a in arms}
+    study = load(work / "prune_study" / "results.json")
+    meta = load(work / "teacher_corrected" / "meta.json")
+    ev = {name: load(work / "eval" / f"{name.split()[0]}.json") for name in evaluated}
+    spent = load(work / "logs" / "seconds.json")
+    params = {"width": study["aggregation"][0]["params"],
+              **{f"depth_{r['criterion']}": r["params"] for r in study["depth"]}}
+    t_params = study["teacher"]["params"]
+
+    def final(a):  # held-out test loss after training
+        return loss_of(arms[a]["student_distilled"])
+
+    def zs(a):
+        return loss_of(arms[a]["student_zero_shot"])
+
+    def acc(name, task, key="acc"):
+        return ev[name].get("lm_eval", {}).get(task, {}).get(key, float("nan"))
+
+    def tps(name):
+        return ev[name]["throughput"]["generation_tokens_per_s"]
+
+    def claim(ok: bool, text: str) -> str:
+        return f"- {'agrees' if ok else '**differs**'}: {text}"
+
+    plots = {
+        "headline.png": ({"width, KD": curves["width_kd"], "depth (block), KD": curves["depth_block_kd"],
+                          "width, LM loss": curves["width_lm"], "random init, LM loss": curves["random_lm"]},
+                         "student held-out loss vs training tokens"),
+        "correction.png": ({"corrected teacher": curves["width_kd"],
+                            "original teacher": curves["width_kd_uncorrected"]},
+                           "width student distilled from the corrected vs the original teacher"),
+        "width_vs_depth.png": ({"width": curves["width_kd"], "depth (block)": curves["depth_block_kd"]},
+                               "width vs depth pruning at the same size, KD"),
+        "kd_vs_lm.png": ({"pruned + KD": curves["width_kd"], "pruned + LM loss": curves["width_lm"],
+                          "random init + LM loss": curves["random_lm"]}, "same architecture, same tokens"),
+        "depth_criteria.png": ({c: curves[f"depth_{c}_kd"] for c in cfg.depth_criteria},
+                               "depth criteria, each dropping the same layers count, KD"),
+    }
+    for name, (cv, title) in plots.items():
+        report.plot_curves(cv, img / name, title, "validation loss (nats, validation plays)")
+    report.plot_bars({f"{r['batch']}/{r['seq']}": r["loss"] for r in study["aggregation"]}, img / "aggregation.png",
+                     "zero-shot test loss of the width student by importance aggregation (batch/seq)",
+                     "test loss (nats)")
+    if (work / "prune_study" / "importance.png").is_file():
+        (img / "importance.png").write_bytes((work / "prune_study" / "importance.png").read_bytes())
+
+    t_orig, t_corr = loss_of(arms["width_kd_uncorrected"]["teacher"]), loss_of(arms["width_kd"]["teacher"])
+    v_before, v_after = meta["valid_loss_before"], meta["valid_loss_after"]
+    n_eval = ev[evaluated[0]].get("lm_eval", {}).get(cfg.lm_eval_tasks[0], {}).get("sample_len", "?")
+    head = [
+        "| model | params | test loss | test ppl | " + " | ".join(f"{t} acc" for t in cfg.lm_eval_tasks)
+        + " | generation tokens/s |",
+        "|---|---|---|---|" + "---|" * len(cfg.lm_eval_tasks) + "---|"]
+    rows = [(evaluated[0], t_params, t_corr, "width_kd", "teacher"),
+            (evaluated[1], params["width"], final("width_kd"), "width_kd", "student_distilled"),
+            (evaluated[2], params["depth_block"], final("depth_block_kd"), "depth_block_kd", "student_distilled")]
+    for name, n, loss, arm, key in rows:
+        head.append(f"| {name} | {n / 1e6:.1f}M | {loss:.3f} | {arms[arm][key]:.1f} | "
+                    + " | ".join(f"{acc(name, t):.3f}" for t in cfg.lm_eval_tasks) + f" | {tps(name):.1f} |")
+    for a, label in (("width_lm", "width student, LM loss only"), ("random_lm", "random init, LM loss only")):
+        head.append(f"| {label} | {params['width'] / 1e6:.1f}M | {final(a):.3f} | {arms[a]['student_distilled']:.1f} | "
+                    + " | ".join("" for _ in cfg.lm_eval_tasks) + " | |")
+    headline = "\n".join(head)
+    teacher = "SmolLM2-135M-Instruct" if cfg.teacher == "smollm2" else str(cfg.teacher)
+    setup = (f"{teacher} teacher ({t_params / 1e6:.1f}M params), Shakespeare split by play; scale "
+             f"{cfg.scale}, seed {cfg.seed}, {cfg.dtype}; each student trained {iters} iterations x {mbs} x {seq} "
+             f"= {iters * per_iter:,} tokens; teacher correction {scaled(cfg, 'correction_iters') * per_iter:,} "
+             f"tokens; test loss on the first {arms['width_kd']['tokens']:,} tokens of the test plays; lm-eval "
+             f"{n_eval} documents per task. Hardware: {report.hardware()}. Total recipe time "
+             f"{sum(spent.values()) / 60:.1f} min.")
+
+    L = [f"# Results: Minitron compression of {teacher}", "",
+         "Generated by `make experiment` (`recipes/experiments/minitron_smollm2.py`, `conf/experiment.yaml`); "
+         "every number below is read from the run's outputs. Rerun with `make experiment` "
+         "(`EXPERIMENT_ARGS=scale=4` for larger budgets).", "", f"Setup: {setup}", "",
+         "## Headline", "", headline, "", "![loss curves](img/headline.png)", "",
+         "## 1. Teacher correction", "",
+         report.md_table(["teacher", "validation loss (validation plays)", "test loss", "test ppl"],
+                         [["original", v_before, t_orig, math.exp(t_orig)],
+                          ["corrected", v_after, t_corr, math.exp(t_corr)]]), "",
+         f"Correction: {meta.get('iterations')} iterations; validation loss {100 * (v_before - v_after) / v_before:.1f}% "
+         f"lower, test loss {100 * (t_orig - t_corr) / t_orig:.1f}% lower.", "",
+         report.md_table(["width student distilled from", "zero-shot test loss", "test loss after KD"],
+                         [["original teacher (pruned from it too)", zs("width_kd_uncorrected"),
+                           final("width_kd_uncorrected")],
+                          ["corrected teacher", zs("width_kd"), final("width_kd")]]), "",
+         "![correction](img/correction.png)", "",
+         claim(v_after < v_before * 0.94, "correction lowers the teacher's held-out loss by over 6% (P2)"),
+         claim(final("width_kd") < final("width_kd_uncorrected"),
+               "a student distilled from the corrected teacher ends with a lower loss (P2)"), "",
+         "## 2. Width vs depth at the same size", "",
+         report.md_table(["student", "params", "zero-shot test loss", "test loss after KD",
+                          *(f"{t} acc" for t in cfg.lm_eval_tasks), "generation tokens/s", "prefill tokens/s"],
+                         [[name, f"{n / 1e6:.1f}M", zs(arm) if key != "teacher" else t_corr, loss,
+                           *(acc(name, t) for t in cfg.lm_eval_tasks), tps(name),
+                           ev[name]["throughput"]["prefill_tokens_per_s"]] for name, n, loss, arm, key in rows]), "",
+         f"Throughput: transformers `generate` with KV cache, batch {cfg.throughput.batch_size}, prompt "
+         f"{cfg.throughput.prompt_length}, {cfg.throughput.generation_length} new tokens, median of "
+         f"{cfg.throughput.repeats}, on {ev[evaluated[0]]['throughput']['device']}.", "",
+         "![width vs depth](img/width_vs_depth.png)", "",
+         claim(final("width_kd") < final("depth_block_kd"), "width pruning is more accurate than depth after "
+                                                            "distillation (P1, P2)"),
+         claim(tps(evaluated[2]) > tps(evaluated[1]), "the depth-pruned student generates faster (P2)"), "",
+         "## 3. Distillation vs LM-loss training vs random init (same architecture, same tokens)", "",
+         report.md_table(["arm", "start", "loss", "test loss at start", "test loss after training"],
+                         [["pruned + KD", "pruned", "KD (forward KL)", zs("width_kd"), final("width_kd")],
+                          ["pruned + LM loss", "pruned", "LM", zs("width_lm"), final("width_lm")],
+                          ["random init + LM loss", "random", "LM", zs("random_lm"), final("random_lm")]]), "",
+         "![kd vs lm](img/kd_vs_lm.png)", "",
+         claim(final("width_kd") < final("width_lm"), "KD beats LM-loss training from the same pruned start (P1)"),
+         claim(final("width_lm") < final("random_lm"), "pruning is a far better start than random init (P1)"), "",
+         "## 4. Importance aggregation (zero shot, width student)", ""]
+    seqs = list(dict.fromkeys(r["seq"] for r in study["aggregation"]))
+    batches = list(dict.fromkeys(r["batch"] for r in study["aggregation"]))
+    cell = {(r["batch"], r["seq"]): r["loss"] for r in study["aggregation"]}
+    L += [report.md_table(["batch \\ seq", *seqs], [[b, *(cell.get((b, s), "") for s in seqs)] for b in batches]),
+          "", f"Test loss (nats) of the width student ({params['width'] / 1e6:.1f}M) pruned with each aggregation, "
+              f"before any training; calibration {study['calibration']['samples']} x "
+              f"{study['calibration']['seq_length']} tokens of the train plays. Teacher: "
+              f"{study['teacher']['loss']:.3f}.", "", "![aggregation](img/aggregation.png)",
+          "![importance](img/importance.png)", "",
+          "## 5. Depth criteria (same number of layers dropped)", "",
+          report.md_table(["criterion", "dropped layers (1-indexed)", "zero-shot test loss", "test loss after KD"],
+                          [[r["criterion"], r["dropped_layers_1indexed"], r["loss"], final(f"depth_{r['criterion']}_kd")]
+                           for r in study["depth"]]), "",
+          "block = contiguous block chosen by calibration loss; loss = single-layer removal loss; "
+          "bi = Block Importance (1 - cos).", "", "![depth criteria](img/depth_criteria.png)", "",
+          "## Greedy samples", ""]
+    for name in evaluated:
+        for s in ev[name].get("samples", []):
+            L += [f"**{name}**, prompt `{s['prompt']}`:", "", "```", s["completion"].strip(), "```", ""]
+    L += ["## Time per stage", "", report.md_table(["stage", "minutes"], [[k, v / 60] for k, v in spent.items()])]
+    md = out / "results.md"
+    md.write_text("\n".join(L) + "\n")
+    if cfg.readme:
+        block = (f"{headline}\n\n![loss curves]({Path(cfg.results) / 'img' / 'headline.png'})\n\n{setup} "
+                 f"Details: [{md}]({md}).")
+        report.replace_block(cfg.readme, "<!-- experiment:begin -->", "<!-- experiment:end -->", block)
+    return md
+
+
+@user_errors_exit
+def main():
+    cfg = compose("experiment")
+    if float(cfg.scale) <= 0:
+        raise UserError(f"scale={cfg.scale}; allowed: a number > 0")
+    if not cfg.depth_criteria or "block" != cfg.depth_criteria[0]:
+        raise UserError(f"depth_criteria={list(cfg.depth_criteria)}; allowed: a list starting with block "
+                        f"(the depth student of the width-vs-depth comparison)")
+    work = Path(cfg.workdir).resolve()
+    logs = work / "logs"
+    t0 = time.time()
+    from minitron_nemo.data import assets
+
+    test_text = assets.shakespeare_splits()["test"]
+
+    # 1. teacher correction
+    corrected = work / "teacher_corrected"
+    if not (corrected / "meta.json").is_file():
+        run(RECIPES / "correct_teacher.py",
+            [*train_args(cfg, work), f"workdir={work / 'correction'}", f"teacher.corrected_checkpoint={corrected}",
+             f"correction.train_iters={scaled(cfg, 'correction_iters')}", f"correction.warmup_iters={warmup(scaled(cfg, 'correction_iters'))}",
+             f"correction.workdir={work / 'correction'}"], logs / "correct.log")
+
+    # 2. zero-shot pruning study (and the students)
+    if not (work / "prune_study" / "results.json").is_file():
+        run(RECIPES / "experiments" / "prune_study.py", sys.argv[1:], logs / "prune_study.log")
+
+    # 3. training arms, same token budget each
+    for arm in arm_names(cfg):
+        if not (work / "arms" / arm / "results.json").is_file():
+            run(RECIPES / "distill.py", [*train_args(cfg, work), f"workdir={work / 'arms' / arm}",
+                                         *arm_args(cfg, work, arm)], logs / f"{arm}.log")
+
+    # 4. lm-eval, samples, throughput: corrected teacher vs width and depth students
+    evaluated = {"teacher (corrected)": corrected,
+                 "width student (KD)": Path(load(work / "arms" / "width_kd" / "results.json")["final_checkpoint"]),
+                 "depth student (KD)": Path(load(work / "arms" / "depth_block_kd" / "results.json")["final_checkpoint"])}
+    th = cfg.throughput
+    for name, ckpt in evaluated.items():
+        out = work / "eval" / f"{name.split()[0]}.json"
+        if not out.is_file():
+            run(RECIPES / "evaluate.py",
+                [f"checkpoint={ckpt}", f"eval.text_file={test_text}", "eval.perplexity=false", f"dtype={cfg.dtype}",
+                 f"seed={cfg.seed}", f"eval.lm_eval_tasks=[{','.join(cfg.lm_eval_tasks)}]",
+                 f"eval.lm_eval_limit={scaled(cfg, 'lm_eval_limit')}", "eval.throughput.enabled=true",
+                 f"eval.throughput.batch_size={th.batch_size}", f"eval.throughput.prompt_length={th.prompt_length}",
+                 f"eval.throughput.generation_length={th.generation_length}", f"eval.throughput.repeats={th.repeats}",
+                 f"eval.generate.prompts={json.dumps(list(cfg.prompts))}",
+                 f"eval.generate.max_new_tokens={cfg.generate_tokens}", f"eval.output={out}"],
+                logs / "evaluate.log")
+
+    # 5. report
+    md = write_report(cfg, work, list(evaluated))
+    print(f"[experiment] wrote {md} in {time.time() - t0:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
