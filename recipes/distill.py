@@ -175,7 +175,8 @@ def main():
                    f"(micro-batch {t.micro_batch_size}, accumulation {n_acc}, DP {ps.get_data_parallel_world_size()})")
     trainer.fit()
 
-    results = {"teacher": perplexity(teacher, windows, int(t.micro_batch_size)), "student_zero_shot": zero_shot,
+    t_ppl = perplexity(teacher, windows, int(t.micro_batch_size)) if cfg.teacher.held_out else float("nan")
+    results = {"teacher": t_ppl, "student_zero_shot": zero_shot,
                "student_distilled": perplexity(student, windows, int(t.micro_batch_size)),
                "tokens": 0 if windows is None else int((windows[:, 1:] >= 0).sum()),
                "final_checkpoint": str(trainer.ckpt_root / f"iter_{trainer.iteration:07d}"),

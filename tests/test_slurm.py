@@ -1,7 +1,9 @@
 """Slurm launcher: rendered scripts, bad input, and jobs on a real (throw-away) Slurm on this host.
 
 The real-Slurm tests install Debian's slurm-wlm + munge when missing (root + apt-get; skipped with the
-reason otherwise), start munged/slurmctld/slurmd in the test's temp dir and stop them at the end.
+reason otherwise), start munged/slurmctld/slurmd in the test's temp dir and stop them at the end, and
+submit the real distillation job (recipes/distill.py rendered by launchers/submit.py, no container,
+2 gloo tasks on CPU) with a tiny random teacher: once uninterrupted, once preempted and requeued.
 """
 
 import json
@@ -107,17 +109,17 @@ def cluster(tmp_path_factory):
             os.environ.pop("SLURM_CONF", None)
 
 
-TRAIN_ITERS, SAVE_EVERY = 40, 10
+TRAIN_ITERS, SAVE_EVERY, TEST_TOKENS = 40, 10, 1024
 
 
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory):
     """A random 4-layer Llama (tests/hf_models) with SmolLM2's tokenizer, and small slices of the cached
     Shakespeare splits as train / valid / test text."""
+    import torch
     from hf_models import make_hf_model
     from safetensors.torch import load_file, save_file
 
-    import torch
     from minitron_nemo.checkpoint.store import copy_tokenizer
     from minitron_nemo.data import assets
 
@@ -150,7 +152,7 @@ def submit_distill(capsys, cluster, teacher, work):
         f"workdir={work}", f"teacher.checkpoint={hf}", "teacher.corrected_checkpoint=null", "~model",
         "teacher.max_loss_fraction=10",  # a random teacher scores about ln(vocab): not a trained one
         "data=text", f"data.train_text={text['train']}", f"data.valid_text={text['valid']}",
-        f"data.test_text={text['test']}", "data.seq_length=32", "data.valid_samples=4", "data.test_tokens=1024",
+        f"data.test_text={text['test']}", "data.seq_length=32", "data.valid_samples=4", f"data.test_tokens={TEST_TOKENS}",
         "prune.target_hidden_size=32", "prune.target_ffn_hidden_size=48", "prune.grid=16",
         "prune.calibration.num_samples=8", "prune.calibration.seq_length=32", "prune.calibration.micro_batch_size=2",
         "prune.calibration.loss_samples=4", "trainer.micro_batch_size=1", "trainer.global_batch_size=2",
@@ -196,7 +198,7 @@ def test_distill_job_and_preemption(capsys, cluster, tiny_teacher, tmp_path):
     final = ref / "checkpoints" / f"iter_{TRAIN_ITERS:07d}"
     assert (final / "COMPLETE").read_text() == str(TRAIN_ITERS)
     results = json.loads((ref / "results.json").read_text())
-    assert results["final_checkpoint"] == str(final) and results["tokens"] == 1024, results
+    assert results["final_checkpoint"] == str(final) and results["tokens"] == TEST_TOKENS, results
     assert (ref / "logs" / f"distill-{job}" / "job.sbatch").is_file()
     assert_no_leftovers(cluster, job)
     ref_losses = train_losses(ref)

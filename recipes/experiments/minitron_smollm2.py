@@ -93,10 +93,11 @@ def arm_args(cfg, work: Path, arm: str) -> list:
                 f"prune.calibration.seed={cfg.seed}"]
     if arm.startswith("depth_"):
         crit = arm[len("depth_"):-len("_kd")]
-        return [corrected, f"student.checkpoint={study / f'depth_{crit}'}"]
+        return [corrected, "teacher.held_out=false", f"student.checkpoint={study / f'depth_{crit}'}"]
     init = "random" if arm == "random_lm" else "pruned"
     loss = "kd" if arm == "width_kd" else "lm"
-    return [corrected, f"student.checkpoint={study / 'width'}", f"student.init={init}", f"student.loss={loss}"]
+    return [corrected, f"teacher.held_out={arm == 'width_kd'}", f"student.checkpoint={study / 'width'}",
+            f"student.init={init}", f"student.loss={loss}"]
 
 
 def arm_names(cfg) -> list:
