@@ -4,8 +4,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+EXPERIMENT_ARGS ?=
 
-.PHONY: venv test demo clean-venv
+.PHONY: venv test demo experiment clean-venv
 
 venv: $(STAMP)
 
@@ -21,6 +22,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) recipes/demo.py
+
+experiment: $(STAMP)
+	$(PY) recipes/experiments/minitron_smollm2.py $(EXPERIMENT_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

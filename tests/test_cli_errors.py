@@ -80,3 +80,18 @@ def test_interrupted_export_leaves_previous_output(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         save_hf_dir(mc, Boom(), out)
     assert (out / "config.json").read_text() == "old" and len(list(out.iterdir())) == 1
+
+
+@pytest.mark.parametrize("script,args,needle", [
+    ("distill.py", ["student.init=copy"], "student.init='copy'"),
+    ("distill.py", ["student.loss=ce"], "student.loss='ce'"),
+    ("evaluate.py", ["eval.perplexity=false", "eval.throughput.enabled=true", "eval.throughput.batch_size=0"],
+     "eval.throughput.batch_size=0"),
+    ("experiments/minitron_smollm2.py", ["scale=0"], "scale=0"),
+])
+def test_bad_values_of_baselines_evaluation_and_experiment(tmp_path, hf_llama, script, args, needle):
+    base = {"distill.py": [f"workdir={tmp_path}/w", f"teacher.checkpoint={hf_llama}"],
+            "evaluate.py": [f"checkpoint={hf_llama}", "eval.text_file=unused.txt"],
+            "experiments/minitron_smollm2.py": [f"workdir={tmp_path}/w"]}[script]
+    assert_user_error(recipe(script, *base, *args), needle)
+    assert not (tmp_path / "w").exists()
