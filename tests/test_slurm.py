@@ -6,6 +6,8 @@ submit the real distillation job (recipes/distill.py rendered by launchers/submi
 2 gloo tasks on CPU) with a tiny random teacher: once uninterrupted, once preempted and requeued.
 """
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -141,26 +143,32 @@ def tiny_teacher(tmp_path_factory):
     return teacher, text
 
 
-def submit_distill(capsys, cluster, teacher, work):
+def submit_distill(cluster, teacher, work, *launcher):
     """The real distillation job (recipes/distill.py, rendered by submit.py) on 2 gloo ranks: the tiny
-    teacher, pruned in-job to half its width, distilled for TRAIN_ITERS steps."""
+    teacher, pruned in-job to half its width, distilled for TRAIN_ITERS steps. Returns the job id."""
     hf, text = teacher
-    code, out, err = submit_main(
-        capsys, "distill", "launcher=slurm_bare", "launcher.gpus_per_node=2", "launcher.request_gpus=false",
-        "launcher.time=00:10:00", f"launcher.logs={work}/logs", "launcher.job_name=distill",
-        "+launcher.env.OMP_NUM_THREADS=1",
-        f"workdir={work}", f"teacher.checkpoint={hf}", "teacher.corrected_checkpoint=null", "~model",
-        "teacher.max_loss_fraction=10",  # a random teacher scores about ln(vocab): not a trained one
-        "data=text", f"data.train_text={text['train']}", f"data.valid_text={text['valid']}",
-        f"data.test_text={text['test']}", "data.seq_length=32", "data.valid_samples=4", f"data.test_tokens={TEST_TOKENS}",
-        "prune.target_hidden_size=32", "prune.target_ffn_hidden_size=48", "prune.grid=16",
-        "prune.calibration.num_samples=8", "prune.calibration.seq_length=32", "prune.calibration.micro_batch_size=2",
-        "prune.calibration.loss_samples=4", "trainer.micro_batch_size=1", "trainer.global_batch_size=2",
-        f"trainer.train_iters={TRAIN_ITERS}", "trainer.warmup_iters=2", "trainer.eval_interval=20",
-        "trainer.tensorboard=false", f"checkpointing.save_interval={SAVE_EVERY}")
-    assert code == 0, (out, err, cluster.logs())
-    print(out, end="")
-    return re.findall(r"submitted distill: job (\d+)", out)[-1]
+    argv = ["distill", "launcher=slurm_bare", "launcher.gpus_per_node=2", "launcher.request_gpus=false",
+            "launcher.time=00:10:00", f"launcher.logs={work}/logs", "launcher.job_name=distill",
+            "+launcher.env.OMP_NUM_THREADS=1", *launcher,
+            f"workdir={work}", f"teacher.checkpoint={hf}", "teacher.corrected_checkpoint=null", "~model",
+            "teacher.max_loss_fraction=10",  # a random teacher scores about ln(vocab): not a trained one
+            "data=text", f"data.train_text={text['train']}", f"data.valid_text={text['valid']}",
+            f"data.test_text={text['test']}", "data.seq_length=32", "data.valid_samples=4",
+            f"data.test_tokens={TEST_TOKENS}", "prune.target_hidden_size=32", "prune.target_ffn_hidden_size=48",
+            "prune.grid=16", "prune.calibration.num_samples=8", "prune.calibration.seq_length=32",
+            "prune.calibration.micro_batch_size=2", "prune.calibration.loss_samples=4", "trainer.micro_batch_size=1",
+            "trainer.global_batch_size=2", f"trainer.train_iters={TRAIN_ITERS}", "trainer.warmup_iters=2",
+            "trainer.eval_interval=20", "trainer.tensorboard=false", f"checkpointing.save_interval={SAVE_EVERY}"]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            submit.main(argv)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    assert code == 0, (out.getvalue(), err.getvalue(), cluster.logs())
+    print(out.getvalue(), end="")
+    return re.findall(r"submitted distill: job (\d+)", out.getvalue())[-1]
 
 
 def job_log(work, job):
@@ -184,32 +192,46 @@ def train_losses(work) -> dict:
     return by_it
 
 
-def test_distill_job_and_preemption(capsys, cluster, tiny_teacher, tmp_path):
-    t0 = time.time()
-    ref = tmp_path / "uninterrupted"
-    job = submit_distill(capsys, cluster, tiny_teacher, ref)
-    info = cluster.wait(job)
-    log = job_log(ref, job)
-    print(f"uninterrupted job {job}: {info['JobState']} exit {info['ExitCode']} in {time.time() - t0:.0f}s")
+def check_completed(cluster, job, work, info, t0, what):
+    """COMPLETED 0:0, the final checkpoint (COMPLETE marker as the trainer writes it), results.json, the
+    log and the script copy, no leftover process; returns ``(log, results, losses)``."""
+    log = job_log(work, job)
+    print(f"{what} job {job}: {info['JobState']} exit {info['ExitCode']} restarts {info['Restarts']} on "
+          f"{info['NodeList']} in {time.time() - t0:.0f}s")
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, log[-6000:], cluster.logs())
-    assert "[launcher] job" in log and "restart 0" in log and "ranks exited with 0" in log, log[-6000:]
-    assert "pruning the teacher in-job" in log and f"[train] iter {TRAIN_ITERS}/{TRAIN_ITERS}" in log, log[-6000:]
+    assert "ranks exited with 0" in log and f"[train] iter {TRAIN_ITERS}/{TRAIN_ITERS}" in log, log[-6000:]
     assert "DP 2)" in log, log[-6000:]  # 2 Slurm tasks = 2 data-parallel gloo ranks
-    final = ref / "checkpoints" / f"iter_{TRAIN_ITERS:07d}"
+    final = work / "checkpoints" / f"iter_{TRAIN_ITERS:07d}"
     assert (final / "COMPLETE").read_text() == str(TRAIN_ITERS)
-    results = json.loads((ref / "results.json").read_text())
+    results = json.loads((work / "results.json").read_text())
     assert results["final_checkpoint"] == str(final) and results["tokens"] == TEST_TOKENS, results
-    assert (ref / "logs" / f"distill-{job}" / "job.sbatch").is_file()
+    assert (work / "logs" / f"distill-{job}" / "job.sbatch").is_file()
     assert_no_leftovers(cluster, job)
-    ref_losses = train_losses(ref)
-    assert sorted(ref_losses) == list(range(1, TRAIN_ITERS + 1))
+    losses = train_losses(work)
+    assert sorted(losses) == list(range(1, TRAIN_ITERS + 1))
+    return log, results, losses
 
-    # the time-limit signal, as Slurm sends it (--signal=B:USR1): the batch shell forwards it to the ranks,
-    # which checkpoint and exit 85; the script requeues the job; it resumes and ends with the same losses
-    t1 = time.time()
-    pre = tmp_path / "preempted"
-    job = submit_distill(capsys, cluster, tiny_teacher, pre)
-    first = pre / "checkpoints" / f"iter_{SAVE_EVERY:07d}" / "COMPLETE"
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, tiny_teacher, tmp_path_factory):
+    """The distillation job run once without interruption: ``(log, results.json, train losses)``."""
+    t0, work = time.time(), tmp_path_factory.mktemp("uninterrupted")
+    job = submit_distill(cluster, tiny_teacher, work)
+    return check_completed(cluster, job, work, cluster.wait(job), t0, "uninterrupted")
+
+
+def test_distill_job(uninterrupted):
+    log, _, _ = uninterrupted
+    assert "restart 0" in log and "pruning the teacher in-job" in log and "requeue" not in log, log[-6000:]
+
+
+def test_preemption_requeue_resume(cluster, tiny_teacher, uninterrupted, tmp_path):
+    """The time-limit signal, as Slurm sends it (--signal=B:USR1): the batch shell forwards it to the ranks,
+    which checkpoint and exit 85; the script requeues the job; it resumes and ends with the same losses."""
+    _, ref_results, ref_losses = uninterrupted
+    t0, work = time.time(), tmp_path / "preempted"
+    job = submit_distill(cluster, tiny_teacher, work)
+    first = work / "checkpoints" / f"iter_{SAVE_EVERY:07d}" / "COMPLETE"
     deadline = time.time() + 180
     while not first.is_file():
         state = cluster.job(job).get("JobState")
@@ -217,20 +239,48 @@ def test_distill_job_and_preemption(capsys, cluster, tiny_teacher, tmp_path):
         time.sleep(0.2)
     cluster.run("scancel", "--batch", "--signal=USR1", job)
     info = cluster.wait(job, timeout=240, until=lambda i: i.get("JobState") == "COMPLETED" and i.get("Restarts") != "0")
-    log = job_log(pre, job)
-    print(f"preempted job {job}: {info['JobState']} exit {info['ExitCode']} restarts {info['Restarts']} "
-          f"in {time.time() - t1:.0f}s")
+    log, results, losses = check_completed(cluster, job, work, info, t0, "preempted")
     print("\n".join(l for l in log.splitlines() if l.startswith(("[launcher]", "[signals]", "[train] resumed"))))
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", (info, log)
+    assert info["Restarts"] == "1", info
     assert "SIGUSR1 received" in log and "ranks exited with 85" in log and "requeueing job" in log, log[-6000:]
     resumed = re.findall(r"\[train\] resumed from \S+/iter_(\d+)", log)
     assert len(resumed) == 1 and SAVE_EVERY <= int(resumed[0]) < TRAIN_ITERS, (resumed, log[-6000:])
-    assert "pruning the teacher in-job" in log.split("restart 1")[0] and "pruning" not in log.split("restart 1")[1]
-    assert (pre / "checkpoints" / f"iter_{TRAIN_ITERS:07d}" / "COMPLETE").is_file()
-    assert_no_leftovers(cluster, job)
-    pre_losses = train_losses(pre)
+    before, after = log.split("restart 1", 1)
+    assert "pruning the teacher in-job" in before and "pruning" not in after  # the saved student is reused
     print(f"final training loss: uninterrupted {ref_losses[TRAIN_ITERS]['total']!r}, "
-          f"preempted at iteration {int(resumed[0])} and resumed {pre_losses[TRAIN_ITERS]['total']!r}")
-    assert pre_losses == ref_losses
-    pre_results = json.loads((pre / "results.json").read_text())
-    assert pre_results["student_distilled"] == results["student_distilled"], (pre_results, results)
+          f"preempted at iteration {int(resumed[0])} and resumed {losses[TRAIN_ITERS]['total']!r}")
+    assert losses == ref_losses
+    assert results["student_distilled"] == ref_results["student_distilled"], (results, ref_results)
+
+
+# ---------------------------------------------------------------------------------------------------
+# two hosts: two slurmd in network namespaces of their own on a private bridge
+
+def test_two_hosts(tiny_teacher, uninterrupted, tmp_path, monkeypatch):
+    """The same job on 2 nodes x 1 task: the gloo rendezvous and all-reduces cross the hosts' veth
+    interfaces (each namespace has its own loopback); the losses match the single-host run's."""
+    from slurm.netns import IFNAME, Hosts, why_not
+
+    why = why_not()
+    if why:
+        print(f"skipping the two-host test: {why}", flush=True)
+        pytest.skip(why)
+    _, ref_results, ref_losses = uninterrupted
+    with Hosts(["mnode1", "mnode2"]) as hosts, \
+            SlurmCluster(tmp_path / "slurm", cpus=2, nodes=hosts.nodes, ctl_addr=hosts.ctl_addr) as cluster:
+        monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
+        rx0 = {n: hosts.rx_bytes(n) for n in hosts.names}
+        t0, work = time.time(), tmp_path / "two_hosts"
+        job = submit_distill(cluster, tiny_teacher, work, "launcher.nodes=2", "launcher.gpus_per_node=1",
+                             f"+launcher.env.GLOO_SOCKET_IFNAME={IFNAME}")
+        info = cluster.wait(job)
+        rx = {n: hosts.rx_bytes(n) - rx0[n] for n in hosts.names}
+        log, results, losses = check_completed(cluster, job, work, info, t0, "two-host")
+    assert info["NumNodes"] == "2" and info["NodeList"] == "mnode[1-2]", info
+    assert "on mnode[1-2], master mnode1:" in log, log[-6000:]
+    # every step all-reduces the student's gradients between the hosts: each receives at least half of them
+    params = int(re.search(r"\[distill\] student \S+: ([\d,]+) params", log).group(1).replace(",", ""))
+    print(f"bytes received over {IFNAME}: {rx}; student {params:,} params x {TRAIN_ITERS} steps")
+    assert all(b >= TRAIN_ITERS * params * 4 // 2 for b in rx.values()), (rx, params)
+    assert losses == ref_losses
+    assert results["student_distilled"] == ref_results["student_distilled"], (results, ref_results)

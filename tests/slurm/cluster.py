@@ -47,10 +47,12 @@ def free_port() -> int:
 
 
 class SlurmCluster:
-    """``nodes``: ``[(name, address, netns or None)]``; default one node named after this host."""
+    """``nodes``: ``[(name, address, netns or None)]``, default one node named after this host;
+    ``ctl_addr``: where slurmctld (in this namespace) is reached from every node."""
 
-    def __init__(self, root: Path, cpus: int = 2, nodes=None):
+    def __init__(self, root: Path, cpus: int = 2, nodes=None, ctl_addr: str = "127.0.0.1"):
         self.root = Path(root)
+        self.ctl_addr = ctl_addr
         self.cpus = cpus
         self.nodes = nodes or [(socket.gethostname(), "127.0.0.1", None)]
         self.procs: list[subprocess.Popen] = []
@@ -59,8 +61,10 @@ class SlurmCluster:
 
     # -- daemons ---------------------------------------------------------------------------------
     def _spawn(self, name, cmd, netns=None):
-        if netns:
-            cmd = ["ip", "netns", "exec", netns, *cmd]
+        if netns:  # tests/slurm/netns.py: that namespace's network and /etc/hosts
+            from .netns import in_netns
+
+            cmd = in_netns(netns, cmd)
         log = open(self.root / f"{name}.stdout", "w")
         p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
         self.procs.append(p)
@@ -68,8 +72,8 @@ class SlurmCluster:
 
     def _write_conf(self, ctl_addr: str):
         r = self.root
-        for d in ("state", "spool", "munge"):
-            (r / d).mkdir(exist_ok=True)
+        for d in ("state", "spool", "munge", *(f"spool/{n}" for n, _, _ in self.nodes)):
+            (r / d).mkdir(parents=True, exist_ok=True)
         ctl_host = socket.gethostname()
         lines = [
             "ClusterName=minitrontest", f"SlurmctldHost={ctl_host}({ctl_addr})", "SlurmUser=root", "SlurmdUser=root",
@@ -91,8 +95,8 @@ class SlurmCluster:
                      f"MaxTime=INFINITE State=UP OverSubscribe=NO")
         self.conf.write_text("\n".join(lines) + "\n")
 
-    def start(self, ctl_addr: str = "127.0.0.1", timeout: float = 60):
-        self._write_conf(ctl_addr)
+    def start(self, timeout: float = 60):
+        self._write_conf(self.ctl_addr)
         m = self.root / "munge"
         key = m / "munge.key"
         key.write_bytes(os.urandom(1024))
