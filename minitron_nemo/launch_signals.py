@@ -5,11 +5,14 @@ and preemption's SIGTERM to every rank. Handlers installed here only set a flag;
 ``stop_requested()`` once per step (all ranks agree, since saving is collective), saves, and calls
 ``exit_for_requeue()``: exit code ``REQUEUE_EXIT`` tells the batch script to ``scontrol requeue`` the
 job, which then resumes from the latest checkpoint. Handlers are installed on import under Slurm
-(``SLURM_JOB_ID`` set) or when ``MINITRON_STOP_SIGNALS=1``.
+(``SLURM_JOB_ID`` set) or when ``MINITRON_STOP_SIGNALS=1``; helper processes that re-import the
+recipe (the dist-checkpoint writer's spawned Manager) get them too, so the signal does not kill them
+in the middle of that checkpoint, and ``exit_for_requeue`` ends them before leaving.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import sys
@@ -57,6 +60,8 @@ def exit_for_requeue() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    for child in multiprocessing.active_children():  # os._exit skips multiprocessing's own cleanup
+        child.kill()
     sys.stdout.flush()
     os._exit(REQUEUE_EXIT)
 
