@@ -61,3 +61,12 @@ def test_import_recipe_tp2_and_export_recipe(work, tmp_path):
     run_py(ROOT / "recipes" / "export_hf.py", f"checkpoint={ck}", f"output={out}")
     a, b = load_file(str(hf / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a) and sorted(a) == sorted(b)
+
+
+def test_llama_with_hidden_not_a_multiple_of_heads_exports_as_mistral(tmp_path):
+    """transformers' LlamaConfig refuses hidden 64 with 3 heads; the export writes the same architecture
+    as Mistral (explicit head_dim, full attention) and transformers reproduces our logits."""
+    p = run_py(ROOT / "tests" / "workers" / "odd_heads_export_worker.py", tmp_path)
+    assert "config MistralForCausalLM 64 3 24 None" in p.stdout, p.stdout
+    diff = float(p.stdout.split("max|logits diff| = ")[1].split()[0])
+    assert diff < 1e-4, p.stdout

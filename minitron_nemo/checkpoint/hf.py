@@ -95,15 +95,22 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
 
 
 def hf_config_from_model_config(mc: ModelConfig, tokenizer_ids: dict | None = None) -> dict:
-    """The ``config.json`` dict for ``mc`` (``head_dim`` always written explicitly)."""
-    nemotron = mc.family == "nemotron"
+    """The ``config.json`` dict for ``mc`` (``head_dim`` always written explicitly).
+
+    A Llama whose hidden size is no longer a multiple of its head count (width pruning with heads
+    kept: 576 -> 384 with 9 heads) is written as Mistral: the same architecture and weight names with
+    an explicit ``head_dim``, which transformers' LlamaConfig refuses for such shapes."""
+    family = mc.family
+    if family == "llama" and mc.hidden_size % mc.num_attention_heads:
+        family = "mistral"
+    nemotron = family == "nemotron"
     rope = {"rope_type": "default", "rope_theta": mc.rotary_base}
     if mc.rope_scaling_factor is not None:
         rope = {"rope_type": "llama3", "factor": mc.rope_scaling_factor, "rope_theta": mc.rotary_base,
                 **_LLAMA3_ROPE}
     cfg = {
-        "architectures": [FAMILY_TO_ARCH[mc.family]],
-        "model_type": {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "nemotron": "nemotron"}[mc.family],
+        "architectures": [FAMILY_TO_ARCH[family]],
+        "model_type": {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "nemotron": "nemotron"}[family],
         "num_hidden_layers": mc.num_layers,
         "hidden_size": mc.hidden_size,
         "intermediate_size": mc.ffn_hidden_size,
@@ -127,9 +134,11 @@ def hf_config_from_model_config(mc: ModelConfig, tokenizer_ids: dict | None = No
         cfg["rope_parameters"]["partial_rotary_factor"] = mc.rotary_percent
     else:
         cfg["rms_norm_eps"] = mc.norm_epsilon
-    if mc.family in ("llama", "mistral"):
+    if family in ("llama", "mistral"):
         cfg.update(attention_bias=False, mlp_bias=False)
-    if mc.family == "qwen2":
+    if family == "mistral":
+        cfg["sliding_window"] = None  # full attention, as in Megatron (MistralConfig defaults to 4096)
+    if family == "qwen2":
         cfg.update(use_sliding_window=False, sliding_window=None)
     if tokenizer_ids:
         cfg.update({k: v for k, v in tokenizer_ids.items() if v is not None})
