@@ -69,6 +69,16 @@ def hf_results(cfg) -> dict:
     return out
 
 
+def check_generation(ev) -> None:
+    from minitron_nemo.eval.generate import check_counts
+
+    if ev.generate.prompts:
+        check_counts("eval.generate", {"max_new_tokens": ev.generate.max_new_tokens})
+    if ev.throughput.enabled:
+        check_counts("eval.throughput", {k: ev.throughput[k] for k in
+                                         ("batch_size", "prompt_length", "generation_length", "repeats")})
+
+
 @user_errors_exit
 def main():
     cfg = compose("evaluate")
@@ -78,6 +88,7 @@ def main():
     if ev.backend not in ("megatron", "transformers"):
         raise UserError(f"eval.backend={ev.backend!r}; allowed: megatron, transformers")
     mc.check_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size)
+    check_generation(ev)  # before any compute
     t0 = time.time()
     result = {}
     if ev.lm_eval_tasks or ev.generate.prompts or ev.throughput.enabled:

@@ -84,6 +84,25 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def _cpu_write_results_queue() -> None:
+    """CPU mode: give Megatron's filesystem writer its results queue from a *fork*-context Manager.
+
+    The writer starts that Manager with the spawn context, which re-imports the entry script (and with it
+    torch, megatron and transformers) in a new interpreter: seconds per saving process, a large share of a
+    short CPU job. Forking is safe here because no CUDA context exists; on GPU the writer's own path runs.
+    """
+    from minitron_nemo.runtime import cpu_mode
+
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+    except ImportError:
+        return
+    if cpu_mode() and getattr(fa, "_results_queue", False) is None:
+        import multiprocessing
+
+        fa._results_queue = multiprocessing.get_context("fork").Manager().Queue()
+
+
 def save_checkpoint(model, ckpt_dir, mc: ModelConfig, *, tokenizer_src=None, meta: dict | None = None,
                     extra_state: dict | None = None) -> Path:
     """Collectively save ``model`` (this rank's shard) as a self-describing checkpoint.
@@ -108,6 +127,7 @@ def save_checkpoint(model, ckpt_dir, mc: ModelConfig, *, tokenizer_src=None, met
     sharded = model.sharded_state_dict()
     if extra_state:
         sharded.update(extra_state)
+    _cpu_write_results_queue()
     dist_checkpointing.save(sharded, str(tmp / "weights"))
     _barrier()
     if _rank() == 0:

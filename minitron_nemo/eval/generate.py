@@ -26,10 +26,16 @@ def load_hf(hf_dir, dtype: torch.dtype = torch.float32):
     return model, tok
 
 
+def check_counts(prefix: str, values: dict) -> None:
+    """Each value must be an integer >= 1 (one-line error naming ``prefix.key``)."""
+    for k, v in values.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise UserError(f"{prefix}.{k}={v!r}; allowed: an integer >= 1")
+
+
 def greedy_samples(model, tok, prompts, max_new_tokens: int = 32) -> list[dict]:
     """One greedy completion per prompt: [{"prompt", "completion"}]."""
-    if max_new_tokens < 1:
-        raise UserError(f"eval.generate.max_new_tokens={max_new_tokens}; allowed: an integer >= 1")
+    check_counts("eval.generate", {"max_new_tokens": max_new_tokens})
     out = []
     for prompt in prompts:
         ids = tok(str(prompt), return_tensors="pt").input_ids.to(model.device)
@@ -48,10 +54,8 @@ def _sync():
 def throughput(model, batch_size: int = 1, prompt_length: int = 128, generation_length: int = 64,
                repeats: int = 3, seed: int = 0) -> dict:
     """Prefill and end-to-end generation tokens/s (median of ``repeats`` after one warm-up run)."""
-    for name, v in (("batch_size", batch_size), ("prompt_length", prompt_length),
-                    ("generation_length", generation_length), ("repeats", repeats)):
-        if not isinstance(v, int) or v < 1:
-            raise UserError(f"eval.throughput.{name}={v!r}; allowed: an integer >= 1")
+    check_counts("eval.throughput", {"batch_size": batch_size, "prompt_length": prompt_length,
+                                     "generation_length": generation_length, "repeats": repeats})
     g = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
     ids = torch.randint(100, vocab, (batch_size, prompt_length), generator=g).to(model.device)

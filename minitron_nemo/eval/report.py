@@ -48,7 +48,11 @@ def plot_bars(values: dict, path, title: str, ylabel: str) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    ax.bar(range(len(values)), list(values.values()), color="C0")
+    v = list(values.values())
+    bars = ax.bar(range(len(values)), v, color="C0")
+    ax.bar_label(bars, fmt="%.3f", fontsize=7)
+    lo, hi = min(v), max(v)
+    ax.set_ylim(lo - 0.5 * (hi - lo + 1e-9), hi + 0.15 * (hi - lo + 1e-9))  # the differences, not the zero
     ax.set_xticks(range(len(values)), list(values), rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
