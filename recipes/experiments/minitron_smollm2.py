@@ -257,7 +257,10 @@ def write_report(cfg, work: Path, evaluated: list) -> Path:
     if cfg.readme:
         block = (f"{headline}\n\n![loss curves]({Path(cfg.results) / 'img' / 'headline.png'})\n\n{setup} "
                  f"Details: [{md}]({md}).")
-        report.replace_block(cfg.readme, "<!-- experiment:begin -->", "<!-- experiment:end -->", block)
+        done = Path(cfg.readme).is_file() and report.replace_block(cfg.readme, "<!-- experiment:begin -->",
+                                                                   "<!-- experiment:end -->", block)
+        if not done:
+            print(f"[experiment] {cfg.readme} has no experiment block; left unchanged", flush=True)
     return md
 
 
