@@ -5,9 +5,9 @@ and preemption's SIGTERM to every rank. Handlers installed here only set a flag;
 ``stop_requested()`` once per step (all ranks agree, since saving is collective), saves, and calls
 ``exit_for_requeue()``: exit code ``REQUEUE_EXIT`` tells the batch script to ``scontrol requeue`` the
 job, which then resumes from the latest checkpoint. Handlers are installed on import under Slurm
-(``SLURM_JOB_ID`` set) or when ``MINITRON_STOP_SIGNALS=1``; helper processes that re-import the
-recipe (the dist-checkpoint writer's spawned Manager) get them too, so the signal does not kill them
-in the middle of that checkpoint, and ``exit_for_requeue`` ends them before leaving.
+(``SLURM_JOB_ID`` set) or when ``MINITRON_STOP_SIGNALS=1``; the dist-checkpoint writer's Manager
+process has them too (spawned, it re-imports the recipe; forked in CPU mode, it inherits them), so the
+signal does not kill it in the middle of that checkpoint, and ``exit_for_requeue`` ends it before leaving.
 """
 
 from __future__ import annotations

@@ -37,27 +37,18 @@ from minitron_nemo.training.metrics import flops_per_token
 from minitron_nemo.training.setup import check_model_shape, teacher_source, to_dict
 
 
-def prune_student(cfg, teacher, t_mc, t_path, params_dtype):
-    """Prune the teacher in-job to ``cfg.prune`` targets and save the student (once)."""
+def prune_student(cfg, teacher, t_mc, t_path):
+    """Prune the teacher in-job to ``cfg.prune`` targets, as recipes/prune.py does (calibration on the
+    training text unless ``prune.calibration.data`` is set), and save the student (once)."""
+    from omegaconf import OmegaConf
+
     from minitron_nemo.prune import api
-    from minitron_nemo.prune import data as pdata
-    from minitron_nemo.prune import importance as imp
-    from minitron_nemo.prune.targets import Targets
 
-    c = cfg.prune.calibration
-    calib_text = c.data or tdata.text_files(cfg.data).get("train")
-    if not calib_text:
+    p = OmegaConf.create(to_dict(cfg.prune))
+    p.calibration.data = p.calibration.data or tdata.text_files(cfg.data).get("train")
+    if not p.calibration.data:
         raise UserError("in-job pruning needs prune.calibration.data=TEXT_OR_PREFIX (or a text data source)")
-    from megatron.core import parallel_state as ps
-
-    windows = pdata.calibration_windows(calib_text, store.tokenizer_dir(t_path), c.num_samples, c.seq_length,
-                                        c.seed, t_mc.vocab_size)
-    batches = pdata.to_batches(windows, c.micro_batch_size, ps.get_data_parallel_rank(),
-                               ps.get_data_parallel_world_size())
-    targets = Targets.from_cfg(to_dict(cfg.prune))
-    agg = imp.Aggregation(batch=cfg.prune.importance.batch_agg, seq=cfg.prune.importance.seq_agg)
-    result = api.prune_model(teacher, t_mc, targets, batches=batches, agg=agg,
-                             layer_criterion=cfg.prune.layer_criterion, loss_batches=batches[: max(1, c.loss_samples // c.micro_batch_size)])
+    result = api.prune_from_config(teacher, t_mc, p, store.tokenizer_dir(t_path))
     meta = {"pruned_from": t_path, "prune": {"kept_layers_1indexed": [i + 1 for i in result.kept_layers]},
             "dtype": cfg.dtype}
     store.save_checkpoint(result.model, cfg.student.init_checkpoint, result.config, tokenizer_src=t_path, meta=meta)
@@ -128,7 +119,7 @@ def main():
         s_path = str(cfg.student.init_checkpoint)
         if not store.is_checkpoint(s_path):
             runtime.print0(f"[distill] pruning the teacher in-job -> {s_path}")
-            prune_student(cfg, teacher, t_mc, t_path, params_dtype)
+            prune_student(cfg, teacher, t_mc, t_path)
         s_mc = store.load_model_config(s_path)
         kd.check_vocab(t_mc, s_mc)
     student = build_model(s_mc, params_dtype=params_dtype, sequence_parallel=bool(par.sequence_parallel))

@@ -110,7 +110,7 @@ def hf_config_from_model_config(mc: ModelConfig, tokenizer_ids: dict | None = No
                 **_LLAMA3_ROPE}
     cfg = {
         "architectures": [FAMILY_TO_ARCH[family]],
-        "model_type": {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "nemotron": "nemotron"}[family],
+        "model_type": family,  # the family names are transformers' model types
         "num_hidden_layers": mc.num_layers,
         "hidden_size": mc.hidden_size,
         "intermediate_size": mc.ffn_hidden_size,

@@ -96,7 +96,7 @@ def arm_args(cfg, work: Path, arm: str) -> list:
         return [corrected, "teacher.held_out=false", f"student.checkpoint={study / f'depth_{crit}'}"]
     init = "random" if arm == "random_lm" else "pruned"
     loss = "kd" if arm == "width_kd" else "lm"
-    return [corrected, f"teacher.held_out={arm == 'width_kd'}", f"student.checkpoint={study / 'width'}",
+    return [corrected, "teacher.held_out=false", f"student.checkpoint={study / 'width'}",
             f"student.init={init}", f"student.loss={loss}"]
 
 
@@ -166,21 +166,23 @@ def write_report(cfg, work: Path, evaluated: list) -> Path:
     if (work / "prune_study" / "importance.png").is_file():
         (img / "importance.png").write_bytes((work / "prune_study" / "importance.png").read_bytes())
 
-    t_orig, t_corr = loss_of(arms["width_kd_uncorrected"]["teacher"]), loss_of(arms["width_kd"]["teacher"])
+    # the corrected teacher's test loss comes from the prune study (same windows); the arms distilled from it
+    # skip that pass (teacher.held_out=false), the arm distilled from the original teacher measures it
+    t_orig, t_corr = loss_of(arms["width_kd_uncorrected"]["teacher"]), study["teacher"]["loss"]
     v_before, v_after = meta["valid_loss_before"], meta["valid_loss_after"]
     n_eval = ev[evaluated[0]].get("lm_eval", {}).get(cfg.lm_eval_tasks[0], {}).get("sample_len", "?")
     head = [
         "| model | params | test loss | test ppl | " + " | ".join(f"{t} acc" for t in cfg.lm_eval_tasks)
         + " | generation tokens/s |",
         "|---|---|---|---|" + "---|" * len(cfg.lm_eval_tasks) + "---|"]
-    rows = [(evaluated[0], t_params, t_corr, "width_kd", "teacher"),
-            (evaluated[1], params["width"], final("width_kd"), "width_kd", "student_distilled"),
-            (evaluated[2], params["depth_block"], final("depth_block_kd"), "depth_block_kd", "student_distilled")]
-    for name, n, loss, arm, key in rows:
-        head.append(f"| {name} | {n / 1e6:.1f}M | {loss:.3f} | {arms[arm][key]:.1f} | "
+    rows = [(evaluated[0], t_params, t_corr, t_corr),  # (model, params, zero-shot loss, final loss)
+            (evaluated[1], params["width"], zs("width_kd"), final("width_kd")),
+            (evaluated[2], params["depth_block"], zs("depth_block_kd"), final("depth_block_kd"))]
+    for name, n, _, loss in rows:
+        head.append(f"| {name} | {n / 1e6:.1f}M | {loss:.3f} | {math.exp(loss):.1f} | "
                     + " | ".join(f"{acc(name, t):.3f}" for t in cfg.lm_eval_tasks) + f" | {tps(name):.1f} |")
     for a, label in (("width_lm", "width student, LM loss only"), ("random_lm", "random init, LM loss only")):
-        head.append(f"| {label} | {params['width'] / 1e6:.1f}M | {final(a):.3f} | {arms[a]['student_distilled']:.1f} | "
+        head.append(f"| {label} | {params['width'] / 1e6:.1f}M | {final(a):.3f} | {math.exp(final(a)):.1f} | "
                     + " | ".join("" for _ in cfg.lm_eval_tasks) + " | |")
     headline = "\n".join(head)
     teacher = "SmolLM2-135M-Instruct" if cfg.teacher == "smollm2" else str(cfg.teacher)
@@ -213,9 +215,9 @@ def write_report(cfg, work: Path, evaluated: list) -> Path:
          "## 2. Width vs depth at the same size", "",
          report.md_table(["student", "params", "zero-shot test loss", "test loss after KD",
                           *(f"{t} acc" for t in cfg.lm_eval_tasks), "generation tokens/s", "prefill tokens/s"],
-                         [[name, f"{n / 1e6:.1f}M", zs(arm) if key != "teacher" else t_corr, loss,
-                           *(acc(name, t) for t in cfg.lm_eval_tasks), tps(name),
-                           ev[name]["throughput"]["prefill_tokens_per_s"]] for name, n, loss, arm, key in rows]), "",
+                         [[name, f"{n / 1e6:.1f}M", zero, loss, *(acc(name, t) for t in cfg.lm_eval_tasks),
+                           tps(name), ev[name]["throughput"]["prefill_tokens_per_s"]] for name, n, zero, loss in rows]),
+         "",
          f"Throughput: transformers `generate` with KV cache, batch {cfg.throughput.batch_size}, prompt "
          f"{cfg.throughput.prompt_length}, {cfg.throughput.generation_length} new tokens, median of "
          f"{cfg.throughput.repeats}, on {ev[evaluated[0]]['throughput']['device']}.", "",
