@@ -19,6 +19,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from minitron_nemo import schemas
 from minitron_nemo.config import compose, parse_argv, require
 from minitron_nemo.errors import UserError, user_errors_exit
 
@@ -46,22 +47,15 @@ def load(argv):
     choice = [o for o in launch if o.split("=", 1)[0] == "launcher"]
     launch = [o for o in launch if o not in choice]
     pick = "+launcher=" + (choice[-1].split("=", 1)[1] if choice else "slurm")
-    cfg = compose(name, ["--config-name", name, pick, *launch,
-                         *[o for o in overrides if not is_launcher_override(o)]])
+    cfg = compose(name, ["--config-name", name, pick, *launch,  # typed and validated as the job will be
+                         *[o for o in overrides if not is_launcher_override(o)]], schema=schemas.TrainingJob)
     return stage, name, cfg, [o for o in overrides if not is_launcher_override(o)], dry_run
 
 
 def check(cfg, stage: str) -> None:
-    """Bad input before anything is submitted."""
+    """Bad input before anything is submitted (types and ranges: ``schemas``, at compose time)."""
     L, par = cfg.launcher, cfg.get("parallel")
-    if L.mode not in ("srun", "torchrun"):
-        raise UserError(f"launcher.mode={L.mode!r}; allowed: srun, torchrun")
-    if L.container is not None and not L.container.get("image"):
-        raise UserError("launcher.container.image is required when containers are on; "
-                        "pass launcher.container.image=nvcr.io/nvidia/nemo:YY.MM or launcher=slurm_bare")
-    nodes, gpn = int(L.nodes), int(L.gpus_per_node)
-    if nodes < 1 or gpn < 1:
-        raise UserError(f"launcher.nodes={nodes} and launcher.gpus_per_node={gpn} must be >= 1")
+    gpn = int(L.gpus_per_node)
     if par is None or stage == "export":
         return
     world = nodes_of(cfg, stage) * gpn

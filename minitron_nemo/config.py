@@ -1,8 +1,9 @@
 """Hydra config composition for the recipes.
 
 Recipes compose ``conf/<name>.yaml`` with Hydra's compose API and the command line's overrides
-(``key=value``, ``+key=value``, ``group=option``, ``--config-name NAME``), in struct mode so a
-mistyped key is an error. Every failure becomes a one-line ``UserError``.
+(``key=value``, ``+key=value``, ``group=option``, ``--config-name NAME``), merge the result onto the
+recipe's structured schema (``minitron_nemo/schemas.py``: a wrong type or a mistyped key is an error)
+and run every group's range validator. Every failure becomes a one-line ``UserError``.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ def parse_argv(argv, default_name: str):
     return name, overrides
 
 
-def compose(default_name: str, argv=None) -> DictConfig:
-    """Compose ``conf/<name>.yaml`` with the command-line overrides."""
+def compose(default_name: str, argv=None, schema=None) -> DictConfig:
+    """Compose ``conf/<name>.yaml`` with the command-line overrides; typed and validated by ``schema``."""
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -55,8 +56,47 @@ def compose(default_name: str, argv=None) -> DictConfig:
     except Exception as e:  # Hydra's own messages name the key and the problem
         msg = " ".join(str(e).split())
         raise UserError(f"config: {msg}") from None
+    if schema is not None:
+        cfg = typed(cfg, schema)
     OmegaConf.set_struct(cfg, True)
     return cfg
+
+
+KINDS = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string"}
+
+
+def _omegaconf_error(e) -> UserError:
+    """One line naming the key, the bad value and what is allowed."""
+    import re
+
+    key = getattr(e, "full_key", None) or ""
+    msg = str(getattr(e, "msg", None) or e).splitlines()[0]
+    if type(e).__name__ == "MissingMandatoryValue":
+        return UserError(f"{key} is required; pass {key}=...")
+    m = re.match(r"Value '(.*)' of type '\w+' could not be converted to (\w+)", msg)
+    if m:
+        return UserError(f"{key}={m.group(1)!r}; allowed: {KINDS.get(m.group(2), m.group(2))}")
+    if "is not a ListConfig" in msg:
+        return UserError(f"{key} must be a list; allowed: a list such as {key}=[1,2]")
+    if "is not a DictConfig" in msg or "is not a subclass" in msg:
+        return UserError(f"{key} has the wrong type; allowed: a mapping of keys")
+    return UserError(f"config: {key}: {msg}" if key and key not in msg else f"config: {msg}")
+
+
+def typed(cfg: DictConfig, schema) -> DictConfig:
+    """``cfg`` merged onto the structured ``schema`` (types converted, unknown keys refused), resolved,
+    and checked by every group's validator (``schemas.validate``)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from minitron_nemo import schemas
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+        obj = OmegaConf.to_object(merged)  # resolves interpolations, converts types, finds ??? keys
+    except OmegaConfBaseException as e:
+        raise _omegaconf_error(e) from None
+    schemas.validate(obj)
+    return merged
 
 
 def require(cfg: DictConfig, *keys: str) -> None:

@@ -1,8 +1,19 @@
-"""User-facing errors: one line, exit code 2, no traceback."""
+"""User-facing errors: one line, exit code 2, no traceback.
+
+``user_errors_exit`` wraps every entry point. It is the one place where failures the user can act on
+become one line on stderr:
+
+* ``UserError`` (bad value, bad file, refused output): ``error: <message>``, exit 2;
+* a full disk, a read-only file system or a permission error met while writing: ``error: cannot write
+  PATH: <why>``, exit 2 (the writers have already removed their temporary output);
+* Ctrl-C / SIGTERM outside the training loop: ``interrupted by SIGINT ...``, exit 130 / 143 (the
+  training loop handles them itself: ``launch_signals``).
+"""
 
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 
 
@@ -15,15 +26,32 @@ def check(cond: bool, message: str) -> None:
         raise UserError(message)
 
 
+def _say(line: str, code: int):
+    print(line, file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
 def user_errors_exit(fn):
-    """Decorator for entry points: a UserError becomes ``error: <message>`` on stderr and exit 2."""
+    """Decorator for entry points: user-actionable failures become one line and an exit code."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from minitron_nemo import launch_signals
+        from minitron_nemo.outputs import write_error
+
+        launch_signals.entry()
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(2)
+            _say(f"error: {e}", 2)
+        except (KeyboardInterrupt, launch_signals.Interrupted) as e:
+            signum = getattr(e, "signum", signal.SIGINT)
+            _say(f"interrupted by {signal.Signals(signum).name}; outputs are written atomically, so none was "
+                 f"left half-written; re-run the same command to continue", 128 + signum)
+        except OSError as e:
+            err = write_error(e, getattr(e, "filename", None) or "the output")
+            if err is None:
+                raise
+            _say(f"error: {err}", 2)
 
     return wrapper

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
-from minitron_nemo import runtime
+from minitron_nemo import outputs, runtime, schemas
 from minitron_nemo.checkpoint import store
 from minitron_nemo.config import compose, dtype, require
 from minitron_nemo.errors import UserError, user_errors_exit
@@ -29,10 +29,9 @@ from minitron_nemo.training.setup import check_model_shape, resolve_source
 
 @user_errors_exit
 def main():
-    cfg = compose("smollm2_demo")
-    require(cfg, "workdir", "teacher.checkpoint", "teacher.corrected_checkpoint")
+    cfg = compose("smollm2_demo", schema=schemas.TrainingJob)
+    require(cfg, "teacher.corrected_checkpoint", "correction.workdir")
     par, c = cfg.parallel, cfg.correction
-    tdata.check(cfg.data)
     t = OmegaConf.create(OmegaConf.to_container(cfg.trainer, resolve=True))
     with open_dict(t):  # P2: peak LR / 5, 120 warm-up steps; batch, min LR and decay unchanged
         t.optim.lr = float(c.original_lr) * float(c.lr_fraction)
@@ -48,6 +47,10 @@ def main():
     if store.is_checkpoint(out):
         runtime.print0(f"[correct] {out} already exists; nothing to do")
         return
+    outputs.claim_workdir(cfg.workdir, sources={"teacher.checkpoint": src})
+    outputs.claim_workdir(work, key="correction.workdir", sources={"teacher.checkpoint": src})
+    outputs.claim_dir(out, key="teacher.corrected_checkpoint", overwrite=cfg.overwrite,
+                      sources={"teacher.checkpoint": src, "correction.workdir": work, "workdir": cfg.workdir})
 
     runtime.init_distributed(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, cfg.seed)
     t0 = time.time()

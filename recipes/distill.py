@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from minitron_nemo import runtime
+from minitron_nemo import outputs, runtime, schemas
 from minitron_nemo.checkpoint import store
 from minitron_nemo.config import compose, dtype, require
 from minitron_nemo.distill import model as kd
@@ -55,9 +55,6 @@ def prune_student(cfg, teacher, t_mc, t_path):
     return result.config
 
 
-STUDENT_INITS, STUDENT_LOSSES = ("pruned", "random"), ("kd", "lm")
-
-
 def student_lm_loss(batch, output):
     """LM-loss training, reported under the same validation key as distillation's student LM loss."""
     value, metrics = lm_loss(batch, output)
@@ -70,16 +67,11 @@ def perplexity(model, windows, mbs) -> float:
 
 @user_errors_exit
 def main():
-    cfg = compose("smollm2_demo")
-    require(cfg, "workdir", "teacher.checkpoint")
-    for key, allowed in (("init", STUDENT_INITS), ("loss", STUDENT_LOSSES)):
-        if cfg.student[key] not in allowed:
-            raise UserError(f"student.{key}={cfg.student[key]!r}; allowed: {', '.join(allowed)}")
+    cfg = compose("smollm2_demo", schema=schemas.TrainingJob)
     use_kd = cfg.student.loss == "kd"
     par, t = cfg.parallel, cfg.trainer
     kd.check_virtual_pipeline(par)
     kd_cfg = DistillationConfig.from_dict(to_dict(cfg.distill))
-    tdata.check(cfg.data)
     params_dtype = dtype(cfg.dtype)
     work = Path(cfg.workdir)
     t_path, corrected = teacher_source(cfg)
@@ -92,6 +84,13 @@ def main():
         kd.check_vocab(t_mc, s_mc)
         kd.check_tokenizers(t_path, s_path)
         s_mc.check_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size)
+    elif cfg.student.init_checkpoint is None:
+        raise UserError("student.init_checkpoint is required when the student is pruned in-job "
+                        "(student.checkpoint=null); pass student.init_checkpoint=DIR")
+    outputs.claim_workdir(work, sources={"teacher": t_path, "student.checkpoint": s_path})
+    if s_path is None and not store.is_checkpoint(cfg.student.init_checkpoint):
+        outputs.claim_dir(cfg.student.init_checkpoint, key="student.init_checkpoint", overwrite=cfg.overwrite,
+                          sources={"teacher": t_path, "workdir": work})
 
     runtime.init_distributed(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, cfg.seed)
     from megatron.core import parallel_state as ps
@@ -138,8 +137,7 @@ def main():
     else:  # every rank takes part; rank 0 writes it after the collective, so no rank reads a partial file
         zero_shot = perplexity(student, windows, int(t.micro_batch_size))
         if runtime.is_rank0():
-            work.mkdir(parents=True, exist_ok=True)
-            zs_file.write_text(json.dumps({"student_zero_shot": zero_shot}))
+            outputs.write_text_atomic(zs_file, json.dumps({"student_zero_shot": zero_shot}))
 
     if use_kd:
         kd.attach_projection(student, s_mc, t_mc, kd_cfg, params_dtype)
@@ -173,7 +171,7 @@ def main():
                "final_checkpoint": str(trainer.ckpt_root / f"iter_{trainer.iteration:07d}"),
                "seconds": round(time.time() - t0, 1)}
     if runtime.is_rank0():
-        (work / "results.json").write_text(json.dumps(results, indent=2))
+        outputs.write_text_atomic(work / "results.json", json.dumps(results, indent=2))
         print(f"\nheld-out perplexity ({results['tokens']} tokens of {test_text})", flush=True)
         for name, key in (("teacher" + (" (corrected)" if corrected else ""), "teacher"),
                           ("student, zero-shot (pruned)", "student_zero_shot"),

@@ -16,19 +16,22 @@ import os
 import time
 from pathlib import Path
 
-from minitron_nemo import runtime
+from minitron_nemo import outputs, runtime, schemas
 from minitron_nemo.checkpoint import store
-from minitron_nemo.config import compose, dtype, require
+from minitron_nemo.config import compose, dtype
 from minitron_nemo.errors import UserError, user_errors_exit
 from minitron_nemo.eval import perplexity as ppl
 
 
-def write_json(path, obj):
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, p)
+RECIPE = "evaluate"
+
+
+def is_result_file(path) -> bool:
+    """An ``eval.output`` written by this recipe (it may be replaced by a re-run)."""
+    try:
+        return json.loads(Path(path).read_text()).get("recipe") == RECIPE
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def windows(cfg):
@@ -81,14 +84,16 @@ def check_generation(ev) -> None:
 
 @user_errors_exit
 def main():
-    cfg = compose("evaluate")
-    require(cfg, "checkpoint", "eval.text_file")
+    cfg = compose("evaluate", schema=schemas.EvaluateJob)
     mc = store.model_config_of(cfg.checkpoint)
     par, ev = cfg.parallel, cfg.eval
-    if ev.backend not in ("megatron", "transformers"):
-        raise UserError(f"eval.backend={ev.backend!r}; allowed: megatron, transformers")
     mc.check_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size)
     check_generation(ev)  # before any compute
+    if not Path(ev.text_file).is_file():
+        raise UserError(f"eval.text_file={ev.text_file} does not exist; allowed: a UTF-8 text file")
+    if ev.output:
+        outputs.claim_file(ev.output, key="eval.output", is_ours=is_result_file,
+                           sources={"checkpoint": cfg.checkpoint, "eval.text_file": ev.text_file})
     t0 = time.time()
     result = {}
     if ev.lm_eval_tasks or ev.generate.prompts or ev.throughput.enabled:
@@ -101,7 +106,7 @@ def main():
         runtime.init_distributed(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, cfg.seed)
         model = store.load_model(cfg.checkpoint, mc, dtype(cfg.dtype))
         result.update(ppl.megatron_perplexity(model, windows(cfg), ev.micro_batch_size))
-    result.update(backend=ev.backend, seq_length=ev.seq_length, text_file=str(ev.text_file),
+    result.update(recipe=RECIPE, backend=ev.backend, seq_length=ev.seq_length, text_file=str(ev.text_file),
                   checkpoint=str(cfg.checkpoint), seconds=round(time.time() - t0, 2))
     if runtime.is_rank0() and "loss" in result:
         print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  tokens {result['tokens']}  "
@@ -117,7 +122,7 @@ def main():
                   f"{th['generation_length']}, {th['device']}): prefill {th['prefill_tokens_per_s']:.0f} tokens/s, "
                   f"generation {th['generation_tokens_per_s']:.1f} tokens/s", flush=True)
         if ev.output:
-            write_json(ev.output, result)
+            outputs.write_text_atomic(ev.output, json.dumps(result, indent=2))
     if ev.perplexity and ev.backend == "megatron":
         runtime.shutdown()
 

@@ -10,27 +10,27 @@ reads only the tensors of its own shard (lazy safetensors), so any TP x PP works
 
 from pathlib import Path
 
-from minitron_nemo import runtime
+from minitron_nemo import outputs, runtime, schemas
 from minitron_nemo.checkpoint import hf as hfconv
 from minitron_nemo.checkpoint import store
-from minitron_nemo.config import compose, dtype, require
+from minitron_nemo.config import compose, dtype
 from minitron_nemo.errors import UserError, user_errors_exit
 from minitron_nemo.models.builder import build_model
 
 
 @user_errors_exit
 def main():
-    cfg = compose("import_hf")
-    require(cfg, "source", "output")
+    cfg = compose("import_hf", schema=schemas.ImportHFJob)
     src = Path(cfg.source)
     if not src.is_dir():
         raise UserError(f"source={cfg.source} does not exist; allowed: a Hugging Face model directory")
     hf_cfg = hfconv.read_hf_config(src)
-    mc = hfconv.model_config_from_hf(hf_cfg)
+    mc = hfconv.hf_model_config(src)
     par = cfg.parallel
     mc.check_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size)
     params_dtype = dtype(cfg.dtype)
-    store.HFWeights(src)  # fail early on a directory without weights
+    store.HFWeights(src)  # fail early on a directory without (complete) weights
+    outputs.claim_dir(cfg.output, sources={"source": src}, overwrite=cfg.overwrite)
     runtime.init_distributed(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, cfg.seed)
     model = build_model(mc, params_dtype=params_dtype)
     store.load_hf_into_model(model, src, mc)

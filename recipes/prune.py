@@ -16,9 +16,9 @@ compute as one line (exit code 2).
 
 from pathlib import Path
 
-from minitron_nemo import runtime
+from minitron_nemo import outputs, runtime, schemas
 from minitron_nemo.checkpoint import store
-from minitron_nemo.config import compose, dtype, require
+from minitron_nemo.config import compose, dtype
 from minitron_nemo.errors import user_errors_exit
 from minitron_nemo.models.builder import build_model, count_parameters
 from minitron_nemo.prune import api
@@ -26,12 +26,13 @@ from minitron_nemo.prune import api
 
 @user_errors_exit
 def main():
-    cfg = compose("prune")
-    require(cfg, "checkpoint", "output")
+    cfg = compose("prune", schema=schemas.PruneJob)
     p, par, src = cfg.prune, cfg.parallel, cfg.checkpoint
     mc = store.load_model_config(src)
     targets, _, agg, loaded = api.check_config(mc, p, par.tensor_model_parallel_size,
                                                par.pipeline_model_parallel_size)  # before any compute
+    outputs.claim_dir(cfg.output, overwrite=cfg.overwrite, sources={
+        "checkpoint": src, "prune.importance.load": p.importance.load, "prune.calibration.data": p.calibration.data})
     params_dtype = dtype(cfg.dtype)
     runtime.init_distributed(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, cfg.seed)
     model = build_model(mc, params_dtype=params_dtype)
@@ -43,7 +44,9 @@ def main():
         scores, meta = api.config_scores(model, mc, p, batches, agg, loaded)
         result = api.PruneResult(None, mc, scores, list(range(mc.num_layers)),
                                  meta={**meta, "checkpoint": str(Path(src).resolve())})
-        api.save_artifacts(cfg.output, mc, result, targets, f"importance of {src}")
+        if runtime.is_rank0():
+            with outputs.atomic_dir(cfg.output) as tmp:
+                api.save_artifacts(tmp, mc, result, targets, f"importance of {src}")
         runtime.print0(f"importance of {src} -> {cfg.output}")
         runtime.shutdown()
         return
@@ -56,8 +59,9 @@ def main():
                "prune": {"targets": {k: v for k, v in vars(targets).items() if v is not None},
                          "kept_layers_1indexed": [i + 1 for i in result.kept_layers],
                          "layer_criterion": p.layer_criterion, "aggregation": result.meta.get("aggregation")}}
-    out = store.save_checkpoint(result.model, cfg.output, new_mc, tokenizer_src=src, meta=ck_meta)
-    api.save_artifacts(out / "prune", mc, result, targets, f"importance of {src}")
+    out = store.save_checkpoint(result.model, cfg.output, new_mc, tokenizer_src=src, meta=ck_meta,
+                                before_commit=lambda tmp: api.save_artifacts(tmp / "prune", mc, result, targets,
+                                                                             f"importance of {src}"))
     msg = (f"pruned {src} -> {out}: layers {mc.num_layers}->{new_mc.num_layers}, hidden {mc.hidden_size}->"
            f"{new_mc.hidden_size}, ffn {mc.ffn_hidden_size}->{new_mc.ffn_hidden_size}, heads/groups "
            f"{mc.num_attention_heads}/{mc.num_query_groups}->{new_mc.num_attention_heads}/"

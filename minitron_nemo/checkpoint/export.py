@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from minitron_nemo import runtime
+from minitron_nemo import outputs, runtime
 from minitron_nemo.checkpoint import hf as hfconv
 from minitron_nemo.checkpoint import store
 
@@ -19,10 +18,12 @@ SHARD_BYTES = 4 << 30
 def save_hf_dir(mc, tensors: dict, out_dir, *, token_ids: dict | None = None, tokenizer_src=None,
                 dtype: torch.dtype = torch.float32) -> Path:
     """Write ``config.json``, safetensors (sharded above 4 GiB) and tokenizer files atomically."""
-    final = Path(out_dir).resolve()
-    tmp = final.parent / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with outputs.atomic_dir(out_dir) as tmp:
+        _write_hf(tmp, mc, tensors, token_ids, tokenizer_src, dtype)
+    return Path(out_dir).resolve()
+
+
+def _write_hf(tmp: Path, mc, tensors: dict, token_ids, tokenizer_src, dtype) -> None:
     cfg = hfconv.hf_config_from_model_config(mc, token_ids)
     cfg["torch_dtype"] = str(dtype).replace("torch.", "")
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -48,12 +49,6 @@ def save_hf_dir(mc, tensors: dict, out_dir, *, token_ids: dict | None = None, to
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     if tokenizer_src is not None:
         store.copy_tokenizer(tokenizer_src, tmp)
-    old = final.parent / f".{final.name}.old"
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def export_hf(ckpt_dir, out_dir, dtype: torch.dtype = torch.float32) -> Path:

@@ -150,10 +150,23 @@ def token_ids(hf: dict) -> dict:
 
 
 def read_hf_config(hf_dir: Path) -> dict:
+    from minitron_nemo.readers import read_json
+
     p = Path(hf_dir) / "config.json"
     if not p.is_file():
         raise UserError(f"source={hf_dir} has no config.json; allowed: a Hugging Face model directory")
-    return json.loads(p.read_text())
+    return read_json(p, "HF config")
+
+
+def hf_model_config(hf_dir: Path) -> ModelConfig:
+    """The ``ModelConfig`` of an HF directory; a missing field or a wrong type names config.json."""
+    from minitron_nemo.readers import reading, typed_model_config
+
+    p = Path(hf_dir) / "config.json"
+    hf = read_hf_config(hf_dir)
+    with reading(p, "HF config"):
+        mc = model_config_from_hf(hf)
+    return typed_model_config(mc.__dict__, p)
 
 
 # ----------------------------------------------------------------------------- weights

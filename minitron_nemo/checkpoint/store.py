@@ -7,7 +7,9 @@
       weights/       a Megatron-Core distributed checkpoint (loadable at any TP/PP)
 
 Saving writes into a sibling temporary directory and renames it into place, so an interrupted
-save never leaves a half-written checkpoint behind or damages an existing one.
+save never leaves a half-written checkpoint behind or damages an existing one; a failed save (a full
+disk included) removes the temporary directory. Every read goes through ``minitron_nemo.readers``: a
+truncated, corrupt or mismatched file is a one-line error naming it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch.distributed as dist
 import yaml
 from megatron.core import dist_checkpointing, parallel_state
 
+from minitron_nemo import outputs, readers
 from minitron_nemo.checkpoint import hf as hfconv
 from minitron_nemo.errors import UserError
 from minitron_nemo.models.config import ModelConfig
@@ -42,12 +45,12 @@ def load_model_config(ckpt_dir) -> ModelConfig:
     if not is_checkpoint(p):
         raise UserError(f"checkpoint={ckpt_dir} is not a minitron_nemo checkpoint; "
                         f"allowed: a directory with model.yaml and weights/")
-    return ModelConfig.from_dict(yaml.safe_load((p / "model.yaml").read_text()))
+    return readers.typed_model_config(readers.read_yaml(p / "model.yaml", "model config"), p / "model.yaml")
 
 
 def load_meta(ckpt_dir) -> dict:
     p = Path(ckpt_dir) / "meta.json"
-    return json.loads(p.read_text()) if p.is_file() else {}
+    return readers.read_json(p, "checkpoint metadata") if p.is_file() else {}
 
 
 def copy_tokenizer(src, dst) -> None:
@@ -104,39 +107,47 @@ def _cpu_write_results_queue() -> None:
 
 
 def save_checkpoint(model, ckpt_dir, mc: ModelConfig, *, tokenizer_src=None, meta: dict | None = None,
-                    extra_state: dict | None = None) -> Path:
+                    extra_state: dict | None = None, before_commit=None) -> Path:
     """Collectively save ``model`` (this rank's shard) as a self-describing checkpoint.
 
     ``extra_state`` is an optional sharded state dict merged into the weights checkpoint
-    (e.g. optimizer state) under its own keys.
+    (e.g. optimizer state) under its own keys. ``before_commit(tmp_dir)`` runs on rank 0 after the
+    weights are written and before the rename, to add files that belong to the output (they are listed
+    in its manifest like the rest).
     """
     final = Path(ckpt_dir).resolve()
-    tmp = final.parent / f".{final.name}.tmp"
-    if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "weights").mkdir(parents=True)
-        (tmp / "model.yaml").write_text(yaml.safe_dump(mc.to_dict(), sort_keys=False))
-        info = {"format": FORMAT,
-                "saved_tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
-                "saved_pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
-                **(meta or {})}
-        (tmp / "meta.json").write_text(json.dumps(info, indent=2))
-        if tokenizer_src is not None:
-            copy_tokenizer(tokenizer_src, tmp / "tokenizer")
-    _barrier()
-    sharded = model.sharded_state_dict()
-    if extra_state:
-        sharded.update(extra_state)
-    _cpu_write_results_queue()
-    dist_checkpointing.save(sharded, str(tmp / "weights"))
-    _barrier()
-    if _rank() == 0:
-        old = final.parent / f".{final.name}.old"
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    tmp = outputs.temp_of(final)
+    try:
+        if _rank() == 0:
+            outputs.discard(tmp)
+            (tmp / "weights").mkdir(parents=True)
+            (tmp / "model.yaml").write_text(yaml.safe_dump(mc.to_dict(), sort_keys=False))
+            info = {"format": FORMAT,
+                    "saved_tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+                    "saved_pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
+                    **(meta or {})}
+            (tmp / "meta.json").write_text(json.dumps(info, indent=2))
+            if tokenizer_src is not None:
+                copy_tokenizer(tokenizer_src, tmp / "tokenizer")
+        _barrier()
+        sharded = model.sharded_state_dict()
+        if extra_state:
+            sharded.update(extra_state)
+        _cpu_write_results_queue()
+        dist_checkpointing.save(sharded, str(tmp / "weights"))
+        _barrier()
+        if _rank() == 0:
+            if before_commit is not None:
+                before_commit(tmp)
+            outputs.commit(tmp, final)
+        _barrier()
+    except BaseException as exc:
+        if _rank() == 0:
+            outputs.discard(tmp)
+        err = outputs.write_error(exc, final)
+        if err is not None:
+            raise err from None
+        raise
     return final
 
 
@@ -145,16 +156,25 @@ def load_weights(model, ckpt_dir, extra_state: dict | None = None) -> dict | Non
     sharded = model.sharded_state_dict()
     if extra_state:
         sharded.update(extra_state)
-    loaded = dist_checkpointing.load(sharded, str(Path(ckpt_dir) / "weights"))
+    weights = Path(ckpt_dir) / "weights"
+    if not (weights / ".metadata").is_file() and not (weights / "metadata.json").is_file():
+        raise UserError(f"cannot read checkpoint weights {weights}: no .metadata or metadata.json; allowed: a "
+                        f"complete checkpoint")
+    with readers.reading(weights, "checkpoint weights"):
+        loaded = dist_checkpointing.load(sharded, str(weights))
     extra = {k: loaded.pop(k) for k in list(extra_state or {})}
-    load_state_dict_checked(model, loaded)
+    load_state_dict_checked(model, loaded, source=weights)
     return extra or None
 
 
-def load_state_dict_checked(model, sd: dict) -> None:
-    """``load_state_dict`` that tolerates only TE ``_extra_state`` differences (any TE version)."""
-    keys = set(model.state_dict().keys())
+def load_state_dict_checked(model, sd: dict, source="checkpoint") -> None:
+    """``load_state_dict`` that tolerates only TE ``_extra_state`` differences (any TE version); a shape
+    that does not match the model (its config) names both shapes and ``source``."""
+    own = model.state_dict()
+    keys = set(own.keys())
     sd = {k: v for k, v in sd.items() if k in keys or not k.endswith("_extra_state")}
+    readers.check_shapes({k: v.shape for k, v in own.items() if isinstance(v, torch.Tensor)},
+                         {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}, source)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     unexpected = [k for k in unexpected if not k.endswith("_extra_state")]
@@ -173,14 +193,34 @@ class HFWeights:
         d = Path(hf_dir)
         index = d / "model.safetensors.index.json"
         if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            with readers.reading(index, "safetensors index"):
+                files = sorted(set(readers.read_json(index, "safetensors index")["weight_map"].values()))
         elif (d / "model.safetensors").is_file():
             files = ["model.safetensors"]
         else:
             raise UserError(f"source={hf_dir} has no model.safetensors; allowed: an HF directory "
                             f"saved with safetensors")
-        self._handles = [safe_open(str(d / f), framework="pt") for f in files]
-        self._where = {k: h for h in self._handles for k in h.keys()}
+        self._handles, self._where = [], {}
+        for f in files:
+            with readers.reading(d / f, "HF weights"):
+                h = safe_open(str(d / f), framework="pt")
+                self._check_size(d / f, h)
+            self._handles.append(h)
+            self._where.update({k: (h, d / f) for k in h.keys()})
+
+    @staticmethod
+    def _check_size(path: Path, handle) -> None:
+        """A truncated file: the header promises more bytes than the file has."""
+        import struct
+
+        with open(path, "rb") as f:
+            header_len = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(header_len))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        size = path.stat().st_size
+        if 8 + header_len + end > size:
+            raise UserError(f"cannot read HF weights {path}: truncated ({size} bytes, the header describes "
+                            f"{8 + header_len + end}); allowed: a complete safetensors file")
 
     def __contains__(self, name):
         return name in self._where
@@ -188,22 +228,26 @@ class HFWeights:
     def __call__(self, name: str) -> torch.Tensor:
         if name not in self._where:
             raise UserError(f"HF checkpoint lacks tensor {name!r}")
-        return self._where[name].get_tensor(name).float()
+        handle, path = self._where[name]
+        with readers.reading(path, "HF weights"):
+            return handle.get_tensor(name).float()
 
 
 def load_hf_into_model(model, hf_dir, mc: ModelConfig) -> None:
     """Fill this rank's shard of ``model`` from an HF directory."""
     get = HFWeights(hf_dir)
-    sd = hfconv.hf_to_local_state_dict(
-        mc, get,
-        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
-        tp=parallel_state.get_tensor_model_parallel_world_size(),
-        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
-        pp=parallel_state.get_pipeline_model_parallel_world_size())
+    with readers.reading(hf_dir, "HF weights (do they match config.json?)"):
+        sd = hfconv.hf_to_local_state_dict(
+            mc, get,
+            tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+            tp=parallel_state.get_tensor_model_parallel_world_size(),
+            pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+            pp=parallel_state.get_pipeline_model_parallel_world_size())
     keys = model.state_dict().keys()
     sd = {k: v for k, v in hfconv.to_model_names(sd, keys).items() if k in keys}
     dtype = next(model.parameters()).dtype
-    load_state_dict_checked(model, {k: v.to(dtype) for k, v in sd.items()})
+    load_state_dict_checked(model, {k: v.to(dtype) for k, v in sd.items()},
+                            source=f"{hf_dir} (weights vs config.json)")
 
 
 def canonical_state_dict(model) -> dict:
@@ -221,7 +265,7 @@ def model_config_of(path) -> ModelConfig:
                         f"HF model directory")
     if is_checkpoint(p):
         return load_model_config(p)
-    return hfconv.model_config_from_hf(hfconv.read_hf_config(p))
+    return hfconv.hf_model_config(p)
 
 
 def load_model(path, mc: ModelConfig, params_dtype: torch.dtype = torch.float32):

@@ -145,10 +145,10 @@ class Trainer:
 
     def resume(self) -> bool:
         """Load the latest complete checkpoint under ``workdir/checkpoints`` if there is one."""
-        last = ckpt.latest(self.ckpt_root)
-        if last is None:
+        found = ckpt.load_latest_readable(self.ckpt_root, self.ddp.module, self.optimizer, self.scheduler)
+        if found is None:
             return False
-        s = ckpt.load(last, self.ddp.module, self.optimizer, self.scheduler)
+        last, s = found
         self.iteration, self.consumed_samples = s["iteration"], s["consumed_samples"]
         runtime.print0(f"[train] resumed from {last} (iteration {self.iteration}, "
                        f"{self.consumed_samples} samples consumed)")
@@ -170,7 +170,7 @@ class Trainer:
     def fit(self, stop_at: int | None = None) -> dict:
         """Train to ``train_iters`` (or ``stop_at``, for tests of interrupted runs); returns the last
         validation metrics."""
-        t, c = self.tcfg, self.ccfg
+        t = self.tcfg
         setup_schedule(self.chunk, self.ddp, self.optimizer)
         log = MetricsLog(self.workdir, self.train_iters, float(t.peak_tflops) * 1e12 if t.peak_tflops else None,
                          bool(t.tensorboard))
@@ -180,6 +180,20 @@ class Trainer:
         last_valid = {}
         if self.iteration == 0 and t.eval_interval and self.valid_batches:
             last_valid = self.validate(log)
+        with launch_signals.graceful():
+            last_valid = self._steps(end, data, log, world, last_valid)
+        if self.iteration >= self.train_iters:
+            if t.eval_interval and self.iteration % int(t.eval_interval) != 0:
+                last_valid = self.validate(log)
+            if not (ckpt.latest(self.ckpt_root) and ckpt.latest(self.ckpt_root).name == f"iter_{self.iteration:07d}"):
+                self.save()
+            if runtime.is_rank0() and log.path.is_file():
+                plot_losses(log.path, Path(self.workdir) / "loss.png", str(self.workdir))
+        return last_valid
+
+    def _steps(self, end: int, data, log, world: int, last_valid: dict) -> dict:
+        """Train steps up to ``end``; a stop signal ends the job after the current step (``launch_signals``)."""
+        t, c = self.tcfg, self.ccfg
         while self.iteration < end:
             batches = [next(data) for _ in range(self.num_microbatches)]
             t0 = time.time()
@@ -196,14 +210,13 @@ class Trainer:
                 last_valid = self.validate(log)
             if c.save_interval and self.iteration % int(c.save_interval) == 0 and self.iteration < self.train_iters:
                 self.save()
-            if launch_signals.stop_requested():  # preemption / time limit under Slurm: save, exit for requeue
-                self.save()
-                launch_signals.exit_for_requeue()
-        if self.iteration >= self.train_iters:
-            if t.eval_interval and self.iteration % int(t.eval_interval) != 0:
-                last_valid = self.validate(log)
-            if not (ckpt.latest(self.ckpt_root) and ckpt.latest(self.ckpt_root).name == f"iter_{self.iteration:07d}"):
-                self.save()
-            if runtime.is_rank0() and log.path.is_file():
-                plot_losses(log.path, Path(self.workdir) / "loss.png", str(self.workdir))
+            sig = launch_signals.stop_requested()
+            if sig:  # Ctrl-C / SIGTERM / Slurm preemption: checkpoint, then stop (or requeue)
+                saved = None
+                if getattr(c, "save_on_interrupt", True) or launch_signals.under_slurm():
+                    latest = ckpt.latest(self.ckpt_root)
+                    saved = latest if latest and latest.name == f"iter_{self.iteration:07d}" else self.save()
+                launch_signals.stop(sig, f"at iteration {self.iteration} of {self.train_iters}; " + (
+                    f"checkpoint {saved}; re-run the same command to resume" if saved else
+                    "no new checkpoint (checkpointing.save_on_interrupt=false); a re-run resumes from the latest one"))
         return last_valid

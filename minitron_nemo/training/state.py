@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from minitron_nemo import runtime
+from minitron_nemo import readers, runtime
 from minitron_nemo.checkpoint import store
 from minitron_nemo.errors import UserError
 
@@ -72,21 +72,31 @@ def latest(root) -> Path | None:
 def save(root, iteration: int, model, mc, optimizer, scheduler, state: dict, *, tokenizer_src, meta: dict,
          keep_last: int) -> Path:
     """Collectively save a training checkpoint, then drop all but the ``keep_last`` newest."""
+    from minitron_nemo.outputs import write_error
+
     path = Path(root) / f"iter_{iteration:07d}"
     if _rank() == 0 and path.exists():
         shutil.rmtree(path)
-    store.save_checkpoint(model, path, mc, tokenizer_src=tokenizer_src, meta={**meta, "iteration": iteration})
-    ts = path / "train_state"
-    if _rank() == 0:
-        ts.mkdir(exist_ok=True)
-    _barrier()
-    if hasattr(optimizer, "save_parameter_state") and _uses_dist_opt(optimizer):
-        optimizer.save_parameter_state(str(ts / "dist_opt.pt"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
-                "iteration": iteration, **state}, ts / f"rank_{_rank():05d}.pt")
-    _barrier()
-    if _rank() == 0:
-        (path / "COMPLETE").write_text(str(iteration))
+    try:
+        store.save_checkpoint(model, path, mc, tokenizer_src=tokenizer_src, meta={**meta, "iteration": iteration})
+        ts = path / "train_state"
+        if _rank() == 0:
+            ts.mkdir(exist_ok=True)
+        _barrier()
+        if hasattr(optimizer, "save_parameter_state") and _uses_dist_opt(optimizer):
+            optimizer.save_parameter_state(str(ts / "dist_opt.pt"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                    "iteration": iteration, **state}, ts / f"rank_{_rank():05d}.pt")
+        _barrier()
+        if _rank() == 0:
+            (path / "COMPLETE").write_text(str(iteration))
+    except BaseException as exc:  # an incomplete checkpoint is never resumed from: free its space
+        if _rank() == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        err = write_error(exc, path)
+        if err is not None:
+            raise err from None
+        raise
         for old in checkpoints(root)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
@@ -108,10 +118,41 @@ def load(path, model, optimizer, scheduler) -> dict:
         raise UserError(f"{path} has no training state for rank {_rank()}; resume needs the layout "
                         f"(TP x PP x DP) it was saved with")
     store.load_weights(model, path)
-    s = torch.load(f, map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(s.pop("optimizer"))
-    if _uses_dist_opt(optimizer):
-        optimizer.load_parameter_state(str(path / "train_state" / "dist_opt.pt"))
-    scheduler.load_state_dict(s.pop("scheduler"))
-    set_rng_state(s.pop("rng"))
+    s = readers.torch_load(f, "training state")
+    with readers.reading(f, "training state"):
+        optimizer.load_state_dict(s.pop("optimizer"))
+        if _uses_dist_opt(optimizer):
+            optimizer.load_parameter_state(str(path / "train_state" / "dist_opt.pt"))
+        scheduler.load_state_dict(s.pop("scheduler"))
+        set_rng_state(s.pop("rng"))
+        s["iteration"], s["consumed_samples"]  # noqa: B018 (present, or a KeyError naming the file)
     return s
+
+
+def agree(ok: bool) -> bool:
+    """True when ``ok`` holds on every rank."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=runtime.device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def load_latest_readable(root, model, optimizer, scheduler) -> tuple[Path, dict] | None:
+    """Resume from the newest complete checkpoint that every rank can read, saying which ones were
+    skipped; a one-line error naming the file when none can be read."""
+    found = checkpoints(root)
+    for i, path in enumerate(reversed(found)):
+        err = None
+        try:
+            state = load(path, model, optimizer, scheduler)
+        except UserError as e:
+            err = e
+        if agree(err is None):
+            return path, state
+        why = str(err) if err else "unreadable on another rank"
+        if i + 1 == len(found):
+            raise UserError(f"{why}; no older complete checkpoint under {root} to resume from (move "
+                            f"{root} away to start over)")
+        runtime.print0(f"[train] skipping {path.name}: {why}; resuming from the checkpoint before it")
+    return None

@@ -1,0 +1,32 @@
+"""A quiet console: the warnings that are expected and harmless, filtered once for the whole package.
+
+Filtered: Megatron-Core's notices that Transformer Engine / apex are not installed (CPU mode and
+plain-torch environments fall back to torch on purpose) and deprecation notices raised inside
+Megatron-Core, torch and Hydra about their own internals. Everything else still shows, in particular
+warnings raised by this project's code or about the user's data and models.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+_DONE = False
+HARMLESS_MESSAGES = (
+    r"Transformer Engine and Apex are not installed",
+    r".*(apex|transformer_engine|Transformer Engine).*(not installed|not available|is not found)",
+    r"TypedStorage is deprecated",
+    r"`torch\.distributed\._sharded_tensor` will be deprecated",
+)
+THIRD_PARTY_INTERNALS = r"(megatron|torch|hydra|omegaconf|transformers|lm_eval|datasets)(\.|$)"
+
+
+def quiet() -> None:
+    """Install the filters (idempotent). Called when ``minitron_nemo`` is imported."""
+    global _DONE
+    if _DONE:
+        return
+    for msg in HARMLESS_MESSAGES:
+        warnings.filterwarnings("ignore", message=msg)
+    for cat in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
+        warnings.filterwarnings("ignore", category=cat, module=THIRD_PARTY_INTERNALS)
+    _DONE = True

@@ -1,0 +1,315 @@
+"""The output policy: what a recipe may write, checked before any compute, and how it writes it.
+
+Before any compute, every recipe that writes calls ``claim_dir`` / ``claim_file`` / ``claim_workdir``:
+
+* refused outright: an empty path, ``/``, the current directory, an existing regular file where a
+  directory goes (or a directory where a file goes), and an output that equals a source, lies inside
+  one or contains one;
+* an existing output is replaced only when this project wrote it (a directory's ``.minitron_output.json``
+  manifest lists every file it wrote; a file carries its own mark): silently when the same recipe
+  wrote it, with ``overwrite=true`` when another recipe did. Anything holding a file the project did
+  not write is never replaced or deleted, ``overwrite`` or not;
+* the output is locked (``flock`` on a sibling ``.NAME.lock``) for the rest of the run, so a second run
+  on the same output stops at once with a line naming the first;
+* the parent directory must be writable.
+
+Writes go to a hidden sibling temp directory that is renamed into place (``atomic_dir``); a failure,
+including a full disk, removes the temp directory and leaves the previous output as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+from minitron_nemo.errors import UserError
+
+MANIFEST = ".minitron_output.json"
+WORKDIR_MARK = ".minitron_workdir.json"
+ENV_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+              errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+              errno.EPERM: "permission denied"}
+_LOCKS: dict = {}
+
+
+def recipe_name() -> str:
+    """The running recipe (its script name), recorded in manifests."""
+    return Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "python"
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+# ----------------------------------------------------------------------------- path checks
+def _resolve(path, key: str) -> Path:
+    if path is None or not str(path).strip():
+        raise UserError(f"{key} is empty; allowed: a path to a new directory or file")
+    p = Path(os.path.expanduser(str(path))).resolve()
+    if p == Path(p.anchor):
+        raise UserError(f"{key}={path} is the file-system root; allowed: a new directory or file")
+    if p == Path.cwd().resolve():
+        raise UserError(f"{key}={path} is the current directory; allowed: a new directory or file "
+                        f"(e.g. {key}=./out)")
+    if p == Path.home().resolve():
+        raise UserError(f"{key}={path} is the home directory; allowed: a new directory or file")
+    return p
+
+
+def _overlaps(out: Path, key: str, sources: dict) -> None:
+    """Refuse an output equal to, inside or containing a source (``{key: path}``, None ignored)."""
+    for skey, src in sources.items():
+        if src is None or not str(src).strip():
+            continue
+        s = Path(os.path.expanduser(str(src))).resolve()
+        if out == s:
+            raise UserError(f"{key}={out} is the same path as {skey}; allowed: a different output path")
+        if s in out.parents:
+            raise UserError(f"{key}={out} lies inside {skey}={s}; allowed: a path outside the source")
+        if out in s.parents:
+            raise UserError(f"{key}={out} contains {skey}={s}; writing it would replace the source; "
+                            f"allowed: a path that does not contain the source")
+
+
+def _writable_parent(p: Path, key: str) -> None:
+    parent = p.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = parent / f".{p.name}.probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{key}={p}: cannot write in {parent}: {ENV_ERRNOS.get(e.errno, e.strerror)}") from None
+
+
+def project_files(d: Path) -> tuple[str | None, list[str]]:
+    """``(recipe that wrote d, files in d it did not write)``; recipe None when d has no manifest."""
+    files = sorted(str(f.relative_to(d)) for f in d.rglob("*") if not f.is_dir())
+    m = d / MANIFEST
+    if not m.is_file():
+        return None, files
+    try:
+        info = json.loads(m.read_text())
+        known = set(info["files"]) | {MANIFEST}
+        recipe = str(info["recipe"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, files
+    return recipe, [f for f in files if f not in known]
+
+
+def _replaceable_dir(p: Path, key: str, overwrite: bool, recipe: str, extra_ok=()) -> None:
+    if not p.exists():
+        return
+    if not p.is_dir():
+        raise UserError(f"{key}={p} is an existing file; allowed: a new or empty directory")
+    if not any(p.iterdir()):
+        return
+    wrote, foreign = project_files(p)
+    foreign = [f for f in foreign if f.split("/")[0] not in extra_ok]
+    if wrote is None or foreign:
+        names = ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else "")
+        raise UserError(f"{key}={p} holds files this project did not write ({names}); allowed: a new or "
+                        f"empty directory (overwrite=true never deletes files the project did not write)")
+    if wrote != recipe and not overwrite:
+        raise UserError(f"{key}={p} is an output of {wrote}; pass overwrite=true to replace it, or choose "
+                        f"another {key}")
+
+
+# ----------------------------------------------------------------------------- claims
+def claim_dir(path, *, key: str = "output", sources: dict | None = None, overwrite: bool = False,
+              recipe: str | None = None, lock: bool = True, extra_ok=()) -> Path:
+    """Check and lock a directory output before any compute; returns its resolved path."""
+    p = _resolve(path, key)
+    _overlaps(p, key, sources or {})
+    _replaceable_dir(p, key, overwrite, recipe or recipe_name(), extra_ok)
+    _writable_parent(p, key)
+    if lock:
+        take_lock(p.parent / f".{p.name}.lock", key, p)
+    return p
+
+
+def claim_file(path, *, key: str, sources: dict | None = None, is_ours=None, lock: bool = True) -> Path:
+    """Check and lock a file output. An existing file is replaced only when ``is_ours(path)`` says this
+    project wrote it."""
+    p = _resolve(path, key)
+    if str(path).endswith(os.sep) or p.is_dir():
+        raise UserError(f"{key}={path} is a directory; allowed: a file path such as {Path(path) / 'out.json'}")
+    _overlaps(p, key, sources or {})
+    if p.exists() and not (is_ours and is_ours(p)):
+        raise UserError(f"{key}={p} is an existing file this project did not write; allowed: a new file "
+                        f"path (existing files are never replaced)")
+    _writable_parent(p, key)
+    if lock:
+        take_lock(p.parent / f".{p.name}.lock", key, p)
+    return p
+
+
+def claim_workdir(path, *, key: str = "workdir", sources: dict | None = None) -> Path:
+    """A job's work directory: created and marked on first use, reused by re-runs (they resume), locked
+    for the run. A directory with other files in it is refused; sources may lie inside it (the corrected
+    teacher does), but the workdir may not lie inside a source."""
+    p = _resolve(path, key)
+    for skey, src in (sources or {}).items():
+        if src is None or not str(src).strip():
+            continue
+        s = Path(os.path.expanduser(str(src))).resolve()
+        if p == s or s in p.parents:
+            raise UserError(f"{key}={p} {'is' if p == s else 'lies inside'} {skey}={s}; allowed: a "
+                            f"directory outside the source")
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{key}={p} is an existing file; allowed: a directory")
+    if p.is_dir() and any(p.iterdir()) and not (p / WORKDIR_MARK).is_file():
+        names = ", ".join(sorted(x.name for x in p.iterdir())[:3])
+        raise UserError(f"{key}={p} holds files this project did not write ({names}); allowed: a new or "
+                        f"empty directory, or the workdir of an earlier run")
+    _writable_parent(p, key)
+    if _rank() == 0:
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+            if not (p / WORKDIR_MARK).is_file():
+                (p / WORKDIR_MARK).write_text(json.dumps({"recipe": recipe_name(), "created": time.time()}))
+        except OSError as e:
+            raise UserError(f"{key}={p}: {ENV_ERRNOS.get(e.errno, e.strerror)}") from None
+    take_lock(p / ".lock", key, p)
+    return p
+
+
+# ----------------------------------------------------------------------------- locks
+def take_lock(lock_path: Path, key: str, what: Path) -> None:
+    """Hold an exclusive ``flock`` on ``lock_path`` until this process ends (rank 0 only)."""
+    if _rank() != 0 or str(lock_path) in _LOCKS:
+        return
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"{key}={what}: cannot create {lock_path}: {ENV_ERRNOS.get(e.errno, e.strerror)}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(f"{key}={what} is in use by another run ({holder}); allowed: wait for it to "
+                            f"finish or choose another {key}") from None
+        try:  # the file may have been removed by its previous holder between open and flock
+            same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, {' '.join(sys.argv)[:300]}".encode(), 0)
+    _LOCKS[str(lock_path)] = fd
+
+
+def release_locks() -> None:
+    for path, fd in list(_LOCKS.items()):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
+        del _LOCKS[path]
+
+
+import atexit  # noqa: E402
+
+atexit.register(release_locks)
+
+
+# ----------------------------------------------------------------------------- writing
+def temp_of(final: Path) -> Path:
+    return final.parent / f".{final.name}.tmp"
+
+
+def write_manifest(tmp: Path, recipe: str | None = None) -> None:
+    files = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if not f.is_dir())
+    (tmp / MANIFEST).write_text(json.dumps({"recipe": recipe or recipe_name(), "files": files,
+                                            "written": time.time()}, indent=0))
+
+
+def commit(tmp: Path, final: Path, recipe: str | None = None) -> None:
+    """Mark ``tmp`` as this project's output and rename it into place over ``final``."""
+    write_manifest(tmp, recipe)
+    old = final.parent / f".{final.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def discard(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def env_error(exc: BaseException) -> OSError | None:
+    """The disk-full / read-only / permission ``OSError`` behind ``exc`` (also inside the wrappers of
+    torch.distributed.checkpoint and Megatron), or None."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in ENV_ERRNOS:
+            return e
+        todo += [e.__cause__, e.__context__]
+        failures = getattr(e, "failures", None)  # torch.distributed.checkpoint.CheckpointException
+        if isinstance(failures, dict):
+            todo += [v for v in failures.values() if isinstance(v, BaseException)]
+        todo += [a for a in getattr(e, "args", ()) if isinstance(a, BaseException)]
+    return None
+
+
+def write_error(exc: BaseException, where) -> UserError | None:
+    e = env_error(exc)
+    if e is None:
+        text = str(exc)
+        for code, why in ENV_ERRNOS.items():
+            if os.strerror(code) in text:
+                return UserError(f"cannot write {where}: {why}; nothing was changed there")
+        return None
+    return UserError(f"cannot write {e.filename or where}: {ENV_ERRNOS[e.errno]}; nothing was changed at {where}")
+
+
+@contextlib.contextmanager
+def atomic_dir(final, recipe: str | None = None):
+    """Single-process atomic directory write: ``with atomic_dir(out) as tmp: ...write into tmp...``."""
+    final = Path(final).resolve()
+    tmp = temp_of(final)
+    discard(tmp)
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        commit(tmp, final, recipe)
+    except BaseException as exc:
+        discard(tmp)
+        err = write_error(exc, final)
+        if err is not None:
+            raise err from None
+        raise
+
+
+def write_text_atomic(path, text: str) -> Path:
+    """Write a small file through a temp file and ``os.replace`` (a failure leaves the old file)."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, p)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        err = write_error(exc, p)
+        if err is not None:
+            raise err from None
+        raise
+    return p

@@ -1,0 +1,108 @@
+"""One reading layer: every file the project reads from a user goes through these functions, which turn
+parse, type, shape and I/O failures into a one-line ``UserError`` naming the file and what is wrong.
+
+    with reading(path, "checkpoint weights"):   # any failure inside -> "cannot read ... PATH: why"
+        ...
+    read_json(path, "HF config")                 # a JSON object, or a UserError
+    read_yaml(path, "model config")              # a YAML mapping, or a UserError
+    typed_model_config(d, path)                  # a ModelConfig with checked types, or a UserError
+    torch_load(path, "training state")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+from minitron_nemo.errors import UserError
+
+
+def describe(e: BaseException) -> str:
+    """A one-line reason: the exception's own first line, its type when it has no text."""
+    text = " ".join(str(e).split())
+    if isinstance(e, FileNotFoundError):
+        return f"missing file {e.filename}" if e.filename else "missing file"
+    if isinstance(e, KeyError):
+        return f"missing entry {text}"
+    if isinstance(e, UnicodeDecodeError):
+        return "not UTF-8 text"
+    if len(text) > 300:
+        text = text[:300] + " ..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def reading(path, what: str):
+    """Turn any failure while reading ``path`` into ``UserError("cannot read WHAT PATH: reason")``."""
+    try:
+        yield
+    except (UserError, KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:  # the reader's own errors: parse, shape, I/O (named by file)
+        from minitron_nemo.outputs import env_error
+
+        if env_error(e) is None and isinstance(e, MemoryError):
+            raise
+        raise UserError(f"cannot read {what} {path}: {describe(e)}") from None
+
+
+def read_json(path, what: str, kind=dict):
+    p = Path(path)
+    with reading(p, what):
+        data = json.loads(p.read_text())
+    if not isinstance(data, kind):
+        raise UserError(f"{what} {p} holds a JSON {type(data).__name__}; allowed: a JSON "
+                        f"{'object' if kind is dict else kind.__name__}")
+    return data
+
+
+def read_yaml(path, what: str, kind=dict):
+    import yaml
+
+    p = Path(path)
+    with reading(p, what):
+        data = yaml.safe_load(p.read_text())
+    if not isinstance(data, kind):
+        got = "nothing (empty file)" if data is None else f"a YAML {type(data).__name__}"
+        raise UserError(f"{what} {p} holds {got}; allowed: a YAML mapping")
+    return data
+
+
+def typed_model_config(d: dict, source):
+    """``ModelConfig`` from a dict, its types checked against the schema (a non-numeric size names the
+    key and the file)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from minitron_nemo.models.config import ModelConfig
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.create(d))
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", "") or ""
+        msg = str(getattr(e, "msg", None) or e).splitlines()[0]
+        raise UserError(f"{source}: {key + ': ' if key else ''}{msg}") from None
+    try:
+        return obj.validate()
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
+
+
+def torch_load(path, what: str):
+    import torch
+
+    p = Path(path)
+    with reading(p, what):
+        return torch.load(p, map_location="cpu", weights_only=False)
+
+
+def check_shapes(expected: dict, got: dict, source) -> None:
+    """Tensors ``got`` against the shapes a config implies (``expected``: name -> shape); a mismatch
+    names both shapes and the file."""
+    for k, t in got.items():
+        want = expected.get(k)
+        if want is not None and tuple(t.shape) != tuple(want):
+            raise UserError(f"{source}: tensor {k} has shape {tuple(t.shape)} but the model config implies "
+                            f"{tuple(want)}; allowed: weights that match the config")
