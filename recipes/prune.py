@@ -21,7 +21,7 @@ from minitron_nemo.checkpoint import store
 from minitron_nemo.config import compose, dtype
 from minitron_nemo.errors import user_errors_exit
 from minitron_nemo.models.builder import build_model, count_parameters
-from minitron_nemo.prune import api
+from minitron_nemo.prune import api, artifacts
 
 
 @user_errors_exit
@@ -46,7 +46,7 @@ def main():
                                  meta={**meta, "checkpoint": str(Path(src).resolve())})
         if runtime.is_rank0():
             with outputs.atomic_dir(cfg.output) as tmp:
-                api.save_artifacts(tmp, mc, result, targets, f"importance of {src}")
+                artifacts.save_artifacts(tmp, mc, result, targets, f"importance of {src}")
         runtime.print0(f"importance of {src} -> {cfg.output}")
         runtime.shutdown()
         return
@@ -60,7 +60,7 @@ def main():
                          "kept_layers_1indexed": [i + 1 for i in result.kept_layers],
                          "layer_criterion": p.layer_criterion, "aggregation": result.meta.get("aggregation")}}
     out = store.save_checkpoint(result.model, cfg.output, new_mc, tokenizer_src=src, meta=ck_meta,
-                                before_commit=lambda tmp: api.save_artifacts(tmp / "prune", mc, result, targets,
+                                before_commit=lambda tmp: artifacts.save_artifacts(tmp / "prune", mc, result, targets,
                                                                              f"importance of {src}"))
     msg = (f"pruned {src} -> {out}: layers {mc.num_layers}->{new_mc.num_layers}, hidden {mc.hidden_size}->"
            f"{new_mc.hidden_size}, ffn {mc.ffn_hidden_size}->{new_mc.ffn_hidden_size}, heads/groups "

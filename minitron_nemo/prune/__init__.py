@@ -1,8 +1,9 @@
 """Minitron pruning: activation importance (``importance``), targets and budget search (``targets``),
-trimming of the sharded model (``trim``), and the in-job entry point ``prune_model`` (``api``)."""
+trimming of the sharded model (``trim``), the in-job entry point ``prune_model`` (``api``) and the
+score files and plots (``artifacts``)."""
 
-from minitron_nemo.prune.api import (PruneResult, check_config, load_scores, prune_from_config, prune_model,
-                                     save_artifacts, save_scores, select_layers)
+from minitron_nemo.prune.api import PruneResult, check_config, prune_from_config, prune_model, select_layers
+from minitron_nemo.prune.artifacts import load_scores, save_artifacts, save_scores
 from minitron_nemo.prune.importance import Aggregation, estimate
 from minitron_nemo.prune.targets import SearchSpace, Targets
 

@@ -12,12 +12,9 @@ contiguous block of k layers whose removal gives the lowest LM loss.
 
 from __future__ import annotations
 
-import csv
 import gc
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import List, Optional
 
 import torch
@@ -30,12 +27,11 @@ from minitron_nemo.models.builder import count_parameters
 from minitron_nemo.models.config import ModelConfig
 from minitron_nemo.prune import data as pdata
 from minitron_nemo.prune import importance as imp
-from minitron_nemo.prune.plot import plot_importance
-from minitron_nemo.prune.targets import SearchSpace, Targets, budget, candidates, validate
+from minitron_nemo.prune.artifacts import load_scores
+from minitron_nemo.prune.targets import SearchSpace, Targets, candidates, validate
 from minitron_nemo.prune.trim import make_plan, trim_model
 
 LAYER_CRITERIA = ("bi", "loss", "block")
-SCORES_FILE, META_FILE = "importance.safetensors", "importance.json"
 
 
 @dataclass
@@ -250,67 +246,3 @@ def prune_from_config(model, mc: ModelConfig, p, tokenizer_dir, progress: bool =
     if loss_batches:
         result.calib_loss = imp.mean_loss(result.model, loss_batches)
     return result
-
-
-# ----------------------------------------------------------------------------- artifacts
-def save_scores(out_dir, scores: dict, meta: dict) -> Path:
-    """``importance.safetensors`` (global fp32 scores) and ``importance.json`` (rank 0 only)."""
-    from safetensors.torch import save_file
-
-    d = Path(out_dir)
-    if runtime.is_rank0():
-        d.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous().float() for k, v in scores.items()}, str(d / SCORES_FILE))
-        (d / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
-    return d
-
-
-def load_scores(path, mc: ModelConfig) -> tuple[dict, dict]:
-    """Scores saved by ``save_scores`` (a directory or the .safetensors file), checked against ``mc``."""
-    from safetensors.torch import load_file
-
-    p = Path(path)
-    f = p / SCORES_FILE if p.is_dir() else p
-    if not f.is_file():
-        raise UserError(f"prune.importance.load={path} has no {SCORES_FILE}; allowed: a directory "
-                        f"written by a previous prune run (or the .safetensors file)")
-    scores = load_file(str(f))
-    meta_f = f.parent / META_FILE
-    meta = json.loads(meta_f.read_text()) if meta_f.is_file() else {}
-    want = {"hidden": (mc.hidden_size,), "heads": (mc.num_layers, mc.num_attention_heads),
-            "groups": (mc.num_layers, mc.num_query_groups), "ffn": (mc.num_layers, mc.ffn_hidden_size),
-            "layer_bi": (mc.num_layers,)}
-    for k, shape in want.items():
-        if k not in scores or tuple(scores[k].shape) != shape:
-            got = tuple(scores[k].shape) if k in scores else "missing"
-            raise UserError(f"prune.importance.load={path}: score {k!r} has shape {got}, the checkpoint "
-                            f"needs {shape}; allowed: scores computed on this checkpoint")
-    return scores, meta
-
-
-def save_artifacts(out_dir, mc: ModelConfig, result: PruneResult, targets: Targets, title: str = "") -> None:
-    """importance.safetensors / .json / .png and, for a budget search, candidates.csv / .md (rank 0)."""
-    save_scores(out_dir, result.scores, result.meta)
-    if result.candidates:
-        write_candidates(out_dir, result.candidates, budget(mc, targets))
-    if runtime.is_rank0():
-        plot_importance(result.scores, Path(out_dir) / "importance.png", title)
-
-
-def write_candidates(out_dir, table: List[dict], budget: int) -> None:
-    """``candidates.csv`` and ``candidates.md`` (rank 0 only)."""
-    if not runtime.is_rank0() or not table:
-        return
-    d = Path(out_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    cols = list(table[0].keys())
-    with open(d / "candidates.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(table)
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = [f"# Pruning candidates (budget {budget} params, ranked by zero-shot calibration loss)", "",
-             "| " + " | ".join(cols + ["params/budget"]) + " |", "|" + "---|" * (len(cols) + 1)]
-    for r in table:
-        lines.append("| " + " | ".join(fmt(r[c]) for c in cols) + f" | {r['params'] / budget:.3f} |")
-    (d / "candidates.md").write_text("\n".join(lines) + "\n")
