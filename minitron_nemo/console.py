@@ -29,4 +29,6 @@ def quiet() -> None:
         warnings.filterwarnings("ignore", message=msg)
     for cat in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
         warnings.filterwarnings("ignore", category=cat, module=THIRD_PARTY_INTERNALS)
+    # Megatron-Core announces its own deprecations as UserWarnings (e.g. "full scope is deprecated")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron(\.|$)", message=r".*deprecat")
     _DONE = True

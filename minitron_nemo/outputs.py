@@ -264,7 +264,8 @@ def env_error(exc: BaseException) -> OSError | None:
         todo += [e.__cause__, e.__context__]
         failures = getattr(e, "failures", None)  # torch.distributed.checkpoint.CheckpointException
         if isinstance(failures, dict):
-            todo += [v for v in failures.values() if isinstance(v, BaseException)]
+            for v in failures.values():
+                todo += [x for x in (v if isinstance(v, tuple) else (v,)) if isinstance(x, BaseException)]
         todo += [a for a in getattr(e, "args", ()) if isinstance(a, BaseException)]
     return None
 

@@ -18,8 +18,20 @@ from pathlib import Path
 from minitron_nemo.errors import UserError
 
 
+def first_failure(e: BaseException) -> BaseException:
+    """The per-rank exception inside torch.distributed.checkpoint's ``CheckpointException``."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        v = next(iter(failures.values()))
+        v = v[0] if isinstance(v, tuple) and v else v
+        if isinstance(v, BaseException):
+            return first_failure(v)
+    return e
+
+
 def describe(e: BaseException) -> str:
     """A one-line reason: the exception's own first line, its type when it has no text."""
+    e = first_failure(e)
     text = " ".join(str(e).split())
     if isinstance(e, FileNotFoundError):
         return f"missing file {e.filename}" if e.filename else "missing file"
@@ -37,12 +49,11 @@ def reading(path, what: str):
     """Turn any failure while reading ``path`` into ``UserError("cannot read WHAT PATH: reason")``."""
     try:
         yield
-    except (UserError, KeyboardInterrupt, SystemExit):
+    except (UserError, KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError):
         raise
-    except Exception as e:  # the reader's own errors: parse, shape, I/O (named by file)
-        from minitron_nemo.outputs import env_error
-
-        if env_error(e) is None and isinstance(e, MemoryError):
+    except BaseException as e:  # the reader's own errors: parse, shape, I/O (torch.distributed.checkpoint's
+        # CheckpointException is a BaseException); a user's interrupt passes through above
+        if type(e).__name__ == "Interrupted":
             raise
         raise UserError(f"cannot read {what} {path}: {describe(e)}") from None
 

@@ -206,7 +206,8 @@ CASES = {
                                                   (EXPORT, [f"checkpoint={t / 'ck'}", f"output={t / 'o'}"]))[1],
                                     ["model.yaml", "hidden_size", "big"]),
     "model.yaml sizes vs weights": (lambda t, f: (edit_yaml(copy(f.ckpt, t / "ck") / "model.yaml", lambda d: d.update(ffn_hidden_size=128)),
-                                                  (EXPORT, [f"checkpoint={t / 'ck'}", f"output={t / 'o'}"]))[1], ["96", "128"]),
+                                                  (EXPORT, [f"checkpoint={t / 'ck'}", f"output={t / 'o'}"]))[1],
+                                    ["weights", "192", "256"]),  # fc1 = 2 x ffn (SwiGLU): 2 x 96 vs 2 x 128
     "dist-checkpoint shard truncated": (lambda t, f: (truncate(a_shard(copy(f.ckpt, t / "ck"))),
                                                       (EXPORT, [f"checkpoint={t / 'ck'}", f"output={t / 'o'}"]))[1], ["weights"]),
     "dist-checkpoint shard missing": (lambda t, f: (a_shard(copy(f.ckpt, t / "ck")).unlink(),

@@ -157,9 +157,10 @@ def load_weights(model, ckpt_dir, extra_state: dict | None = None) -> dict | Non
     if extra_state:
         sharded.update(extra_state)
     weights = Path(ckpt_dir) / "weights"
-    if not (weights / ".metadata").is_file() and not (weights / "metadata.json").is_file():
-        raise UserError(f"cannot read checkpoint weights {weights}: no .metadata or metadata.json; allowed: a "
-                        f"complete checkpoint")
+    info = readers.read_json(weights / "metadata.json", "checkpoint weights metadata")
+    if info.get("sharded_backend") == "torch_dist" and not (weights / ".metadata").is_file():
+        raise UserError(f"cannot read checkpoint weights {weights}: .metadata is missing; allowed: a complete "
+                        f"checkpoint")
     with readers.reading(weights, "checkpoint weights"):
         loaded = dist_checkpointing.load(sharded, str(weights))
     extra = {k: loaded.pop(k) for k in list(extra_state or {})}
@@ -203,13 +204,13 @@ class HFWeights:
         self._handles, self._where = [], {}
         for f in files:
             with readers.reading(d / f, "HF weights"):
+                self._check_size(d / f)
                 h = safe_open(str(d / f), framework="pt")
-                self._check_size(d / f, h)
             self._handles.append(h)
             self._where.update({k: (h, d / f) for k in h.keys()})
 
     @staticmethod
-    def _check_size(path: Path, handle) -> None:
+    def _check_size(path: Path) -> None:
         """A truncated file: the header promises more bytes than the file has."""
         import struct
 
