@@ -7,10 +7,13 @@
 * ``doc``: how text files split into documents: the whole file (default), blank-line separated
   paragraphs, or lines. Every JSONL record is one document.
 * ``tokenizer``: a Hugging Face tokenizer or model dir (the model's own tokenizer).
-* ``eod``: token appended after every document (default: the tokenizer's EOS token).
+* ``eod``: token appended after every document (default: the tokenizer's EOS token): a token string of
+  the vocabulary or a token id ``0..vocab_size-1``.
 
-The outputs are written under temp names and renamed at the end; bad input exits with code 2 and a
-one-line error, leaving existing outputs untouched.
+The outputs are written under temp names and renamed at the end; bad input (a file that is not UTF-8,
+a JSONL line that is not a JSON object with a string under ``json_key``, no documents at all, an eod
+outside the vocabulary) or a failed write (disk full) exits with code 2 and a one-line error naming the
+file (and line) or value, leaving existing outputs untouched and no temp files behind.
 """
 
 import sys
@@ -49,8 +52,10 @@ def main():
         raise UserError(f"output_prefix={out} is a directory; give a file prefix such as {out}/train")
     tok = HFTokenizer(args["tokenizer"], eod=args["eod"])
     print(f"tokenizing {len(paths)} file(s) with {args['tokenizer']} (eod id {tok.eod})", flush=True)
+    source = f"input {paths[0]}" if len(paths) == 1 else \
+        f"input ({len(paths)} files: {', '.join(map(str, paths[:3]))}{', ...' if len(paths) > 3 else ''})"
     stats = write_indexed_dataset(iter_documents(paths, args["doc"], args["json_key"]), tok, out,
-                                  log=lambda m: print(m, flush=True))
+                                  log=lambda m: print(m, flush=True), source=source)
     print(f"wrote {out}.bin/.idx: {stats['docs']} docs, {stats['tokens']} tokens, "
           f"{stats['tokens_per_s']:.0f} tokens/s", flush=True)
 

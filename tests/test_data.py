@@ -245,3 +245,124 @@ def test_assets_concurrent_callers(tmp_path):
     outs = [p.communicate(timeout=300)[0].strip() for p in procs]
     assert all(p.returncode == 0 for p in procs) and len(set(outs)) == 1
     assert sorted(x for x in os.listdir(cache) if not x.startswith(".")) == ["downloads", "shakespeare"]
+
+
+# ---------------------------------------------------------------------------------------------- batch boundaries,
+# corrupt datasets, failed writes
+
+def _docs(n):
+    return [f"Document {i}: {'to be or not to be, ' * (i % 5)}that is the question \u00e9 {i * 7}" for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tok(hf_dir):
+    return HFTokenizer(hf_dir)
+
+
+@pytest.mark.parametrize("n", [256, 257, 512])
+def test_preprocess_round_trip_at_batch_boundaries(n, hf_dir, hf_tok, tmp_path):
+    """256 documents (= batch_docs) used to crash with IndexError (an empty last batch); 257 and 512 too."""
+    texts = _docs(n)
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    r = run_py("recipes/preprocess_data.py", f"input={src}", f"tokenizer={hf_dir}", f"output_prefix={tmp_path}/out")
+    expect = [hf_tok(t)["input_ids"] + [hf_tok.eos_token_id] for t in texts]
+    assert f"{n} docs, {sum(map(len, expect))} tokens" in r.stdout
+    ds = _indexed(tmp_path / "out")
+    assert len(ds) == n and [ds[i].tolist() for i in range(n)] == expect
+    assert sorted(os.listdir(tmp_path)) == ["docs.jsonl", "out.bin", "out.idx"]
+
+
+def test_write_indexed_dataset_every_remainder(tok, tmp_path):
+    """Counts below, at and past multiples of ``batch_docs`` all round-trip; no documents is a UserError."""
+    from minitron_nemo.data.indexed import write_indexed_dataset
+
+    for n in (1, 3, 4, 5, 8, 9):
+        texts = _docs(n)
+        stats = write_indexed_dataset(iter(texts), tok, tmp_path / f"n{n}", batch_docs=4)
+        ds = _indexed(tmp_path / f"n{n}")
+        expect = [ids + [tok.eod] for ids in tok.tokenize_batch(texts)]
+        assert stats["docs"] == len(ds) == n and stats["tokens"] == sum(map(len, expect))
+        assert [ds[i].tolist() for i in range(n)] == expect
+    with pytest.raises(UserError, match="input x.jsonl holds no documents"):
+        write_indexed_dataset(iter([]), tok, tmp_path / "none", batch_docs=4, source="input x.jsonl")
+    assert not [f for f in os.listdir(tmp_path) if "none" in f or ".tmp-" in f]
+
+
+def test_write_indexed_dataset_disk_full_removes_temp_files(tok, tmp_path, monkeypatch):
+    """ENOSPC half-way: a one-line UserError naming the output, no temp files, the old dataset intact."""
+    import errno
+
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from minitron_nemo.data.indexed import write_indexed_dataset
+
+    (tmp_path / "out.bin").write_bytes(b"old-bin")
+    (tmp_path / "out.idx").write_bytes(b"old-idx")
+    add = IndexedDatasetBuilder.add_document
+    calls = []
+
+    def full(self, *a, **k):
+        calls.append(1)
+        if len(calls) > 5:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return add(self, *a, **k)
+
+    monkeypatch.setattr(IndexedDatasetBuilder, "add_document", full)
+    with pytest.raises(UserError, match=r"cannot write the dataset .*out\.bin/\.idx.*No space left on device"):
+        write_indexed_dataset(iter(_docs(20)), tok, tmp_path / "out", batch_docs=4)
+    assert sorted(os.listdir(tmp_path)) == ["out.bin", "out.idx"]
+    assert (tmp_path / "out.bin").read_bytes() == b"old-bin" and (tmp_path / "out.idx").read_bytes() == b"old-idx"
+
+
+def _corrupt(case, src, dst):
+    """Copy ``src.bin/.idx`` to ``dst`` with one kind of damage; returns the file the error must name."""
+    import struct
+
+    idx, bin_ = bytearray(open(f"{src}.idx", "rb").read()), open(f"{src}.bin", "rb").read()
+    bad = f"{dst}.idx"
+    if case == "truncated_idx":
+        idx = idx[:len(idx) - 9]
+    elif case == "empty_idx":
+        idx = b""
+    elif case == "header_only":
+        idx = idx[:20]
+    elif case == "bad_magic":
+        idx[:7] = b"NOTIDX!"
+    elif case == "bad_version":
+        idx[9:17] = struct.pack("<Q", 7)
+    elif case == "bad_dtype":
+        idx[17] = 99
+    elif case == "bad_pointers":
+        n = struct.unpack("<Q", idx[18:26])[0]
+        idx[34 + 4 * n + 8:34 + 4 * n + 16] = struct.pack("<q", 3)  # second sequence pointer
+    elif case == "short_bin":
+        bin_, bad = bin_[:-10], f"{dst}.bin"
+    elif case == "long_bin":
+        bin_, bad = bin_ + b"\0" * 8, f"{dst}.bin"
+    open(f"{dst}.idx", "wb").write(bytes(idx))
+    open(f"{dst}.bin", "wb").write(bin_)
+    return bad
+
+
+CORRUPTIONS = ["truncated_idx", "empty_idx", "header_only", "bad_magic", "bad_version", "bad_dtype", "bad_pointers",
+               "short_bin", "long_bin"]
+
+
+@pytest.mark.parametrize("case", CORRUPTIONS)
+def test_corrupt_dataset_is_a_user_error(case, data, tok, tmp_path):
+    """A damaged ``.idx`` / ``.bin`` is refused with a UserError naming the file, wherever a dataset is opened."""
+    from minitron_nemo.data.indexed import check_indexed_prefix, parse_blend
+    from minitron_nemo.prune.data import calibration_windows
+
+    assert check_indexed_prefix(data["tempest"])["documents"] == len(_indexed(data["tempest"]))
+    bad = _corrupt(case, data["tempest"], tmp_path / "bad")
+    for call in (lambda: check_indexed_prefix(tmp_path / "bad"),
+                 lambda: parse_blend([str(tmp_path / "bad")]),
+                 lambda: build_gpt_datasets(tok, SEQ, blend=[str(tmp_path / "bad")], split="1,0,0",
+                                            cache_dir=tmp_path / "cache"),
+                 lambda: calibration_windows(str(tmp_path / "bad"), tok.path, 4, SEQ, 0)):
+        with pytest.raises(UserError) as e:
+            call()
+        msg = str(e.value)
+        assert bad in msg and "\n" not in msg and "corrupt or truncated" in msg, msg

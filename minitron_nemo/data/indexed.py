@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import struct
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -61,13 +62,19 @@ class HFTokenizer:
             [("class", type(self).__name__), ("tokenizer_path", [self.path]), ("eod", self.eod)])
 
     def _token_id(self, tok) -> int:
+        """``eod`` as a token id: an int / integer string in ``0..vocab_size-1``, or a token of the vocabulary."""
+        n = len(self.hf)
+        allowed = f"allowed: a token id 0..{n - 1} or a token string of the vocabulary of {self.path}"
         if tok is None:
-            raise UserError(f"tokenizer {self.path} has no EOS token; pass eod=<token>")
-        if isinstance(tok, int) or (isinstance(tok, str) and tok.isdigit()):
-            return int(tok)
+            raise UserError(f"tokenizer {self.path} has no EOS token; pass eod=<token> ({allowed})")
+        if isinstance(tok, (int, np.integer)) or (isinstance(tok, str) and re.fullmatch(r"[+-]?\d+", tok.strip())):
+            i = int(tok)
+            if not 0 <= i < n:
+                raise UserError(f"eod={tok} is out of range; {allowed}")
+            return i
         i = self.hf.convert_tokens_to_ids(tok)
         if i is None or i == self.hf.unk_token_id and tok != self.hf.unk_token:
-            raise UserError(f"eod token {tok!r} is not in the vocabulary of {self.path}")
+            raise UserError(f"eod={tok!r} is not a token of the vocabulary; {allowed}")
         return int(i)
 
     @property
@@ -87,7 +94,9 @@ class HFTokenizer:
         return self.hf(text, verbose=False)["input_ids"]
 
     def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.hf(texts, verbose=False)["input_ids"]
+        if not texts:  # HF fast tokenizers raise IndexError on an empty batch
+            return []
+        return self.hf(list(texts), verbose=False)["input_ids"]
 
     def detokenize(self, ids) -> str:
         return self.hf.decode(list(ids))
@@ -113,28 +122,72 @@ def expand_inputs(spec: str | list) -> list[Path]:
     return out
 
 
+def _utf8_error(p: Path, e: UnicodeDecodeError, line: int | None = None) -> UserError:
+    where = f"line {line}: byte 0x{e.object[e.start]:02x} at byte {e.start} of the line" if line is not None \
+        else f"byte 0x{e.object[e.start]:02x} at offset {e.start}"
+    return UserError(f"input {p} is not UTF-8 text ({where}); allowed: UTF-8 text or JSONL files "
+                     f"(convert with iconv -t UTF-8)")
+
+
+def _read_error(p: Path, e: OSError) -> UserError:
+    return UserError(f"cannot read input {p}: {e.strerror or e}")
+
+
+def _jsonl_documents(p: Path, json_key: str) -> Iterator[str]:
+    """One document per non-blank line of a JSONL file: the string under ``json_key`` of a JSON object."""
+    try:
+        with open(p, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise _utf8_error(p, e, n)
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{p}:{n}: invalid JSON ({e.msg}, column {e.colno}); "
+                                    f"allowed: one JSON object per line")
+                if not isinstance(rec, dict):
+                    raise UserError(f"{p}:{n}: a JSON {type(rec).__name__}, not an object; "
+                                    f"allowed: one JSON object per line with the text under {json_key!r}")
+                if json_key not in rec:
+                    keys = ", ".join(map(repr, list(rec)[:8])) or "none"
+                    raise UserError(f"{p}:{n}: no key {json_key!r} (keys: {keys}); set json_key=...")
+                text = rec[json_key]
+                if not isinstance(text, str):
+                    raise UserError(f"{p}:{n}: {json_key!r} is a JSON {type(text).__name__}; allowed: a string")
+                if "\\u" in line:  # escaped lone surrogates decode to str but are not valid text
+                    try:
+                        text.encode("utf-8")
+                    except UnicodeEncodeError:
+                        raise UserError(f"{p}:{n}: {json_key!r} holds an unpaired UTF-16 surrogate escape; "
+                                        f"allowed: valid Unicode text")
+                yield text
+    except OSError as e:
+        raise _read_error(p, e)
+
+
 def iter_documents(paths: list[Path], doc: str = "file", json_key: str = "text") -> Iterator[str]:
-    """Documents from text files (``doc`` = file | paragraph | line) or ``.jsonl``/``.json`` lines (``json_key``)."""
+    """Documents from text files (``doc`` = file | paragraph | line) or ``.jsonl``/``.json`` lines (``json_key``).
+
+    Bad input (not UTF-8, invalid JSON, a line without a string under ``json_key``) raises a
+    ``UserError`` naming the file (and line).
+    """
     if doc not in ("file", "paragraph", "line"):
         raise UserError(f"doc={doc!r}: expected file, paragraph or line")
-    for p in paths:
+    for p in map(Path, paths):
         if p.suffix in (".jsonl", ".json"):
-            with open(p, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise UserError(f"{p}:{n}: invalid JSON ({e.msg})")
-                    if not isinstance(rec, dict) or json_key not in rec:
-                        raise UserError(f"{p}:{n}: no key {json_key!r} (set json_key=...)")
-                    yield str(rec[json_key])
+            yield from _jsonl_documents(p, json_key)
             continue
         try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise UserError(f"{p} is not utf-8 text")
+            text = p.read_bytes().decode("utf-8-sig")
+            text = text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as text mode reads
+        except UnicodeDecodeError as e:
+            raise _utf8_error(p, e)
+        except OSError as e:
+            raise _read_error(p, e)
         if doc == "file":
             parts = [text]
         elif doc == "paragraph":
@@ -145,48 +198,62 @@ def iter_documents(paths: list[Path], doc: str = "file", json_key: str = "text")
 
 
 def write_indexed_dataset(docs: Iterable[str], tokenizer: HFTokenizer, output_prefix, batch_docs: int = 256,
-                          log: Callable[[str], None] | None = None) -> dict:
+                          log: Callable[[str], None] | None = None, source: str | None = None) -> dict:
     """Tokenize ``docs`` (EOD appended to each) into ``output_prefix.bin/.idx``; returns stats.
 
-    Written under temp names and renamed at the end, so an existing dataset stays intact on failure.
+    Written under temp names and renamed at the end, so an existing dataset stays intact on failure;
+    the temp files are removed on any failure (bad input, disk full, interrupt). No documents at all is
+    a ``UserError`` (naming ``source``, the input's description): a 0-document dataset cannot train. An
+    ``OSError`` while writing (e.g. ENOSPC) becomes a ``UserError`` naming the output.
     """
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
+    if batch_docs < 1:
+        raise ValueError(f"batch_docs must be >= 1, got {batch_docs}")
     prefix = str(output_prefix)
-    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{prefix}.tmp-{os.getpid()}"
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     n_docs = n_tokens = 0
     t0 = last = time.time()
-    builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
-    try:
-        def flush(batch):
-            nonlocal n_docs, n_tokens
-            for ids in tokenizer.tokenize_batch(batch):
-                if not ids or ids[-1] != tokenizer.eod:
-                    ids = ids + [tokenizer.eod]
-                builder.add_document(np.asarray(ids, dtype=dtype), [len(ids)])
-                n_docs, n_tokens = n_docs + 1, n_tokens + len(ids)
+    builder = None
 
+    def flush(batch):
+        nonlocal n_docs, n_tokens
+        for ids in tokenizer.tokenize_batch(batch):
+            if not ids or ids[-1] != tokenizer.eod:
+                ids = ids + [tokenizer.eod]
+            builder.add_document(np.asarray(ids, dtype=dtype), [len(ids)])
+            n_docs, n_tokens = n_docs + 1, n_tokens + len(ids)
+
+    try:
+        Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+        builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
         batch = []
         for d in docs:
             batch.append(d)
-            if len(batch) == batch_docs:
+            if len(batch) >= batch_docs:
                 flush(batch)
                 batch = []
                 if log and time.time() - last > 5:
                     last = time.time()
                     log(f"{n_docs} docs, {n_tokens} tokens, {n_tokens / (last - t0):.0f} tokens/s")
-        flush(batch)
+        if batch:  # the remainder; none when the count is a multiple of batch_docs
+            flush(batch)
         if n_docs == 0:
-            raise UserError("the input holds no documents")
-        builder.finalize(tmp + ".idx")
+            raise UserError(f"{source or 'the input'} holds no documents (only empty or blank text); "
+                            f"allowed: input with at least one non-blank document")
+        builder.finalize(tmp + ".idx")  # closes the .bin, writes the .idx
         os.replace(tmp + ".bin", prefix + ".bin")
         os.replace(tmp + ".idx", prefix + ".idx")
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        raise UserError(f"cannot write the dataset {prefix}.bin/.idx{where}: {e.strerror or e}") from None
     finally:
-        builder.data_file.close()
+        if builder is not None:
+            with contextlib.suppress(OSError):  # closing may fail again on a full disk
+                builder.data_file.close()
         for ext in (".bin", ".idx"):
-            if os.path.exists(tmp + ext):
+            with contextlib.suppress(OSError):
                 os.remove(tmp + ext)
     dt = max(time.time() - t0, 1e-9)
     return {"docs": n_docs, "tokens": n_tokens, "seconds": dt, "tokens_per_s": n_tokens / dt}
@@ -194,9 +261,73 @@ def write_indexed_dataset(docs: Iterable[str], tokenizer: HFTokenizer, output_pr
 
 # ---------------------------------------------------------------------------------------------- datasets
 
+_IDX_MAGIC = b"MMIDIDX\x00\x00"  # Megatron's _INDEX_HEADER; then <Q version 1, <B dtype, <Q sequences, <Q documents
+_IDX_HEAD = 9 + 8 + 1 + 8 + 8
+_IDX_DTYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}  # Megatron DType code -> item size
+
+
+def check_indexed_prefix(prefix) -> dict:
+    """Check that ``prefix.bin/.idx`` is a readable Megatron indexed dataset, else ``UserError`` naming the file.
+
+    Checks the ``.idx`` magic header, version and dtype code, that its length matches the sequence and
+    document counts it declares, that sequence lengths / pointers / document indices are consistent, and
+    that the ``.bin`` is exactly as long as the index says. Megatron itself would fail on such files
+    with an assertion, a numpy buffer error or an out-of-range read deep inside a dataset build.
+    Returns ``{"sequences", "documents", "tokens", "dtype_size"}``.
+    """
+    prefix = str(prefix)
+    idx, bin_ = prefix + ".idx", prefix + ".bin"
+    hint = "allowed: a PREFIX.bin/.idx pair written by recipes/preprocess_data.py (re-run it)"
+    for f in (idx, bin_):
+        if not os.path.isfile(f):
+            raise UserError(f"dataset prefix {prefix!r}: {f} not found (run recipes/preprocess_data.py)")
+
+    def bad(what, f=idx):
+        return UserError(f"{f} is corrupt or truncated: {what}; {hint}")
+
+    try:
+        idx_size, bin_size = os.path.getsize(idx), os.path.getsize(bin_)
+        with open(idx, "rb") as fh:
+            head = fh.read(_IDX_HEAD)
+        if len(head) < len(_IDX_MAGIC) or head[:len(_IDX_MAGIC)] != _IDX_MAGIC:
+            raise bad(f"no Megatron index header (starts with {head[:len(_IDX_MAGIC)]!r})")
+        if len(head) < _IDX_HEAD:
+            raise bad(f"{idx_size} bytes, shorter than the {_IDX_HEAD}-byte header")
+        version, code, n_seq, n_doc = struct.unpack("<QBQQ", head[len(_IDX_MAGIC):])
+        if version != 1:
+            raise bad(f"index version {version}, only version 1 is supported")
+        if code not in _IDX_DTYPE_SIZES:
+            raise bad(f"unknown token dtype code {code}")
+        expect = _IDX_HEAD + 4 * n_seq + 8 * n_seq + 8 * n_doc
+        if idx_size not in (expect, expect + n_seq):  # + n_seq: per-sequence modes of multimodal data
+            raise bad(f"{idx_size} bytes, but its {n_seq} sequences and {n_doc} document boundaries need {expect}")
+        if n_seq == 0 or n_doc < 2:
+            raise bad("it holds no documents")
+        lengths = np.memmap(idx, dtype=np.int32, mode="r", offset=_IDX_HEAD, shape=(n_seq,))
+        pointers = np.memmap(idx, dtype=np.int64, mode="r", offset=_IDX_HEAD + 4 * n_seq, shape=(n_seq,))
+        doc_idx = np.memmap(idx, dtype=np.int64, mode="r", offset=_IDX_HEAD + 12 * n_seq, shape=(n_doc,))
+        item = _IDX_DTYPE_SIZES[code]
+        if lengths.min() < 0:
+            raise bad("a negative sequence length")
+        ends = np.cumsum(lengths, dtype=np.int64) * item
+        if pointers[0] != 0 or not np.array_equal(pointers[1:], ends[:-1]):
+            raise bad("sequence pointers do not match the sequence lengths")
+        if doc_idx[0] != 0 or doc_idx[-1] != n_seq or np.any(np.diff(doc_idx) < 0):
+            raise bad("document indices are not an increasing list from 0 to the sequence count")
+        need = int(ends[-1])
+        del lengths, pointers, doc_idx
+    except OSError as e:
+        raise UserError(f"cannot read the dataset {prefix}.bin/.idx: {e.strerror or e}")
+    if bin_size != need:
+        raise bad(f"{bin_size} bytes, but {idx} indexes {need} bytes "
+                  f"({'truncated' if bin_size < need else 'not the .bin this index was written with'})", bin_)
+    return {"sequences": int(n_seq), "documents": int(n_doc) - 1, "tokens": need // item, "dtype_size": item}
+
+
 def parse_blend(blend) -> tuple[list[str], list[float] | None] | None:
     """Megatron blend: a prefix, ``[prefix, ...]``, or ``[weight, prefix, weight, prefix, ...]`` (list or
-    whitespace-separated string) -> ``(prefixes, weights or None)``; checks the files exist."""
+    whitespace-separated string) -> ``(prefixes, weights or None)``; checks the files exist and are
+    readable datasets (``check_indexed_prefix``: every dataset the project opens goes through here)."""
     if blend is None:
         return None
     items = blend.split() if isinstance(blend, str) else [str(x) for x in blend]
@@ -219,6 +350,7 @@ def parse_blend(blend) -> tuple[list[str], list[float] | None] | None:
     for p in prefixes:
         if is_num(p) or not (os.path.isfile(p + ".bin") and os.path.isfile(p + ".idx")):
             raise UserError(f"dataset prefix {p!r}: {p}.bin/.idx not found (run recipes/preprocess_data.py)")
+        check_indexed_prefix(p)
     return [os.path.abspath(p) for p in prefixes], weights
 
 
