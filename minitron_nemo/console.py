@@ -8,6 +8,7 @@ warnings raised by this project's code or about the user's data and models.
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 _DONE = False
@@ -16,7 +17,10 @@ HARMLESS_MESSAGES = (
     r".*(apex|transformer_engine|Transformer Engine).*(not installed|not available|is not found)",
     r"TypedStorage is deprecated",
     r"`torch\.distributed\._sharded_tensor` will be deprecated",
+    r"Please use DTensor instead and we are deprecating ShardedTensor",
 )
+# Log records that repeat an exception which is raised right after and reported by the project as one line
+RERAISED = {"megatron.core.dist_checkpointing.strategies.filesystem_async": "encountered an error"}
 THIRD_PARTY_INTERNALS = r"(megatron|torch|hydra|omegaconf|transformers|lm_eval|datasets)(\.|$)"
 
 
@@ -31,4 +35,6 @@ def quiet() -> None:
         warnings.filterwarnings("ignore", category=cat, module=THIRD_PARTY_INTERNALS)
     # Megatron-Core announces its own deprecations as UserWarnings (e.g. "full scope is deprecated")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron(\.|$)", message=r".*deprecat")
+    for name, text in RERAISED.items():
+        logging.getLogger(name).addFilter(lambda record, text=text: text not in record.getMessage())
     _DONE = True

@@ -64,8 +64,14 @@ def _resolve(path, key: str) -> Path:
     return p
 
 
-def _overlaps(out: Path, key: str, sources: dict) -> None:
-    """Refuse an output equal to, inside or containing a source (``{key: path}``, None ignored)."""
+def _overlaps(out: Path, key: str, sources: dict, within: dict | None = None) -> None:
+    """Refuse an output equal to, inside or containing a source (``{key: path}``, None ignored); an output
+    may lie inside a directory of ``within`` (a job's workdir) but not equal or contain it."""
+    for skey, src in (within or {}).items():
+        w = Path(os.path.expanduser(str(src))).resolve()
+        if out == w or out in w.parents:
+            raise UserError(f"{key}={out} {'is' if out == w else 'contains'} {skey}={w}; allowed: a path "
+                            f"inside or outside {skey}, not {skey} itself or a parent of it")
     for skey, src in sources.items():
         if src is None or not str(src).strip():
             continue
@@ -125,10 +131,11 @@ def _replaceable_dir(p: Path, key: str, overwrite: bool, recipe: str, extra_ok=(
 
 # ----------------------------------------------------------------------------- claims
 def claim_dir(path, *, key: str = "output", sources: dict | None = None, overwrite: bool = False,
-              recipe: str | None = None, lock: bool = True, extra_ok=()) -> Path:
-    """Check and lock a directory output before any compute; returns its resolved path."""
+              recipe: str | None = None, lock: bool = True, extra_ok=(), within: dict | None = None) -> Path:
+    """Check and lock a directory output before any compute; returns its resolved path. ``within``: work
+    directories the output may lie in (but not equal or contain)."""
     p = _resolve(path, key)
-    _overlaps(p, key, sources or {})
+    _overlaps(p, key, sources or {}, within)
     _replaceable_dir(p, key, overwrite, recipe or recipe_name(), extra_ok)
     _writable_parent(p, key)
     if lock:

@@ -50,7 +50,7 @@ def main():
     outputs.claim_workdir(cfg.workdir, sources={"teacher.checkpoint": src})
     outputs.claim_workdir(work, key="correction.workdir", sources={"teacher.checkpoint": src})
     outputs.claim_dir(out, key="teacher.corrected_checkpoint", overwrite=cfg.overwrite,
-                      sources={"teacher.checkpoint": src, "correction.workdir": work, "workdir": cfg.workdir})
+                      sources={"teacher.checkpoint": src, "correction.workdir": work}, within={"workdir": cfg.workdir})
 
     runtime.init_distributed(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, cfg.seed)
     t0 = time.time()

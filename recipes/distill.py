@@ -90,7 +90,7 @@ def main():
     outputs.claim_workdir(work, sources={"teacher": t_path, "student.checkpoint": s_path})
     if s_path is None and not store.is_checkpoint(cfg.student.init_checkpoint):
         outputs.claim_dir(cfg.student.init_checkpoint, key="student.init_checkpoint", overwrite=cfg.overwrite,
-                          sources={"teacher": t_path, "workdir": work})
+                          sources={"teacher": t_path}, within={"workdir": work})
 
     runtime.init_distributed(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, cfg.seed)
     from megatron.core import parallel_state as ps

@@ -56,7 +56,7 @@ def _tokenize(files: dict, tokenizer_dir, out_dir) -> dict:
         for split, prefix in prefixes.items():
             if not Path(prefix + ".idx").is_file():
                 docs = indexed.iter_documents([Path(files[split])], "file")
-                stats = indexed.write_indexed_dataset(docs, tok, prefix)
+                stats = indexed.write_indexed_dataset(docs, tok, prefix, source=f"data.{split}_text={files[split]}")
                 runtime.print0(f"[data] {files[split]} -> {prefix} ({stats['tokens']} tokens)")
     if dist.is_initialized():
         dist.barrier()
