@@ -17,10 +17,11 @@ file (and line) or value, leaving existing outputs untouched and no temp files b
 """
 
 import sys
-import warnings
 from pathlib import Path
 
-from minitron_nemo.data.indexed import HFTokenizer, expand_inputs, iter_documents, write_indexed_dataset
+from minitron_nemo import outputs
+from minitron_nemo.data.indexed import (HFTokenizer, check_indexed_prefix, expand_inputs, iter_documents,
+                                          write_indexed_dataset)
 from minitron_nemo.errors import UserError, user_errors_exit
 
 REQUIRED = ("input", "tokenizer", "output_prefix")
@@ -40,9 +41,26 @@ def parse_args(argv) -> dict:
     return args
 
 
+def is_dataset(path) -> bool:
+    """An existing ``PREFIX.bin`` / ``PREFIX.idx`` that is a readable indexed dataset (a re-run may replace it)."""
+    try:
+        check_indexed_prefix(str(path)[: -len(Path(path).suffix)])
+        return True
+    except UserError:
+        return False
+
+
+def claim_outputs(out: Path, inputs, tokenizer) -> None:
+    """The output policy for ``PREFIX.bin`` / ``PREFIX.idx``: never an input or the tokenizer, never a file
+    that is not an indexed dataset; locked for the run."""
+    sources = {f"input {p}": p for p in inputs}
+    sources["tokenizer"] = tokenizer
+    for suffix in (".bin", ".idx"):
+        outputs.claim_file(f"{out}{suffix}", key=f"output_prefix ({suffix})", sources=sources, is_ours=is_dataset)
+
+
 @user_errors_exit
 def main():
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     args = parse_args(sys.argv[1:])
     paths = expand_inputs(args["input"])
     if args["doc"] not in ("file", "paragraph", "line"):
@@ -51,6 +69,7 @@ def main():
     if out.is_dir() or str(args["output_prefix"]).endswith("/"):
         raise UserError(f"output_prefix={out} is a directory; give a file prefix such as {out}/train")
     tok = HFTokenizer(args["tokenizer"], eod=args["eod"])
+    claim_outputs(out, paths, args["tokenizer"])  # before any tokenizing
     print(f"tokenizing {len(paths)} file(s) with {args['tokenizer']} (eod id {tok.eod})", flush=True)
     source = f"input {paths[0]}" if len(paths) == 1 else \
         f"input ({len(paths)} files: {', '.join(map(str, paths[:3]))}{', ...' if len(paths) > 3 else ''})"

@@ -219,7 +219,17 @@ CASES = {
                                                      prune_args(t, f, "prune.calibration.data=null",
                                                                 f"prune.importance.load={t / 'importance.safetensors'}"))[1],
                                        ["importance.safetensors"]),
+    "preprocess onto a user's .bin": (lambda t, f: ((t / "data.bin").write_bytes(b"my own bytes"),
+                                                    ("recipes/preprocess_data.py", [f"input={f.text}", f"tokenizer={smollm2()}",
+                                                                                   f"output_prefix={t / 'data'}"]))[1],
+                                      ["output_prefix (.bin)", "data.bin", "did not write"]),
 }
+
+
+def smollm2():
+    from minitron_nemo.data import assets
+
+    return assets.smollm2_hf_dir()
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
