@@ -142,7 +142,8 @@ def kd_loss(kd_cfg: DistillationConfig, batch, output):
     lm = token_nll(s, batch["labels"].to(s.device))
     out = distillation_loss(kd_cfg, s, t, mask, hidden_pairs=output["pairs"], lm_loss=lm,
                             projection=output.get("projection"))
-    return out["total"], {k: out[k].detach().float() for k in ("lm", "logits", "intermediate", "total")}
+    keys = ("lm", "logits", "intermediate", "total") if kd_cfg.intermediate_layer_pairs else ("lm", "logits", "total")
+    return out["total"], {k: out[k].detach().float() for k in keys}
 
 
 def kd_valid_loss(kd_cfg: DistillationConfig, batch, output):

@@ -78,7 +78,7 @@ def make_trainer(work, dtype, teacher=None, student=None):
 
 
 def losses(tr):
-    return [{k: r[k] for k in ("iteration", "total", "logits", "lm", "intermediate")}
+    return [{k: r[k] for k in ("iteration", "total", "logits", "lm", "intermediate") if k in r}
             for r in tr.history if r["kind"] == "train"]
 
 
