@@ -20,7 +20,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from minitron_nemo import schemas
-from minitron_nemo.config import compose, parse_argv, require
+from minitron_nemo.config import compose, parse_argv, require, split_flags
 from minitron_nemo.errors import UserError, user_errors_exit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +36,11 @@ def is_launcher_override(o: str) -> bool:
 def load(argv):
     """``(stage, config name, job config with a launcher node, recipe overrides, dry_run)``."""
     dry_run = "--dry-run" in argv
-    argv = [a for a in argv if a != "--dry-run"]
+    flags, argv = split_flags([a for a in argv if a != "--dry-run"])
+    flag_args = (["--help"] if flags["help"] else []) + (["--cfg", flags["cfg"]] if flags["cfg"] else []) + \
+        (["--package", flags["package"]] if flags["package"] else [])
+    if flags["help"] and (not argv or argv[0].startswith("-")):
+        argv = ["distill", *argv]  # the launcher's help with the default job config
     if not argv or argv[0].startswith("-") or "=" in argv[0]:
         raise UserError(f"a stage is required first; allowed: {', '.join(STAGES)}, pipeline")
     stage, argv = argv[0], argv[1:]
@@ -47,7 +51,7 @@ def load(argv):
     choice = [o for o in launch if o.split("=", 1)[0] == "launcher"]
     launch = [o for o in launch if o not in choice]
     pick = "+launcher=" + (choice[-1].split("=", 1)[1] if choice else "slurm")
-    cfg = compose(name, ["--config-name", name, pick, *launch,  # typed and validated as the job will be
+    cfg = compose(name, [*flag_args, "--config-name", name, pick, *launch,  # typed and validated as the job will be
                          *[o for o in overrides if not is_launcher_override(o)]], schema=schemas.TrainingJob)
     return stage, name, cfg, [o for o in overrides if not is_launcher_override(o)], dry_run
 

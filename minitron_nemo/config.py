@@ -21,6 +21,35 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+FLAGS_HELP = "--config-name NAME, --cfg job [--package KEY], --help, and key=value overrides"
+
+
+def split_flags(argv) -> tuple[dict, list]:
+    """``({"help": bool, "cfg": "job" | None, "package": KEY | None}, the other arguments)``."""
+    flags, rest, i = {"help": False, "cfg": None, "package": None}, [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("--help", "-h"):
+            flags["help"] = True
+        elif a in ("--cfg", "-c", "--package", "-p") or a.startswith(("--cfg=", "--package=")):
+            key = "cfg" if a.startswith(("--cfg", "-c")) else "package"
+            if "=" in a:
+                value = a.split("=", 1)[1]
+            elif i + 1 < len(argv):
+                value, i = argv[i + 1], i + 1
+            else:
+                raise UserError(f"{a} needs a value; allowed: --cfg job, --package KEY")
+            flags[key] = value
+        else:
+            rest.append(a)
+        i += 1
+    if flags["cfg"] not in (None, "job", "all"):
+        raise UserError(f"--cfg {flags['cfg']}; allowed: --cfg job (the composed job config; 'all' is the same here)")
+    if flags["package"] and not flags["cfg"]:
+        raise UserError("--package needs --cfg job; allowed: --cfg job --package KEY")
+    return flags, rest
+
+
 def parse_argv(argv, default_name: str):
     name, overrides, i = default_name, [], 0
     while i < len(argv):
@@ -33,31 +62,70 @@ def parse_argv(argv, default_name: str):
         if a.startswith("--config-name="):
             name = a.split("=", 1)[1]
         elif a.startswith("-"):
-            raise UserError(f"unknown option {a!r}; allowed: --config-name NAME and key=value overrides")
+            raise UserError(f"unknown option {a!r}; allowed: {FLAGS_HELP}")
         else:
             overrides.append(a)
         i += 1
     return name, overrides
 
 
-def compose(default_name: str, argv=None, schema=None) -> DictConfig:
-    """Compose ``conf/<name>.yaml`` with the command-line overrides; typed and validated by ``schema``."""
+def _hydra_compose(name: str, overrides: list) -> DictConfig:
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    name, overrides = parse_argv(sys.argv[1:] if argv is None else argv, default_name)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return hydra_compose(config_name=name, overrides=overrides)
+
+
+def all_keys(cfg, prefix="") -> list:
+    """Every dotted key of a config (for suggestions)."""
+    out = []
+    for k in cfg:
+        v = cfg._get_node(k) if OmegaConf.is_config(cfg) else cfg[k]
+        full = f"{prefix}{k}"
+        out.append(full)
+        if OmegaConf.is_dict(v):
+            out += all_keys(v, full + ".")
+    return out
+
+
+def suggest(bad: str, keys) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(bad, list(keys), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def compose(default_name: str, argv=None, schema=None) -> DictConfig:
+    """Compose ``conf/<name>.yaml`` with the command-line overrides; typed and validated by ``schema``.
+    ``--help`` and ``--cfg job [--package KEY]`` print and exit 0, as Hydra apps do."""
+    import re
+
+    flags, argv = split_flags(sys.argv[1:] if argv is None else argv)
+    name, overrides = parse_argv(argv, default_name)
     available = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
     if name not in available:
         raise UserError(f"--config-name {name!r} not found; allowed: {', '.join(available)}")
-    GlobalHydra.instance().clear()
+    if flags["help"]:
+        from minitron_nemo.cli import print_help
+
+        print_help(name, _hydra_compose(name, []), available)
+        sys.exit(0)
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            cfg = hydra_compose(config_name=name, overrides=overrides)
+        cfg = _hydra_compose(name, overrides)
     except Exception as e:  # Hydra's own messages name the key and the problem
         msg = " ".join(str(e).split())
-        raise UserError(f"config: {msg}") from None
+        m = re.search(r"Could not override '([^']+)'", msg) or re.search(r"Key '([^']+)' is not in struct", msg)
+        hint = suggest(m.group(1), all_keys(_hydra_compose(name, []))) if m else ""
+        raise UserError(f"config: {msg}{hint}") from None
     if schema is not None:
-        cfg = typed(cfg, schema)
+        cfg = typed(cfg, schema, check=not flags["cfg"])
+    if flags["cfg"]:
+        from minitron_nemo.cli import print_config
+
+        print_config(cfg, flags["package"])
+        sys.exit(0)
     OmegaConf.set_struct(cfg, True)
     return cfg
 
@@ -83,18 +151,23 @@ def _omegaconf_error(e) -> UserError:
     return UserError(f"config: {key}: {msg}" if key and key not in msg else f"config: {msg}")
 
 
-def typed(cfg: DictConfig, schema) -> DictConfig:
+def typed(cfg: DictConfig, schema, check: bool = True) -> DictConfig:
     """``cfg`` merged onto the structured ``schema`` (types converted, unknown keys refused), resolved,
-    and checked by every group's validator (``schemas.validate``)."""
+    and (``check``) checked by every group's validator (``schemas.validate``)."""
     from omegaconf.errors import OmegaConfBaseException
 
     from minitron_nemo import schemas
 
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+        if not check:
+            return merged
         obj = OmegaConf.to_object(merged)  # resolves interpolations, converts types, finds ??? keys
     except OmegaConfBaseException as e:
-        raise _omegaconf_error(e) from None
+        err = _omegaconf_error(e)
+        if type(e).__name__ == "ConfigKeyError" and getattr(e, "full_key", None):
+            err = UserError(f"{err}{suggest(e.full_key, all_keys(OmegaConf.structured(schema)))}")
+        raise err from None
     schemas.validate(obj)
     return merged
 

@@ -16,6 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main():
+    if {"--help", "-h"} & set(sys.argv[1:]):
+        print(__doc__.strip() + "\n\nOptions: any override of conf/smollm2_demo.yaml (python recipes/distill.py --help "
+              "lists them); --cfg job prints the composed config.", flush=True)
+        return
+    if "--cfg" in sys.argv[1:]:
+        sys.exit(subprocess.run([sys.executable, str(ROOT / "recipes" / "distill.py"), "--config-name", "smollm2_demo",
+                                 *sys.argv[1:]], cwd=ROOT).returncode)
     t0 = time.time()
     for script in ("correct_teacher.py", "distill.py"):
         p = subprocess.run([sys.executable, str(ROOT / "recipes" / script), "--config-name", "smollm2_demo",

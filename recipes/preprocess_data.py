@@ -29,12 +29,22 @@ DEFAULTS = {"doc": "file", "json_key": "text", "eod": None}
 
 
 def parse_args(argv) -> dict:
+    """``key=value`` arguments; ``--help`` prints this recipe's usage and ``--cfg job`` its arguments (both exit 0)."""
+    if "--help" in argv or "-h" in argv:
+        print(__doc__.strip(), flush=True)
+        sys.exit(0)
+    show = "--cfg" in argv
+    argv = [a for a in argv if a not in ("--cfg", "job")] if show else argv
     args = dict(DEFAULTS)
     for a in argv:
         key, eq, value = a.partition("=")
         if not eq or key not in REQUIRED + tuple(DEFAULTS):
             raise UserError(f"unknown argument {a!r}; allowed: " + ", ".join(f"{k}=..." for k in REQUIRED + tuple(DEFAULTS)))
         args[key] = value or DEFAULTS.get(key)
+    if show:
+        print("\n".join(f"{k}: {args.get(k, '???') if args.get(k) is not None else ('???' if k in REQUIRED else 'null')}"
+                        for k in (*REQUIRED, *DEFAULTS)), flush=True)
+        sys.exit(0)
     for k in REQUIRED:
         if not args.get(k):
             raise UserError(f"{k} is required; pass {k}=...")

@@ -28,3 +28,12 @@ def run_py(*args, timeout: int = 900, env=None, check=True) -> subprocess.Comple
     if check and p.returncode != 0:
         pytest.fail(f"python {args} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-8000:]}")
     return p
+
+
+def earlier_dataset(prefix, tokenizer_dir) -> dict:
+    """A real ``PREFIX.bin/.idx`` from an earlier preprocessing run (which a re-run may replace, a failed run
+    must leave as it was); returns ``{file name: bytes}`` to compare with afterwards."""
+    from minitron_nemo.data.indexed import HFTokenizer, write_indexed_dataset
+
+    write_indexed_dataset(["an earlier corpus", "of two documents"], HFTokenizer(tokenizer_dir), prefix)
+    return {Path(f"{prefix}{s}").name: Path(f"{prefix}{s}").read_bytes() for s in (".bin", ".idx")}

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_py, run_torchrun
+from conftest import ROOT, run_py, run_torchrun, earlier_dataset
 
 from minitron_nemo.data import assets
 from minitron_nemo.data.indexed import HFTokenizer, batches, build_gpt_datasets
@@ -189,8 +189,7 @@ def _fails(*args, env=None):
 @pytest.mark.parametrize("case", ["missing_input", "unknown_option", "bad_key", "bad_tokenizer", "missing_arg"])
 def test_preprocess_bad_input(case, data, hf_dir, tmp_path):
     prefix = tmp_path / "keep"
-    for ext, payload in ((".bin", b"old-bin"), (".idx", b"old-idx")):
-        (tmp_path / f"keep{ext}").write_bytes(payload)
+    old = earlier_dataset(prefix, hf_dir)
     good = [f"input={data['test_jsonl']}", f"tokenizer={hf_dir}", f"output_prefix={prefix}"]
     args = {
         "missing_input": [f"input={tmp_path}/nope*.txt"] + good[1:],
@@ -203,7 +202,7 @@ def test_preprocess_bad_input(case, data, hf_dir, tmp_path):
     expect = {"missing_input": "input not found", "unknown_option": "frobnicate", "bad_key": "'body'",
               "bad_tokenizer": "tokenizer=", "missing_arg": "output_prefix is required"}[case]
     assert expect in msg
-    assert (tmp_path / "keep.bin").read_bytes() == b"old-bin" and (tmp_path / "keep.idx").read_bytes() == b"old-idx"
+    assert {n: (tmp_path / n).read_bytes() for n in old} == old
     assert sorted(os.listdir(tmp_path)) == ["keep.bin", "keep.idx"]  # no temp files left
 
 

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, earlier_dataset
 
 from minitron_nemo.data import assets
 
@@ -113,15 +113,14 @@ def test_preprocess_refuses(case, hf_dir, tmp_path):
     d.mkdir()
     out = tmp_path / "out"
     out.mkdir()
-    (out / "keep.bin").write_bytes(b"old-bin")
-    (out / "keep.idx").write_bytes(b"old-idx")
+    old = earlier_dataset(out / "keep", hf_dir)
     f, extra, expect = _case(case, d)
     msg = _fails("recipes/preprocess_data.py", f"input={f}", f"tokenizer={hf_dir}", f"output_prefix={out}/keep",
                  *extra)
     for s in expect:
         assert s in msg, (s, msg)
     assert sorted(os.listdir(out)) == ["keep.bin", "keep.idx"]  # no temp files, old outputs untouched
-    assert (out / "keep.bin").read_bytes() == b"old-bin" and (out / "keep.idx").read_bytes() == b"old-idx"
+    assert {n: (out / n).read_bytes() for n in old} == old
 
 
 def test_training_recipe_refuses_truncated_index(hf_dir, tmp_path):
