@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("PYTHONWARNINGS", "ignore")
 
 
 def run_torchrun(script, nproc: int, *args, timeout: int = 900, env=None) -> subprocess.CompletedProcess:

@@ -329,7 +329,10 @@ def correct_args(work, teacher, *extra):
             "correction.warmup_iters=1", *extra]
 
 
-def test_ctrl_c_checkpoints_and_a_rerun_resumes(tmp_path, teacher):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_checkpoints_and_a_rerun_resumes(tmp_path, teacher, sig):
+    """Ctrl-C (or a plain SIGTERM, outside Slurm) during training: the step finishes, a checkpoint is saved,
+    one line says where it stopped, exit 128 + signal; a re-run resumes there."""
     work = tmp_path / "w"
     args = correct_args(work, teacher, "correction.train_iters=400", "checkpointing.save_interval=1000")
     e = dict(ENV, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
@@ -339,12 +342,12 @@ def test_ctrl_c_checkpoints_and_a_rerun_resumes(tmp_path, teacher):
         if line.startswith("[train] iter") or "iteration" in line and "/400" in line:
             break
     time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, (out[-2000:], err[-3000:])
+    assert proc.returncode == 128 + sig, (out[-2000:], err[-3000:])
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
-    assert lines[0].startswith("interrupted by SIGINT at iteration") and "re-run" in lines[0], lines[0]
+    assert lines[0].startswith(f"interrupted by {sig.name} at iteration") and "re-run" in lines[0], lines[0]
     saved = sorted((work / "correction" / "checkpoints").glob("iter_*"))
     assert len(saved) == 1 and (saved[0] / "COMPLETE").is_file()
     stopped = int(saved[0].name.split("_")[1])
