@@ -107,6 +107,7 @@ def a_shard(ckpt: Path) -> Path:
     return sorted((ckpt / "weights").glob("*.distcp"))[0]
 
 
+NEMO2 = ROOT / "tests" / "fixtures" / "nemo2"
 IMPORT, EXPORT, PRUNE, EVAL = "recipes/import_hf.py", "recipes/export_hf.py", "recipes/prune.py", "recipes/evaluate.py"
 DISTILL, CORRECT, SUBMIT = "recipes/distill.py", "recipes/correct_teacher.py", "launchers/submit.py"
 
@@ -219,6 +220,11 @@ CASES = {
                                                      prune_args(t, f, "prune.calibration.data=null",
                                                                 f"prune.importance.load={t / 'importance.safetensors'}"))[1],
                                        ["importance.safetensors"]),
+    "import_nemo into a dir of user files": (lambda t, f: ("recipes/import_nemo.py", [f"source={NEMO2 / 'llama'}",
+                                                                                    f"output={user_dir(t)}"]),
+                                             ["did not write", "notes.txt"]),
+    "import_nemo of an HF directory": (lambda t, f: ("recipes/import_nemo.py", [f"source={f.hf}", f"output={t / 'o'}"]),
+                                       ["context"]),
     "preprocess onto a user's .bin": (lambda t, f: ((t / "data.bin").write_bytes(b"my own bytes"),
                                                     ("recipes/preprocess_data.py", [f"input={f.text}", f"tokenizer={smollm2()}",
                                                                                    f"output_prefix={t / 'data'}"]))[1],
