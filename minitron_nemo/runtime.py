@@ -6,15 +6,21 @@ Without a GPU the same code runs in *CPU mode*, the path for development, tests 
   * every CUDA device placement (``device="cuda"``, ``tensor.cuda()``, ``torch.cuda.current_device``)
     redirected to the CPU through a ``TorchFunctionMode``,
   * Megatron's CUDA RNG tracker backed by the CPU generator,
+  * CUDA streams and events (``torch.cuda.current_stream``/``Stream``/``Event``/``stream``...),
+    memory statistics and NVTX ranges replaced by CPU stand-ins: work on the CPU is synchronous,
+    so every wait is a no-op (Megatron-Core 0.19 calls ``torch.cuda.current_stream()`` in DDP's
+    gradient sync on every step),
   * a torch SDPA core attention in the layer spec (see ``models/builder.py``).
 CPU mode is chosen automatically when ``torch.cuda.is_available()`` is false.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
+import time
 
 import torch
 import torch.distributed as dist
@@ -67,11 +73,67 @@ def _cpu_rng_set(new_state, device=-1, graph_safe=False):
     torch.set_rng_state(new_state)
 
 
+class _CpuStream:
+    """Stand-in for ``torch.cuda.Stream`` in CPU mode: CPU kernels run synchronously, so waits are no-ops."""
+
+    def __init__(self, device=None, priority=0, **kwargs):
+        self.device = torch.device("cpu")
+        self.priority = priority
+
+    @staticmethod
+    def priority_range():
+        return 0, 0
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def record_event(self, event=None):
+        event = event if event is not None else _CpuEvent()
+        event.record(self)
+        return event
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+class _CpuEvent:
+    """Stand-in for ``torch.cuda.Event`` in CPU mode (``elapsed_time`` measures host time)."""
+
+    def __init__(self, enable_timing=False, blocking=False, interprocess=False, **kwargs):
+        self._time = None
+
+    def record(self, stream=None) -> None:
+        self._time = time.perf_counter()
+
+    def wait(self, stream=None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, end_event) -> float:
+        return (end_event._time - self._time) * 1000.0
+
+
+_CPU_STREAM = _CpuStream()
+
+
 def enable_cpu_mode() -> None:
     """Install the CPU redirections (idempotent)."""
     global _MODE_STACK
     if _MODE_STACK is not None:
         return
+    # One function object per patched name: torch Dynamo's trace rules reject an object registered
+    # under two torch.cuda names with different rules ("Duplicate torch object").
     torch.cuda.current_device = lambda: 0
     torch.cuda.set_device = lambda *a, **k: None
     torch.cuda.synchronize = lambda *a, **k: None
@@ -81,8 +143,22 @@ def enable_cpu_mode() -> None:
     torch.cuda.manual_seed_all = lambda seed: None
     torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
     torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    # Streams and events (Megatron-Core 0.19's DDP start_grad_sync calls current_stream() every step).
+    torch.cuda.Stream = _CpuStream
+    torch.cuda.Event = _CpuEvent
+    torch.cuda.current_stream = lambda *a, **k: _CPU_STREAM
+    torch.cuda.default_stream = lambda *a, **k: _CPU_STREAM
+    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    torch.cuda.set_stream = lambda *a, **k: None
+    torch.cuda.is_current_stream_capturing = lambda: False
+    torch.cuda.nvtx.range_push = lambda *a, **k: None
+    torch.cuda.nvtx.range_pop = lambda *a, **k: None
+    # Memory statistics.
     torch.cuda.max_memory_allocated = lambda *a, **k: 0
     torch.cuda.memory_allocated = lambda *a, **k: 0
+    torch.cuda.max_memory_reserved = lambda *a, **k: 0
+    torch.cuda.memory_reserved = lambda *a, **k: 0
+    torch.cuda.memory_stats = lambda *a, **k: {}
     torch.cuda.reset_peak_memory_stats = lambda *a, **k: None
     from megatron.core.tensor_parallel import random as mrandom
 
