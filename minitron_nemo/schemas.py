@@ -61,10 +61,12 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
+    data_parallel_size: Optional[int] = None   # optional: launchers/submit.py checks nodes x GPUs against it
 
     def check(self, at: str) -> None:
         at_least(f"{at}.tensor_model_parallel_size", self.tensor_model_parallel_size, 1)
         at_least(f"{at}.pipeline_model_parallel_size", self.pipeline_model_parallel_size, 1)
+        at_least(f"{at}.data_parallel_size", self.data_parallel_size, 1, optional=True)
 
 
 @dataclass
@@ -266,7 +268,7 @@ class TeacherConfig:
     held_out: bool = True
 
     def check(self, at: str) -> None:
-        fraction(f"{at}.max_loss_fraction", self.max_loss_fraction)
+        positive_number(f"{at}.max_loss_fraction", self.max_loss_fraction)  # > 1 disables the sanity check
 
 
 @dataclass

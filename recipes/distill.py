@@ -37,18 +37,24 @@ from minitron_nemo.training.metrics import flops_per_token
 from minitron_nemo.training.setup import check_model_shape, teacher_source, to_dict
 
 
-def prune_student(cfg, teacher, t_mc, t_path):
-    """Prune the teacher in-job to ``cfg.prune`` targets, as recipes/prune.py does (calibration on the
-    training text unless ``prune.calibration.data`` is set), and save the student (once)."""
+def prune_config(cfg):
+    """The ``prune`` node of in-job pruning: calibration on the training text unless
+    ``prune.calibration.data`` is set."""
     from omegaconf import OmegaConf
-
-    from minitron_nemo.prune import api
 
     p = OmegaConf.create(to_dict(cfg.prune))
     p.calibration.data = p.calibration.data or tdata.text_files(cfg.data).get("train")
     if not p.calibration.data:
         raise UserError("in-job pruning needs prune.calibration.data=TEXT_OR_PREFIX (or a text data source)")
-    result = api.prune_from_config(teacher, t_mc, p, store.tokenizer_dir(t_path))
+    return p
+
+
+def prune_student(cfg, teacher, t_mc, t_path):
+    """Prune the teacher in-job to ``cfg.prune`` targets, as recipes/prune.py does, and save the student
+    (once)."""
+    from minitron_nemo.prune import api
+
+    result = api.prune_from_config(teacher, t_mc, prune_config(cfg), store.tokenizer_dir(t_path))
     meta = {"pruned_from": t_path, "prune": {"kept_layers_1indexed": [i + 1 for i in result.kept_layers]},
             "dtype": cfg.dtype}
     store.save_checkpoint(result.model, cfg.student.init_checkpoint, result.config, tokenizer_src=t_path, meta=meta)
@@ -89,6 +95,10 @@ def main():
                         "(student.checkpoint=null); pass student.init_checkpoint=DIR")
     outputs.claim_workdir(work, sources={"teacher": t_path, "student.checkpoint": s_path})
     if s_path is None and not store.is_checkpoint(cfg.student.init_checkpoint):
+        from minitron_nemo.prune import api
+
+        api.check_config(t_mc, prune_config(cfg), par.tensor_model_parallel_size,  # targets: before any compute
+                         par.pipeline_model_parallel_size)
         outputs.claim_dir(cfg.student.init_checkpoint, key="student.init_checkpoint", overwrite=cfg.overwrite,
                           sources={"teacher": t_path}, within={"workdir": work})
 

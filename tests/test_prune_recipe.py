@@ -63,7 +63,8 @@ def test_reuse_scores_budget_search(work):
     p = run_py(RECIPE, f"checkpoint={ckpt}", f"output={scores}", f"prune.calibration.data={tmp / 'calib.txt'}",
                *SMALL, "prune.importance_only=true", "prune.importance.batch_agg=mean", env=env)
     assert "[calibration]" in p.stdout
-    assert {f.name for f in scores.iterdir()} == {"importance.safetensors", "importance.json", "importance.png"}
+    assert {f.name for f in scores.iterdir()} == {"importance.safetensors", "importance.json", "importance.png",
+                                                  ".minitron_output.json"}  # + the output policy's manifest
     out = tmp / "budget"
     p = run_py(RECIPE, f"checkpoint={ckpt}", f"output={out}", f"prune.importance.load={scores}",
                f"prune.calibration.data={tmp / 'calib.txt'}", *SMALL, "prune.target_params_ratio=0.6",
@@ -102,17 +103,17 @@ ERRORS = [
      "not divisible by tensor_model_parallel_size=2"),
     (["prune.target_ffn_hidden_size=50"], "off the grid"),
     (["prune.target_hidden_size=40", "prune.grid=16"], "off the grid"),
-    (["prune.target_num_layers=0"], "allowed: an integer from 1"),
+    (["prune.target_num_layers=0"], "prune.target_num_layers=0; allowed: null or an integer >= 1"),
     (["prune.drop_layers=[1,2,3,4]"], "at least 1 layer"),
     (["prune.drop_layers=[5]"], "out of range"),
-    (["prune.drop_layers=[0]"], "out of range"),
+    (["prune.drop_layers=[0]"], "prune.drop_layers=0; allowed: an integer >= 1"),
     (["prune.drop_layers=[2,2]"], "more than once"),
     (["prune.drop_layers=[1]", "prune.target_num_layers=3"], "both set"),
     (["prune.target_num_layers=3", "parallel.pipeline_model_parallel_size=2"], "pipeline_model_parallel_size=2"),
     (["prune.target_num_query_groups=2", "prune.target_num_attention_heads=6"], "larger than the source"),
     (["prune.target_num_query_groups=1", "prune.target_num_attention_heads=4"], "exceeds the source's 2"),
     (["prune.target_params=1000"], "no architecture on the search grid"),
-    (["prune.target_params_ratio=1.5"], "allowed: 0 < ratio <= 1"),
+    (["prune.target_params_ratio=1.5"], "prune.target_params_ratio=1.5; allowed: a number with 0 < value <= 1"),
     (["prune.target_params_ratio=0.5", "prune.target_params=1000"], "both set"),
     (["prune.target_params_ratio=0.5", "prune.target_hidden_size=32"], "cannot be combined"),
     (["prune.search.axes=[depth]", "prune.target_params_ratio=0.5"], "prune.search.axes"),

@@ -163,6 +163,10 @@ CASES = {
     "lr<0": (lambda t, f: distill_args(t, f, "trainer.optim.lr=-0.1"), ["trainer.optim.lr", "-0.1"]),
     "max_candidates=0": (lambda t, f: prune_args(t, f, "prune.target_ffn_hidden_size=null", "prune.target_params_ratio=0.5",
                                                  "prune.search.max_candidates=0"), ["prune.search.max_candidates", "0"]),
+    "in-job prune target larger than the teacher": (lambda t, f: distill_args(t, f, "prune.target_hidden_size=4096",
+                                                                            "prune.target_ffn_hidden_size=null",
+                                                                            f"prune.calibration.data={f.text}"),
+                                                    ["prune.target_hidden_size=4096", "larger than the source"]),
     "save_interval=-1 keep_last=0": (lambda t, f: distill_args(t, f, "checkpointing.save_interval=-1", "checkpointing.keep_last=0"),
                                      ["checkpointing.save_interval", "-1"]),
     # --- wrong types and ranges in overrides
