@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from minitron_nemo import schemas
+from minitron_nemo import outputs, schemas
 from minitron_nemo.config import compose, parse_argv, require, split_flags
 from minitron_nemo.errors import UserError, user_errors_exit
 
@@ -221,6 +221,8 @@ def main(argv=None):
         scripts.append(render(cfg, name, s, overrides))
     logs = Path(cfg.launcher.logs) if Path(cfg.launcher.logs).is_absolute() else ROOT / cfg.launcher.logs
     if not dry_run:
+        if sel(cfg, "workdir"):  # checked and marked as the job's before anything (its logs too) is written
+            outputs.claim_workdir(cfg.workdir, sources={"teacher.checkpoint": sel(cfg, "teacher.checkpoint")})
         logs.mkdir(parents=True, exist_ok=True)
     prev = None
     for s, text in zip(stages, scripts):
