@@ -222,7 +222,8 @@ def main(argv=None):
     logs = Path(cfg.launcher.logs) if Path(cfg.launcher.logs).is_absolute() else ROOT / cfg.launcher.logs
     if not dry_run:
         if sel(cfg, "workdir"):  # checked and marked as the job's before anything (its logs too) is written
-            outputs.claim_workdir(cfg.workdir, sources={"teacher.checkpoint": sel(cfg, "teacher.checkpoint")})
+            outputs.claim_workdir(cfg.workdir, sources={"teacher.checkpoint": sel(cfg, "teacher.checkpoint")},
+                                  lock=False)  # the job locks it while it runs
         logs.mkdir(parents=True, exist_ok=True)
     prev = None
     for s, text in zip(stages, scripts):

@@ -46,7 +46,8 @@ def recipe_name() -> str:
 
 
 def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+    """This process's global rank before torch.distributed starts (torchrun's RANK, srun's SLURM_PROCID)."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
 # ----------------------------------------------------------------------------- path checks
@@ -159,7 +160,7 @@ def claim_file(path, *, key: str, sources: dict | None = None, is_ours=None, loc
     return p
 
 
-def claim_workdir(path, *, key: str = "workdir", sources: dict | None = None) -> Path:
+def claim_workdir(path, *, key: str = "workdir", sources: dict | None = None, lock: bool = True) -> Path:
     """A job's work directory: created and marked on first use, reused by re-runs (they resume), locked
     for the run. A directory with other files in it is refused; sources may lie inside it (the corrected
     teacher does), but the workdir may not lie inside a source."""
@@ -185,7 +186,8 @@ def claim_workdir(path, *, key: str = "workdir", sources: dict | None = None) ->
                 (p / WORKDIR_MARK).write_text(json.dumps({"recipe": recipe_name(), "created": time.time()}))
         except OSError as e:
             raise UserError(f"{key}={p}: {ENV_ERRNOS.get(e.errno, e.strerror)}") from None
-    take_lock(p / ".lock", key, p)
+    if lock:
+        take_lock(p / ".lock", key, p)
     return p
 
 
