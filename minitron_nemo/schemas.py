@@ -172,12 +172,12 @@ class TrainerConfig:
 
 @dataclass
 class CheckpointingConfig:
-    save_interval: int = 1000            # 0: only the final checkpoint (and one on a stop signal)
+    save_interval: Optional[int] = 1000  # 0 or null: only the final checkpoint (and one on a stop signal)
     keep_last: int = 2
     save_on_interrupt: bool = True       # Ctrl-C / SIGTERM: finish the step, checkpoint, exit 130 / 143
 
     def check(self, at: str) -> None:
-        at_least(f"{at}.save_interval", self.save_interval, 0)
+        at_least(f"{at}.save_interval", self.save_interval, 0, optional=True)
         at_least(f"{at}.keep_last", self.keep_last, 1)
 
 

@@ -106,7 +106,8 @@ def test_zeros_teacher_is_rejected(tmp_path):
     text.write_text("To be, or not to be, that is the question.\n" * 400)
     p = run_py(ROOT / "recipes" / "distill.py", f"workdir={tmp_path / 'w'}", f"teacher.checkpoint={teacher}",
                "~model", "data=text", f"data.train_text={text}", f"data.valid_text={text}",
-               "data.seq_length=32", "dtype=float32", check=False, timeout=300)
+               "data.seq_length=32", "dtype=float32", "prune.target_hidden_size=32", "prune.target_ffn_hidden_size=64",
+               "prune.grid=16", check=False, timeout=300)  # targets that fit the tiny teacher (checked first)
     assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-3000:]
     err = [line for line in p.stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "teacher" in err[0] and "broken" in err[0] and "Traceback" not in p.stderr
