@@ -19,6 +19,7 @@ from omegaconf import MISSING
 
 from minitron_nemo.errors import UserError
 from minitron_nemo.models.config import ModelConfig
+from minitron_nemo.prune.targets import Targets
 
 DTYPES = ("float32", "bfloat16", "float16")
 DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")  # Megatron's OptimizerParamScheduler
@@ -229,16 +230,9 @@ class SearchConfig:
 
 
 @dataclass
-class PruneGroup:
-    target_hidden_size: Optional[int] = None
-    target_ffn_hidden_size: Optional[int] = None
-    target_num_attention_heads: Optional[int] = None
-    target_num_query_groups: Optional[int] = None
-    target_num_layers: Optional[int] = None
-    drop_layers: Optional[List[int]] = None   # 1-indexed
-    target_params: Optional[float] = None
-    target_params_ratio: Optional[float] = None
-    grid: int = 64
+class PruneGroup(Targets):
+    """``prune``: the targets (``prune/targets.py``: target_*, drop_layers 1-indexed, target_params(_ratio),
+    grid) and how to rank and search."""
     layer_criterion: str = "block"
     importance_only: bool = False
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)

@@ -392,18 +392,8 @@ def _check_shapes(mc: ModelConfig, sd: dict, w: Nemo2Weights) -> None:
 
 def load_nemo2_into_model(model, nemo_dir, mc: ModelConfig, weights: Nemo2Weights | None = None) -> None:
     """Fill this rank's shard of ``model`` from a NeMo 2 checkpoint (any TP x PP)."""
-    from megatron.core import parallel_state
-
     from minitron_nemo.checkpoint import store
 
     w = weights or Nemo2Weights(nemo_dir)
-    sd = nemo2_to_local_state_dict(
-        mc, w,
-        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
-        tp=parallel_state.get_tensor_model_parallel_world_size(),
-        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
-        pp=parallel_state.get_pipeline_model_parallel_world_size())
-    keys = model.state_dict().keys()
-    sd = {k: v for k, v in hfconv.to_model_names(sd, keys).items() if k in keys}
-    dtype = next(model.parameters()).dtype
-    store.load_state_dict_checked(model, {k: v.to(dtype) for k, v in sd.items()})
+    sd = nemo2_to_local_state_dict(mc, w, **store.shard_layout())
+    store.load_local_state_dict(model, sd, source=f"{nemo_dir} (weights vs context/model.yaml)")

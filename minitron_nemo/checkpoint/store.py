@@ -238,17 +238,24 @@ def load_hf_into_model(model, hf_dir, mc: ModelConfig) -> None:
     """Fill this rank's shard of ``model`` from an HF directory."""
     get = HFWeights(hf_dir)
     with readers.reading(hf_dir, "HF weights (do they match config.json?)"):
-        sd = hfconv.hf_to_local_state_dict(
-            mc, get,
-            tp_rank=parallel_state.get_tensor_model_parallel_rank(),
-            tp=parallel_state.get_tensor_model_parallel_world_size(),
-            pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
-            pp=parallel_state.get_pipeline_model_parallel_world_size())
+        sd = hfconv.hf_to_local_state_dict(mc, get, **shard_layout())
+    load_local_state_dict(model, sd, source=f"{hf_dir} (weights vs config.json)")
+
+
+def shard_layout() -> dict:
+    """This rank's ``tp_rank, tp, pp_rank, pp`` (what the converters slice by)."""
+    return dict(tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+                tp=parallel_state.get_tensor_model_parallel_world_size(),
+                pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+                pp=parallel_state.get_pipeline_model_parallel_world_size())
+
+
+def load_local_state_dict(model, sd: dict, source) -> None:
+    """Load a converted (local-spec names) state dict of this rank's shard into ``model``, in its dtype."""
     keys = model.state_dict().keys()
     sd = {k: v for k, v in hfconv.to_model_names(sd, keys).items() if k in keys}
     dtype = next(model.parameters()).dtype
-    load_state_dict_checked(model, {k: v.to(dtype) for k, v in sd.items()},
-                            source=f"{hf_dir} (weights vs config.json)")
+    load_state_dict_checked(model, {k: v.to(dtype) for k, v in sd.items()}, source=source)
 
 
 def canonical_state_dict(model) -> dict:
