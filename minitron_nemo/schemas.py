@@ -19,7 +19,7 @@ from omegaconf import MISSING
 
 from minitron_nemo.errors import UserError
 from minitron_nemo.models.config import ModelConfig
-from minitron_nemo.prune.targets import Targets
+from minitron_nemo.prune.targets import SearchSpace, Targets
 
 DTYPES = ("float32", "bfloat16", "float16")
 DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")  # Megatron's OptimizerParamScheduler
@@ -210,11 +210,8 @@ class ImportanceConfig:
 
 
 @dataclass
-class SearchConfig:
-    ratios: List[float] = field(default_factory=lambda: [1.0, 0.875, 0.75, 0.625, 0.5])
-    axes: List[str] = field(default_factory=lambda: ["hidden", "ffn", "heads", "layers"])
-    tolerance: float = 0.05
-    max_candidates: int = 20
+class SearchConfig(SearchSpace):
+    """``prune.search``: the budget search's grid (``prune/targets.py``) and its held-out ranking windows."""
     eval_samples: int = 64
 
     def check(self, at: str) -> None:
