@@ -21,7 +21,6 @@ from minitron_nemo.errors import UserError
 from minitron_nemo.models.config import ModelConfig
 from minitron_nemo.prune.targets import SearchSpace, Targets
 
-DTYPES = ("float32", "bfloat16", "float16")
 DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")  # Megatron's OptimizerParamScheduler
 
 
@@ -85,23 +84,12 @@ class DataConfig:
     test_tokens: Optional[int] = None
 
     def check(self, at: str) -> None:
-        from minitron_nemo.training.data import SOURCES
+        from minitron_nemo.training import data as tdata
 
-        choice(f"{at}.source", self.source, SOURCES)
+        tdata.check(self)  # the source and what it needs (text files, a readable blend)
         at_least(f"{at}.seq_length", self.seq_length, 1)
         at_least(f"{at}.valid_samples", self.valid_samples, 0)
         at_least(f"{at}.test_tokens", self.test_tokens, 1, optional=True)
-        if self.source == "text" and not self.train_text:
-            raise UserError(f"{at}.source=text needs {at}.train_text=FILE")
-        if self.source == "indexed":
-            from minitron_nemo.data import indexed
-
-            if not self.blend:
-                raise UserError(f"{at}.source=indexed needs {at}.blend=PREFIX (or a weighted blend "
-                                f"\"0.7 PREFIX_A 0.3 PREFIX_B\")")
-            indexed.parse_blend(self.blend)
-            if self.valid_blend:
-                indexed.parse_blend(self.valid_blend)
 
 
 @dataclass
@@ -387,7 +375,9 @@ class Common:
     overwrite: bool = False   # replace an existing output that another recipe of this project wrote
 
     def check(self, at: str) -> None:
-        choice("dtype", self.dtype, DTYPES)
+        from minitron_nemo.config import DTYPES
+
+        choice("dtype", self.dtype, tuple(DTYPES))
 
 
 @dataclass
