@@ -2,8 +2,8 @@
 
     python launchers/submit.py STAGE [--config-name JOB] [--dry-run] [launcher.KEY=VALUE ...] [KEY=VALUE ...]
 
-STAGE is correct | prune | distill | export | evaluate, or ``pipeline`` (correct -> prune -> distill ->
-export -> evaluate as dependent jobs, ``--dependency=afterok:<previous id>``). ``launcher.*`` overrides
+STAGE is correct | prune | cache_teacher | distill | export | evaluate, or ``pipeline`` (correct -> prune
+-> cache_teacher (when ``distill.teacher_cache`` is set) -> distill -> export -> evaluate as dependent jobs, ``--dependency=afterok:<previous id>``). ``launcher.*`` overrides
 pick the launcher (``conf/launcher/*.yaml``, e.g. ``launcher=slurm_bare``) and set its keys; every other
 override is passed through to the recipe. ``--dry-run`` prints the scripts and the sbatch commands.
 Bad input (unknown stage, container on without an image, a node x GPU count that does not fit the
@@ -24,7 +24,7 @@ from minitron_nemo.config import compose, parse_argv, require, split_flags
 from minitron_nemo.errors import UserError, user_errors_exit
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("correct", "prune", "distill", "export", "evaluate")
+STAGES = ("correct", "prune", "cache_teacher", "distill", "export", "evaluate")
 DEFAULT_CONFIG = "smollm2_demo"
 REQUEUE_EXIT = 85  # minitron_nemo.launch_signals.REQUEUE_EXIT: "checkpoint saved on a signal, requeue me"
 
@@ -89,6 +89,15 @@ def recipe_args(cfg, name: str, stage: str, overrides: list) -> list:
         require(cfg, "workdir", "teacher.checkpoint")
     if stage in ("correct", "distill"):
         return job
+    if stage == "cache_teacher":  # the cache the distill stage reads
+        cache_dir, wanted = sel(cfg, "cache.dir"), sel(cfg, "distill.teacher_cache")
+        if cache_dir and wanted and str(cache_dir) != str(wanted):
+            raise UserError(f"cache.dir={cache_dir} and distill.teacher_cache={wanted} differ; allowed: one "
+                            f"directory (set distill.teacher_cache alone)")
+        if not (cache_dir or wanted):
+            raise UserError("the cache_teacher stage needs distill.teacher_cache=DIR (or cache.dir=DIR)")
+        require(cfg, "workdir", "teacher.checkpoint")
+        return [*job, f"cache.dir={cache_dir or wanted}"]
     if stage == "prune":
         teacher = sel(cfg, "teacher.corrected_checkpoint") or sel(cfg, "teacher.checkpoint")
         if not sel(cfg, "prune.calibration.data"):
@@ -200,6 +209,8 @@ def plan(cfg, stage: str) -> list:
             why = "teacher.corrected_checkpoint is null"
         elif s == "prune" and sel(cfg, "student.checkpoint"):
             why = "student.checkpoint is given"
+        elif s == "cache_teacher" and not sel(cfg, "distill.teacher_cache"):
+            why = "distill.teacher_cache is null: the distill stage runs the teacher"
         elif s == "prune" and not sel(cfg, "prune.calibration.data"):
             why = "prune.calibration.data is null: the distill stage prunes in-job"
         elif s == "evaluate" and not sel(cfg, "data.test_text"):

@@ -103,11 +103,29 @@ class DistillGroup:
     logit_kl_topk: Optional[int] = None
     kl_direction: str = "forward"
     kl_chunk_size: Optional[int] = None
+    teacher_cache: Optional[str] = None       # offline: a cache of recipes/cache_teacher.py (no teacher loaded)
+    teacher_cache_topk: Optional[int] = None  # use the first K cached tokens (null: all of them)
 
     def check(self, at: str) -> None:
         from minitron_nemo.distill.config import DistillationConfig
 
         DistillationConfig.from_dict(dataclasses.asdict(self))
+
+
+@dataclass
+class CacheConfig:
+    """recipes/cache_teacher.py: where and how the teacher's top-K distribution is cached."""
+    dir: Optional[str] = None
+    topk: Optional[int] = 64          # null: the whole (padded) vocabulary
+    dtype: str = "bfloat16"           # of the cached log-probabilities
+    shard_samples: int = 256          # samples per shard file (the unit of atomic writes and of resume)
+
+    def check(self, at: str) -> None:
+        from minitron_nemo.distill.cache import DTYPES
+
+        at_least(f"{at}.topk", self.topk, 1, optional=True)
+        choice(f"{at}.dtype", self.dtype, tuple(DTYPES))
+        at_least(f"{at}.shard_samples", self.shard_samples, 1)
 
 
 @dataclass
@@ -199,10 +217,20 @@ class ImportanceConfig:
 
 @dataclass
 class SearchConfig(SearchSpace):
-    """``prune.search``: the budget search's grid (``prune/targets.py``) and its held-out ranking windows."""
+    """``prune.search``: the budget search's grid (``prune/targets.py``) and its held-out ranking windows;
+    ``distill_iters`` > 0 re-ranks the ``top_k`` zero-shot best by a short distillation (``prune/rank.py``)."""
     eval_samples: int = 64
+    distill_iters: int = 0               # 0: rank by zero-shot loss only
+    top_k: int = 3                       # candidates distilled (the best by zero-shot loss)
+    eval_interval: Optional[int] = None  # validation every N iterations of a short run (null: K / 4)
+    workdir: Optional[str] = None        # the short runs (null: OUTPUT_search)
 
     def check(self, at: str) -> None:
+        at_least(f"{at}.distill_iters", self.distill_iters, 0)
+        at_least(f"{at}.top_k", self.top_k, 1)
+        at_least(f"{at}.eval_interval", self.eval_interval, 1, optional=True)
+        if self.workdir is not None and not str(self.workdir).strip():
+            _fail(f"{at}.workdir", self.workdir, "null or a directory path")
         if not self.ratios:
             _fail(f"{at}.ratios", [], "a non-empty list of numbers in (0, 1]")
         for r in self.ratios:
@@ -367,6 +395,26 @@ class EvalGroup:
         at_least(f"{at}.lm_eval_batch_size", self.lm_eval_batch_size, 1)
 
 
+@dataclass
+class StageConfig:
+    """One stage of an iterative compression chain (``stages``; ``minitron_nemo/stages.py``)."""
+    name: str = MISSING
+    prune: Dict[str, Any] = field(default_factory=dict)  # merged onto the job's prune group
+    teacher: str = "original"        # original | source | a checkpoint path
+    overrides: List[str] = field(default_factory=list)   # recipes/distill.py key=value of this stage only
+
+    def check(self, at: str) -> None:
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", str(self.name)):
+            _fail(f"{at}.name", self.name, "letters, digits, _ and - (it names the stage's folder)")
+        if not str(self.teacher).strip():
+            _fail(f"{at}.teacher", self.teacher, "original, source or a checkpoint path")
+        for o in self.overrides:
+            if "=" not in str(o):
+                _fail(f"{at}.overrides", o, "key=value strings, e.g. trainer.train_iters=100")
+
+
 # ----------------------------------------------------------------------------- recipe roots
 @dataclass
 class Common:
@@ -399,6 +447,11 @@ class PruneJob(Common):
     output: str = MISSING
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     prune: PruneGroup = field(default_factory=PruneGroup)
+    # the short distillation runs of prune.search.distill_iters > 0 (as recipes/distill.py uses them)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
+    distill: DistillGroup = field(default_factory=DistillGroup)
+    data: DataConfig = field(default_factory=DataConfig)
 
 
 @dataclass
@@ -424,7 +477,9 @@ class TrainingJob(Common):
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     correction: CorrectionConfig = field(default_factory=CorrectionConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     launcher: Optional[LauncherConfig] = None   # launchers/submit.py adds it
+    stages: List[StageConfig] = field(default_factory=list)  # iterative chain: recipes/compress.py
 
     def check(self, at: str) -> None:
         super().check(at)
@@ -438,6 +493,10 @@ class TrainingJob(Common):
 
 def validate(obj, at: str = "") -> None:
     """Call ``check(path)`` on ``obj`` and every nested schema object (depth first, parents last)."""
+    if isinstance(obj, list):  # e.g. the stages of a chain
+        for i, x in enumerate(obj):
+            validate(x, f"{at}[{i}]")
+        return
     if not dataclasses.is_dataclass(obj):
         return
     for f in dataclasses.fields(obj):

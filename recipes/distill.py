@@ -12,6 +12,11 @@ student and distilled student (WORKDIR/results.json). The teacher is frozen and 
 
 Baselines of the same recipe (P1's comparisons): ``student.loss=lm`` trains the student on the LM loss
 alone (no teacher forward); ``student.init=random`` starts from random weights of the pruned architecture.
+
+Offline: ``distill.teacher_cache=DIR`` (written by recipes/cache_teacher.py with this config) replaces the
+teacher's forward by a lookup of its cached top-K distribution; the teacher's weights are not loaded
+(except to prune the student in-job once), the loss is the KL over the cached tokens plus a rest bucket
+(``distill/topk_kl.py``), and the teacher's numbers come from the cache.
 """
 
 import json
@@ -25,6 +30,7 @@ from minitron_nemo import outputs, runtime, schemas
 from minitron_nemo.checkpoint import store
 from minitron_nemo.config import compose, dtype, require
 from minitron_nemo.distill import model as kd
+from minitron_nemo.distill import offline
 from minitron_nemo.distill.config import DistillationConfig
 from minitron_nemo.errors import UserError, user_errors_exit
 from minitron_nemo.eval import perplexity as ppl
@@ -75,6 +81,7 @@ def perplexity(model, windows, mbs) -> float:
 def main():
     cfg = compose("smollm2_demo", schema=schemas.TrainingJob)
     use_kd = cfg.student.loss == "kd"
+    cached = use_kd and cfg.distill.teacher_cache is not None
     par, t = cfg.parallel, cfg.trainer
     kd.check_virtual_pipeline(par)
     kd_cfg = DistillationConfig.from_dict(to_dict(cfg.distill))
@@ -93,7 +100,9 @@ def main():
     elif cfg.student.init_checkpoint is None:
         raise UserError("student.init_checkpoint is required when the student is pruned in-job "
                         "(student.checkpoint=null); pass student.init_checkpoint=DIR")
-    outputs.claim_workdir(work, sources={"teacher": t_path, "student.checkpoint": s_path})
+    tc = offline.open_for_job(cfg, kd_cfg, t_path, t_mc) if cached else None
+    outputs.claim_workdir(work, sources={"teacher": t_path, "student.checkpoint": s_path,
+                                         "distill.teacher_cache": kd_cfg.teacher_cache})
     if s_path is None and not store.is_checkpoint(cfg.student.init_checkpoint):
         from minitron_nemo.prune import api
 
@@ -106,9 +115,13 @@ def main():
     from megatron.core import parallel_state as ps
 
     t0 = time.time()
-    runtime.print0(f"[distill] teacher {t_path}{' (corrected)' if corrected else ''}: {count_parameters(t_mc):,} params")
-    teacher = store.load_model(t_path, t_mc, params_dtype)
-    kd.freeze(teacher)
+    runtime.print0(f"[distill] teacher {t_path}{' (corrected)' if corrected else ''}: {count_parameters(t_mc):,} params"
+                   + (f"; offline, from the cache {tc.root} (top {tc.topk} of {tc.layout.topk} cached tokens)"
+                      if cached else ""))
+    need_teacher = not cached or (s_path is None and not store.is_checkpoint(cfg.student.init_checkpoint))
+    teacher = store.load_model(t_path, t_mc, params_dtype) if need_teacher else None
+    if teacher is not None:
+        kd.freeze(teacher)
     n_acc = optim.batch_layout(int(t.micro_batch_size), int(t.global_batch_size))
     seq = int(cfg.data.seq_length)
     train_iters = optim.train_iterations(t, seq)
@@ -117,11 +130,18 @@ def main():
     valid = tdata.valid_batches(valid_ds, int(t.micro_batch_size), int(cfg.data.valid_samples))
 
     # teacher sanity: a teacher whose weights did not load is caught before any training
-    check = valid or tdata.valid_batches(train_ds, int(t.micro_batch_size), int(cfg.data.valid_samples))
-    total, count = lm_loss_sums(teacher, check)
-    teacher_loss = total / max(count, 1)
-    kd.check_teacher_sane(teacher_loss, t_mc, float(cfg.teacher.max_loss_fraction), t_path)
-    runtime.print0(f"[distill] teacher validation loss {teacher_loss:.4f} (ln vocab {math.log(t_mc.vocab_size):.2f})")
+    if cached:  # checked when the cache was written; the data must be the cached samples
+        offline.check_data(tc, offline.sample_counts(cfg, train_ds, valid_ds, train_iters * int(t.global_batch_size)),
+                           train_ds, valid_ds)
+        valid = offline.tag_valid(valid)
+        teacher_loss = float(tc.manifest["teacher_loss"]["loss"])
+    else:
+        check = valid or tdata.valid_batches(train_ds, int(t.micro_batch_size), int(cfg.data.valid_samples))
+        total, count = lm_loss_sums(teacher, check)
+        teacher_loss = total / max(count, 1)
+        kd.check_teacher_sane(teacher_loss, t_mc, float(cfg.teacher.max_loss_fraction), t_path)
+    runtime.print0(f"[distill] teacher validation loss {teacher_loss:.4f} (ln vocab {math.log(t_mc.vocab_size):.2f})"
+                   + (" (from the cache)" if cached else ""))
 
     # student: given, or pruned in-job once
     if s_path is None:
@@ -131,6 +151,8 @@ def main():
             prune_student(cfg, teacher, t_mc, t_path)
         s_mc = store.load_model_config(s_path)
         kd.check_vocab(t_mc, s_mc)
+    if cached:
+        teacher = None  # only needed to prune
     student = build_model(s_mc, params_dtype=params_dtype, sequence_parallel=bool(par.sequence_parallel))
     if cfg.student.init == "pruned":
         store.load_weights(student, s_path)
@@ -155,9 +177,12 @@ def main():
     ddp = optim.wrap_ddp(student, distributed_optimizer=dist_opt)
     optimizer = optim.build_optimizer(ddp, t.optim, params_dtype, dist_opt)
     scheduler = optim.build_scheduler(optimizer, t.optim, train_iters, int(t.warmup_iters))
-    flops = (flops_per_token(s_mc, seq, True) + use_kd * flops_per_token(t_mc, seq, False)) \
+    flops = (flops_per_token(s_mc, seq, True) + (use_kd and not cached) * flops_per_token(t_mc, seq, False)) \
         * int(t.global_batch_size) * seq
-    if use_kd:
+    if cached:
+        chunk, fwd = ddp, offline.make_forward(tc)
+        loss, valid_loss = (lambda b, o: offline.loss(kd_cfg, b, o)), (lambda b, o: offline.valid_loss(kd_cfg, b, o))
+    elif use_kd:
         chunk, fwd = kd.KDStage(ddp, teacher, s_mc, t_mc, kd_cfg), kd.kd_forward
         loss, valid_loss = (lambda b, o: kd.kd_loss(kd_cfg, b, o)), (lambda b, o: kd.kd_valid_loss(kd_cfg, b, o))
     else:
@@ -168,13 +193,18 @@ def main():
                       workdir=work, train_iters=train_iters, num_microbatches=n_acc,
                       global_batch_size=int(t.global_batch_size), seq_length=seq, flops_per_step=flops,
                       tokenizer_src=t_path, meta={"distilled_from": t_path, "student_init": s_path,
-                                                                  "init": cfg.student.init, "loss": cfg.student.loss})
+                                                                  "init": cfg.student.init, "loss": cfg.student.loss,
+                                                                  "teacher_cache": kd_cfg.teacher_cache})
     trainer.resume()
     runtime.print0(f"[distill] {train_iters} iterations x {t.global_batch_size} samples x {seq} tokens "
                    f"(micro-batch {t.micro_batch_size}, accumulation {n_acc}, DP {ps.get_data_parallel_world_size()})")
     trainer.fit()
 
-    t_ppl = perplexity(teacher, windows, int(t.micro_batch_size)) if cfg.teacher.held_out else float("nan")
+    if cached:
+        t_ppl = offline.teacher_perplexity(tc, test_text, seq, cfg.data.test_tokens) if cfg.teacher.held_out \
+            else float("nan")
+    else:
+        t_ppl = perplexity(teacher, windows, int(t.micro_batch_size)) if cfg.teacher.held_out else float("nan")
     results = {"teacher": t_ppl, "student_zero_shot": zero_shot,
                "student_distilled": perplexity(student, windows, int(t.micro_batch_size)),
                "tokens": 0 if windows is None else int((windows[:, 1:] >= 0).sum()),

@@ -451,7 +451,8 @@ def _rank0_without_process_group():
 
 def batches(dataset, micro_batch_size: int, dp_rank: int | None = None, dp_size: int | None = None,
             consumed_samples: int = 0, cycle: bool = False) -> Iterator[dict[str, torch.Tensor]]:
-    """Micro-batches ``{tokens, labels, loss_mask, position_ids}`` (``[micro_batch, seq]``) of ``dataset``.
+    """Micro-batches ``{tokens, labels, loss_mask, position_ids}`` (``[micro_batch, seq]``) of ``dataset``,
+    plus ``index`` (``[micro_batch]``, the samples' indices in ``dataset``).
 
     Megatron's pretraining sampler: the global stream of samples is cut into steps of
     ``micro_batch_size * dp_size``; data-parallel rank r takes the r-th slice of each. An incomplete
@@ -475,5 +476,7 @@ def batches(dataset, micro_batch_size: int, dp_rank: int | None = None, dp_size:
             i = 0
         first = i + dp_rank * micro_batch_size
         items = [dataset[j] for j in range(first, first + micro_batch_size)]
-        yield {k: torch.stack([s[k] for s in items]) for k in BATCH_KEYS}
+        batch = {k: torch.stack([s[k] for s in items]) for k in BATCH_KEYS}
+        batch["index"] = torch.arange(first, first + micro_batch_size)  # dataset sample ids (teacher cache)
+        yield batch
         i += step

@@ -11,7 +11,9 @@ A modelopt YAML such as::
 loads unchanged. Our additions: ``logit_kl_topk`` (null = full vocabulary), ``kl_direction``
 (``forward`` = KL(teacher || student), the paper's choice; ``reverse`` = KL(student || teacher)) and
 ``kl_chunk_size`` (tokens per chunk of the memory-bounded KL kernel; null = automatic, about
-16M logits per chunk).
+16M logits per chunk), ``teacher_cache`` (offline distillation from a cache written by
+recipes/cache_teacher.py: the teacher is not loaded) and ``teacher_cache_topk`` (use the first K of
+the cached tokens; null = all).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class DistillationConfig:
     logit_kl_topk: Optional[int] = None
     kl_direction: str = "forward"
     kl_chunk_size: Optional[int] = None
+    teacher_cache: Optional[str] = None
+    teacher_cache_topk: Optional[int] = None
 
     def __post_init__(self):
         self.validate()
@@ -70,6 +74,14 @@ class DistillationConfig:
               f"distill.logit_kl_topk={k!r} is invalid; allowed: null or an integer >= 1")
         check(self.kl_direction in KL_DIRECTIONS,
               f"distill.kl_direction={self.kl_direction!r} is not supported; allowed: {', '.join(KL_DIRECTIONS)}")
+        k = self.teacher_cache_topk
+        check(k is None or (isinstance(k, int) and not isinstance(k, bool) and k >= 1),
+              f"distill.teacher_cache_topk={k!r} is invalid; allowed: null or an integer >= 1")
+        if self.teacher_cache is not None:
+            check(not self.intermediate_layer_pairs, "distill.intermediate_layer_pairs need the teacher's hidden "
+                  "states, which a teacher cache does not hold; allowed: [] with distill.teacher_cache")
+            check(self.logit_kl_topk is None, "distill.logit_kl_topk is the online top-k loss; with "
+                  "distill.teacher_cache use distill.teacher_cache_topk=K (the first K cached tokens)")
         c = self.kl_chunk_size
         check(c is None or (isinstance(c, int) and not isinstance(c, bool) and c >= 1),
               f"distill.kl_chunk_size={c!r} is invalid; allowed: null or an integer >= 1")
