@@ -41,7 +41,8 @@ def test_experiment_runs_end_to_end_at_tiny_scale(tiny_teacher, tmp_path):
                                                                                      "HF_HUB_OFFLINE": "1"})
     md = (tmp_path / "docs" / "results.md").read_text()
     for section in ("## Headline", "## 1. Teacher correction", "## 2. Width vs depth", "## 3. Distillation vs",
-                    "## 4. Importance aggregation", "## 5. Depth criteria", "## Greedy samples"):
+                    "## 4. Importance aggregation", "## 5. Depth criteria", "## 6. Offline distillation",
+                    "## Greedy samples"):
         assert section in md
     for png in ("headline", "correction", "width_vs_depth", "kd_vs_lm", "depth_criteria", "aggregation",
                 "importance"):
@@ -53,7 +54,15 @@ def test_experiment_runs_end_to_end_at_tiny_scale(tiny_teacher, tmp_path):
     work = tmp_path / "work" / "arms"
     arms = sorted(d.name for d in work.iterdir())
     assert arms == sorted(["width_kd", "width_kd_uncorrected", "width_lm", "random_lm", "depth_block_kd",
-                           "depth_loss_kd", "depth_bi_kd"])
+                           "depth_loss_kd", "depth_bi_kd", "width_kd_cached", "width_kd_top8", "width_kd_top64",
+                           "width_kd_top512"])
+    # the arms that share the corrected teacher read it from the caches; width_kd stays online
+    meta = {a: json.loads((work / a / "results.json").read_text()) for a in arms}
+    for a in arms:
+        log = (tmp_path / "work" / "logs" / f"{a}.log").read_text()
+        assert ("offline, from the cache" in log) == (a.startswith(("depth_", "width_kd_top")) or a == "width_kd_cached"), a
+    assert abs(meta["width_kd_cached"]["student_distilled"] - meta["width_kd"]["student_distilled"]) \
+        <= 1e-3 * meta["width_kd"]["student_distilled"]
     for a in arms:
         res = json.loads((work / a / "results.json").read_text())
         assert res["final_checkpoint"].endswith("iter_0000002")

@@ -11,7 +11,11 @@ run themselves and leaves its outputs under WORKDIR; a rerun skips the stages al
   3. train      recipes/distill.py, one run per arm, all with the same token budget:
                 width_kd (corrected teacher), width_kd_uncorrected (pruned from and distilled by the
                 original teacher), width_lm (LM loss only), random_lm (random init, LM loss),
-                depth_<criterion>_kd for each depth criterion
+                depth_<criterion>_kd for each depth criterion; with ``teacher_cache.enabled`` the arms that
+                share the corrected teacher and the tokens read it from a full-vocabulary fp32 cache
+                (recipes/cache_teacher.py; the same loss as online to float precision), width_kd stays online
+                and width_kd_cached repeats it from the cache (the check and the time saved), and
+                width_kd_top<K> distil from a top-K cache (``teacher_cache.topk``) for K in ``teacher_cache.ks``
   4. evaluate   recipes/evaluate.py: lm-eval tasks, greedy samples and generation throughput of the
                 corrected teacher and the width and depth students
   5. report     RESULTS/results.md, RESULTS/img/*.png and the results block of the README
@@ -75,6 +79,20 @@ def train_args(cfg, work: Path) -> list:
 
 
 ARMS = ("width_kd", "width_kd_uncorrected", "width_lm", "random_lm")
+CACHES = ("full", "topk")   # WORKDIR/cache_full (whole vocabulary, fp32), WORKDIR/cache_topk (cache.topk, cache.dtype)
+
+
+def cache_args(cfg, work: Path, which: str) -> list:
+    """recipes/cache_teacher.py overrides: the corrected teacher over the arms' exact token stream."""
+    c = cfg.teacher_cache
+    kind = ["cache.topk=null", "cache.dtype=float32"] if which == "full" else [f"cache.topk={c.topk}",
+                                                                               f"cache.dtype={c.dtype}"]
+    return [f"teacher.corrected_checkpoint={work / 'teacher_corrected'}", f"cache.dir={work / f'cache_{which}'}",
+            *kind]
+
+
+def cached_arms(cfg) -> list:
+    return ["width_kd_cached", *(f"width_kd_top{k}" for k in cfg.teacher_cache.ks)] if cfg.teacher_cache.enabled else []
 
 
 def arm_args(cfg, work: Path, arm: str) -> list:
@@ -91,9 +109,15 @@ def arm_args(cfg, work: Path, arm: str) -> list:
                 f"prune.calibration.num_samples={scaled(cfg, 'calibration_samples')}",
                 f"prune.calibration.seq_length={c.seq_length}", f"prune.calibration.micro_batch_size={c.micro_batch_size}",
                 f"prune.calibration.seed={cfg.seed}"]
+    full = [f"distill.teacher_cache={work / 'cache_full'}"] if cfg.teacher_cache.enabled else []
     if arm.startswith("depth_"):
         crit = arm[len("depth_"):-len("_kd")]
-        return [corrected, "teacher.held_out=false", f"student.checkpoint={study / f'depth_{crit}'}"]
+        return [corrected, "teacher.held_out=false", f"student.checkpoint={study / f'depth_{crit}'}", *full]
+    if arm == "width_kd_cached":
+        return [corrected, "teacher.held_out=false", f"student.checkpoint={study / 'width'}", *full]
+    if arm.startswith("width_kd_top"):
+        return [corrected, "teacher.held_out=false", f"student.checkpoint={study / 'width'}",
+                f"distill.teacher_cache={work / 'cache_topk'}", f"distill.teacher_cache_topk={arm[len('width_kd_top'):]}"]
     init = "random" if arm == "random_lm" else "pruned"
     loss = "kd" if arm == "width_kd" else "lm"
     return [corrected, "teacher.held_out=false", f"student.checkpoint={study / 'width'}",
@@ -101,7 +125,7 @@ def arm_args(cfg, work: Path, arm: str) -> list:
 
 
 def arm_names(cfg) -> list:
-    return [*ARMS, *(f"depth_{c}_kd" for c in cfg.depth_criteria)]
+    return [*ARMS, *(f"depth_{c}_kd" for c in cfg.depth_criteria), *cached_arms(cfg)]
 
 
 def load(path: Path) -> dict:
@@ -109,6 +133,10 @@ def load(path: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- report
+def claim(ok: bool, text: str) -> str:
+    return f"- {'agrees' if ok else '**differs**'}: {text}"
+
+
 def loss_of(ppl: float) -> float:
     return math.log(ppl)
 
@@ -140,9 +168,6 @@ def write_report(cfg, work: Path, evaluated: list) -> Path:
 
     def tps(name):
         return ev[name]["throughput"]["generation_tokens_per_s"]
-
-    def claim(ok: bool, text: str) -> str:
-        return f"- {'agrees' if ok else '**differs**'}: {text}"
 
     plots = {
         "headline.png": ({"width, KD": curves["width_kd"], "depth (block), KD": curves["depth_block_kd"],
@@ -253,6 +278,8 @@ def write_report(cfg, work: Path, evaluated: list) -> Path:
     for name in evaluated:
         for s in ev[name].get("samples", []):
             L += [f"**{name}**, prompt `{s['prompt']}`:", "", "```", s["completion"].strip(), "```", ""]
+    if cfg.teacher_cache.enabled:
+        L += offline_section(cfg, work, arms, final, zs, spent, params["width"])
     L += ["## Time per stage", "", report.md_table(["stage", "minutes"], [[k, v / 60] for k, v in spent.items()])]
     md = out / "results.md"
     md.write_text("\n".join(L) + "\n")
@@ -264,6 +291,53 @@ def write_report(cfg, work: Path, evaluated: list) -> Path:
         if not done:
             print(f"[experiment] {cfg.readme} has no experiment block; left unchanged", flush=True)
     return md
+
+
+def offline_section(cfg, work: Path, arms: dict, final, zs, spent: dict, width_params) -> list:
+    """Section 6: the width student distilled online vs from teacher caches (same tokens, seed, init)."""
+    man = {w: load(work / f"cache_{w}" / "manifest.json") for w in CACHES}
+    ev = {a: load(work / "eval" / f"{a}.json") for a in cached_arms(cfg)[1:]}
+    width_ev = load(work / "eval" / "width.json")
+    tasks = list(cfg.lm_eval_tasks)
+
+    def acc(e, t):
+        return e.get("lm_eval", {}).get(t, {}).get("acc", float("nan"))
+
+    online = final("width_kd")
+    bpt = {k: k * (2 + {"bfloat16": 2, "float16": 2, "float32": 4}[cfg.teacher_cache.dtype]) + 8
+           for k in cfg.teacher_cache.ks}  # uint16 ids (vocabulary < 65536) + log-probs + 8 bytes of fp32
+    rows = [["online teacher (full vocabulary)", "-", "-", online, 0.0, *(acc(width_ev, t) for t in tasks)],
+            ["cache, whole vocabulary, fp32", man["full"]["topk"], man["full"]["bytes_per_token"],
+             final("width_kd_cached"), final("width_kd_cached") - online, *("" for _ in tasks)]]
+    for k in cfg.teacher_cache.ks:
+        a = f"width_kd_top{k}"
+        rows.append([f"cache, top {k}, {cfg.teacher_cache.dtype}", k, bpt[k], final(a), final(a) - online,
+                     *(acc(ev[a], t) for t in tasks)])
+    t_on, t_off = spent.get("width_kd", float("nan")), spent.get("width_kd_cached", float("nan"))
+    t_full, t_topk = spent.get("cache_full", float("nan")), spent.get("cache_topk", float("nan"))
+    shared = [a for a in arms if a.startswith("depth_")]
+    saved = len(shared) * (t_on - t_off) - t_full
+    small = [k for k in cfg.teacher_cache.ks if k <= 100]
+    worse = all(final(f"width_kd_top{k}") > online for k in small)
+    return [
+        "## 6. Offline distillation from a teacher cache", "",
+        f"The width student ({width_params / 1e6:.1f}M, zero-shot test loss {zs('width_kd'):.3f}) distilled on the "
+        f"same tokens, seed and initialisation, with the corrected teacher online or read from a cache "
+        f"(`recipes/cache_teacher.py`; loss: KL over the cached tokens plus one rest-of-vocabulary bucket, a lower "
+        f"bound of the full KL that equals it for the whole vocabulary). Bytes per token of the cache as written "
+        f"(token ids in uint16, log-probabilities, fp32 normaliser and target log-probability).", "",
+        report.md_table(["teacher", "K", "bytes/token", "test loss after KD", "vs online",
+                         *(f"{t} acc" for t in tasks)], rows), "",
+        claim(worse, f"top-K distillation with K <= 100 ({', '.join(map(str, small))}) ends worse than full-vocabulary "
+                     f"KD (the papers' finding for top-K logits)") if small else "",
+        claim(abs(final("width_kd_cached") - online) < 1e-3, "a whole-vocabulary cache reproduces online KD "
+                                                             "(difference below 1e-3 nats)"), "",
+        f"Time: writing the whole-vocabulary cache took {t_full / 60:.1f} min ({man['full']['bytes'] / 2**30:.2f} GiB), "
+        f"the top-{man['topk']['topk']} cache {t_topk / 60:.1f} min ({man['topk']['bytes'] / 2**20:.1f} MiB). "
+        f"The width arm took {t_on / 60:.1f} min online and {t_off / 60:.1f} min from the cache; the "
+        f"{len(shared)} depth arms, which share the teacher and the tokens, read the whole-vocabulary cache: "
+        f"{len(shared)} x {(t_on - t_off) / 60:.1f} - {t_full / 60:.1f} = {saved / 60:.1f} min saved in this run "
+        f"(the per-arm saving taken from the width pair).", ""]
 
 
 @user_errors_exit
@@ -293,7 +367,11 @@ def main():
     if not (work / "prune_study" / "results.json").is_file():
         run(RECIPES / "experiments" / "prune_study.py", sys.argv[1:], logs / "prune_study.log")
 
-    # 3. training arms, same token budget each
+    # 3. training arms, same token budget each (the teacher caches first: they hold the arms' token stream)
+    for which in (CACHES if cfg.teacher_cache.enabled else ()):
+        if not (work / f"cache_{which}" / "manifest.json").is_file():
+            run(RECIPES / "cache_teacher.py", [*train_args(cfg, work), *cache_args(cfg, work, which)],
+                logs / f"cache_{which}.log")
     for arm in arm_names(cfg):
         if not (work / "arms" / arm / "results.json").is_file():
             run(RECIPES / "distill.py", [*train_args(cfg, work), f"workdir={work / 'arms' / arm}",
@@ -316,6 +394,16 @@ def main():
                  f"eval.generate.prompts={json.dumps(list(cfg.prompts))}",
                  f"eval.generate.max_new_tokens={cfg.generate_tokens}", f"eval.output={out}"],
                 logs / "evaluate.log")
+
+    # lm-eval of the students distilled from top-K caches (no throughput: same architecture as the width student)
+    for arm in cached_arms(cfg)[1:]:
+        out = work / "eval" / f"{arm}.json"
+        if not out.is_file():
+            run(RECIPES / "evaluate.py",
+                [f"checkpoint={load(work / 'arms' / arm / 'results.json')['final_checkpoint']}",
+                 f"eval.text_file={test_text}", "eval.perplexity=false", f"dtype={cfg.dtype}", f"seed={cfg.seed}",
+                 f"eval.lm_eval_tasks=[{','.join(cfg.lm_eval_tasks)}]",
+                 f"eval.lm_eval_limit={scaled(cfg, 'lm_eval_limit')}", f"eval.output={out}"], logs / "evaluate.log")
 
     # 5. report
     md = write_report(cfg, work, list(evaluated))
