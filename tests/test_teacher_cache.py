@@ -201,3 +201,65 @@ def test_cache_dir_of_other_settings_is_refused(job, cache16):
     err = [line for line in p.stderr.splitlines() if line.strip()]
     assert len(err) == 1 and "topk=16" in err[0] and "overwrite=true" in err[0], err
     assert _digest(cache) == before
+
+
+def test_slurm_pipeline_runs_the_cache_stage_before_distill(capsys, tmp_path):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "launchers"))
+    import submit
+
+    def dry(*argv):
+        try:
+            submit.main(["pipeline", "--dry-run", f"launcher.logs={tmp_path}/logs", "trainer.train_iters=10", *argv])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    code, out, err = dry(f"distill.teacher_cache={tmp_path}/cache")
+    assert code == 0, err
+    scripts = out.split("# ---- ")[1:]
+    names = [s.split("\n")[0].rsplit("-", 1)[1] for s in scripts]
+    assert names[names.index("cache_teacher.sbatch") + 1] == "distill.sbatch", names
+    cache_script = scripts[names.index("cache_teacher.sbatch")]
+    assert f"recipes/cache_teacher.py --config-name smollm2_demo" in cache_script
+    assert f"cache.dir={tmp_path}/cache" in cache_script and "--dependency=afterok:<" in cache_script
+    assert f"distill.teacher_cache={tmp_path}/cache" in scripts[names.index("distill.sbatch")]
+    code, out, _ = dry()  # no cache asked for: no cache stage
+    assert code == 0 and "cache_teacher.sbatch" not in out and "skipping cache_teacher" in out
+
+
+@pytest.mark.parametrize("layout", ["pp2", "dp2"])
+def test_cache_of_any_layout_equals_the_single_process_cache(job, cache16, tmp_path, layout):
+    """Written by two processes (pipeline stages, or data-parallel replicas taking shards in turn), the
+    cache holds the single-process cache's tokens and values."""
+    import numpy as np
+
+    single, _ = cache16
+    par = ["parallel.pipeline_model_parallel_size=2"] if layout == "pp2" else []
+    out = tmp_path / "cache"
+    run_torchrun(CACHE, 2, *job["common"], f"cache.dir={out}", "cache.topk=16", "cache.shard_samples=3", *par,
+                 timeout=600)
+    for split, shards in (("train", 6), ("valid", 2)):
+        for s in range(shards):
+            for name, dtype in (("ids", np.uint16), ("logp", np.uint16), ("hashes", np.int64)):
+                a, b = (np.fromfile(r / split / f"{s:05d}" / f"{name}.bin", dtype=dtype) for r in (single, out))
+                assert np.array_equal(a, b), (split, s, name)
+            a, b = (np.fromfile(r / split / f"{s:05d}" / "lse.bin", dtype=np.float32) for r in (single, out))
+            assert np.allclose(a, b, rtol=1e-5, atol=1e-5), (split, s)
+
+
+def test_offline_job_at_tp2_matches_tp1(job, cache16, tmp_path):
+    cache, _ = cache16
+    args = [*job["common"], f"student.checkpoint={job['student']}", f"distill.teacher_cache={cache}",
+            "checkpointing.save_interval=null"]
+    run_py(DISTILL, *args, f"workdir={tmp_path / 'tp1'}")
+    run_torchrun(DISTILL, 2, *args, f"workdir={tmp_path / 'tp2'}", "parallel.tensor_model_parallel_size=2",
+                 timeout=600)
+    a, b = _train_records(tmp_path / "tp1"), _train_records(tmp_path / "tp2")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for i in a:
+        for k in ("lm", "logits", "total"):
+            assert abs(a[i][k] - b[i][k]) <= 1e-4 * abs(a[i][k]) + 1e-6, (i, k, a[i][k], b[i][k])

@@ -1,0 +1,217 @@
+"""Offline distillation: step time, memory, cache-writing speed and size, measured in one run.
+
+    python bench/bench_offline_kd.py [--rounds 5] [--steps 2] [--seq 256] [--mbs 4] [--topk 64]
+
+Models: a random 8-layer teacher (hidden 512, FFN 2048, vocab 16384) and its width-pruned student
+(hidden 384, FFN 1024). Every step is a full training step of the project's loop (Megatron schedule,
+DDP, optimizer):
+  * student-only: LM loss, no teacher;
+  * offline: the student plus a lookup in a real teacher cache on disk (``--topk`` tokens, bf16) and
+    the cached-KL loss (``distill/offline.py``);
+  * online: teacher forward + student + full-vocabulary KL (``distill/model.py``).
+The three are interleaved for ``--rounds`` rounds of ``--steps`` steps; ratios are per round, reported
+as median [min, max]. Cache writing (teacher forward + top-K + shard write) is interleaved the same
+way with a plain teacher forward over the same samples. Peak memory: the peak resident set of a fresh
+process that builds the models a mode needs and takes steps (``ru_maxrss``; on GPU also
+``max_memory_allocated``). Bytes per token: the files of caches written for K = 8, 64, 512.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from minitron_nemo import runtime
+from minitron_nemo.distill import cache, cache_writer, offline
+from minitron_nemo.distill import model as kd
+from minitron_nemo.distill.config import DistillationConfig
+from minitron_nemo.models.builder import build_model
+from minitron_nemo.models.config import ModelConfig
+from minitron_nemo.models.forward import run_forward
+from minitron_nemo.training import optim
+from minitron_nemo.training.loop import lm_forward, lm_loss, setup_schedule, train_step
+
+OPT = OmegaConf.create({"lr": 1e-4, "min_lr": 1e-5, "weight_decay": 0.0, "adam_beta1": 0.9, "adam_beta2": 0.95,
+                        "adam_eps": 1e-8, "clip_grad": 1.0, "decay_style": "cosine"})
+T_MC = ModelConfig(num_layers=8, hidden_size=512, ffn_hidden_size=2048, num_attention_heads=8, num_query_groups=4,
+                   vocab_size=16384, share_embeddings_and_output_weights=True)
+S_MC = T_MC.replace(hidden_size=384, ffn_hidden_size=1024)
+MODES = ("student", "offline", "online")
+
+
+def samples(n, seq):
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        w = torch.randint(0, T_MC.vocab_size, (seq + 1,), generator=g)
+        out.append({"tokens": w[:-1], "labels": w[1:], "loss_mask": torch.ones(seq), "position_ids": torch.arange(seq)})
+    return out
+
+
+def batches_of(data, mbs, first=0):
+    bs = cache_writer.micro_batches(data[first:first + 2 * mbs], mbs)
+    for j, b in enumerate(bs):
+        b["index"] = torch.arange(first + j * mbs, first + (j + 1) * mbs)
+    return bs
+
+
+def write_cache(root, teacher, data, topk, seq, mbs, dtype="bfloat16"):
+    layout = cache.Layout(topk, seq, dtype, T_MC.padded_vocab_size)
+    n = len(data)
+    arrays = cache_writer.teacher_pass(teacher, data, mbs, layout, 1.0)
+    cache.write_shard(root, "train", 0, 0, layout, arrays)
+    manifest = {"identity": {"seq_length": seq, "padded_vocab_size": T_MC.padded_vocab_size}, "topk": topk,
+                "dtype": dtype, "shard_samples": n, "splits": {"train": {"samples": n}, "valid": {"samples": 0}}}
+    (Path(root) / cache.MANIFEST).write_text(json.dumps(manifest))
+    return layout
+
+
+def trainer_parts(mode, teacher, tc):
+    student = build_model(S_MC, params_dtype=torch.float32)
+    ddp = optim.wrap_ddp(student, distributed_optimizer=False)
+    opt = optim.build_optimizer(ddp, OPT, torch.float32, False)
+    sched = optim.build_scheduler(opt, OPT, 10_000, 1)
+    cfg = DistillationConfig()
+    if mode == "student":
+        parts = (ddp, lm_forward, lm_loss)
+    elif mode == "offline":
+        parts = (ddp, offline.make_forward(tc), lambda b, o: offline.loss(cfg, b, o))
+    else:
+        parts = (kd.KDStage(ddp, teacher, S_MC, T_MC, cfg), kd.kd_forward, lambda b, o: kd.kd_loss(cfg, b, o))
+    chunk, fwd, loss = parts
+    setup_schedule(chunk, ddp, opt)
+    return lambda batches: train_step(chunk, ddp, opt, sched, batches, fwd, loss)
+
+
+def sync():
+    if not runtime.cpu_mode():
+        torch.cuda.synchronize()
+
+
+def timed(fn, reps):
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / reps
+
+
+def summary(xs):
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+def memory_child(a):
+    """One mode in this (fresh) process: build what it needs, take steps, report the peak."""
+    runtime.init_distributed(1, 1)
+    data = samples(4 * a.mbs, a.seq)
+    tc = cache.TeacherCache(a.cache_dir) if a.memory == "offline" else None
+    teacher = None
+    if a.memory == "online":
+        teacher = build_model(T_MC, params_dtype=torch.float32)
+        kd.freeze(teacher)
+    step = trainer_parts(a.memory, teacher, tc)
+    for _ in range(2):
+        step(batches_of(data, a.mbs))
+    gpu = None if runtime.cpu_mode() else torch.cuda.max_memory_allocated()
+    print(json.dumps({"rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "gpu_bytes": gpu}))
+    runtime.shutdown()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--mbs", type=int, default=4)
+    ap.add_argument("--topk", type=int, default=64)
+    ap.add_argument("--out", default=None, help="also write the results as JSON here")
+    ap.add_argument("--memory", default=None, choices=MODES, help=argparse.SUPPRESS)
+    ap.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.memory:
+        return memory_child(a)
+    runtime.init_distributed(1, 1)
+    torch.manual_seed(0)
+    teacher = build_model(T_MC, params_dtype=torch.float32)
+    kd.freeze(teacher)
+    data = samples(4 * a.mbs, a.seq)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_offline_"))
+    sizes = {}
+    for k in sorted({8, 64, 512, a.topk}):
+        root = tmp / f"k{k}"
+        layout = write_cache(root, teacher, data, k, a.seq, a.mbs)
+        files = sum(f.stat().st_size for f in (root / "train").rglob("*.bin"))
+        sizes[k] = {"bytes_per_token_files": files / (len(data) * a.seq), "bytes_per_token_layout": layout.bytes_per_token}
+    tc = cache.TeacherCache(tmp / f"k{a.topk}")
+
+    # training steps, interleaved
+    steps = {m: trainer_parts(m, teacher, tc) for m in MODES}
+    bs = batches_of(data, a.mbs)
+    for m in MODES:
+        steps[m](bs)  # warm-up
+    per = {m: [] for m in MODES}
+    for r in range(a.rounds):
+        for m in MODES:
+            per[m].append(timed(lambda: steps[m](bs), a.steps))
+        print(f"[bench] round {r + 1}/{a.rounds}: " + "  ".join(f"{m} {per[m][-1]:.3f}s" for m in MODES), flush=True)
+
+    # cache writing vs a plain teacher forward, interleaved
+    layout = cache.Layout(a.topk, a.seq, "bfloat16", T_MC.padded_vocab_size)
+    wdir = tmp / "write"
+    write_t, fwd_t = [], []
+    for r in range(a.rounds):
+        write_t.append(timed(lambda: cache.write_shard(wdir, "train", r, 0, layout, cache_writer.teacher_pass(
+            teacher, data, a.mbs, layout, 1.0)), 1))
+        fwd_t.append(timed(lambda: run_forward(teacher, cache_writer.micro_batches(data, a.mbs), lambda o, b: None), 1))
+
+    mem = {}
+    env = {k: v for k, v in os.environ.items()  # a fresh process group in each child
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    for m in MODES:
+        p = subprocess.run([sys.executable, __file__, "--memory", m, "--cache-dir", str(tmp / f"k{a.topk}"),
+                            "--seq", str(a.seq), "--mbs", str(a.mbs)], capture_output=True, text=True, env=env)
+        if p.returncode:
+            raise SystemExit(f"memory run of {m} failed: {p.stderr.strip().splitlines()[-1:]}")
+        mem[m] = json.loads(p.stdout.strip().splitlines()[-1])
+
+    tokens = 2 * a.mbs * a.seq
+    res = {"device": "cpu" if runtime.cpu_mode() else torch.cuda.get_device_name(), "tokens_per_step": tokens,
+           "topk": a.topk, "rounds": a.rounds, "steps_per_round": a.steps,
+           "step_seconds": {m: summary(per[m]) for m in MODES},
+           "offline_over_student": summary([o / s for o, s in zip(per["offline"], per["student"])]),
+           "offline_over_online": summary([o / n for o, n in zip(per["offline"], per["online"])]),
+           "cache_write_over_teacher_forward": summary([w / f for w, f in zip(write_t, fwd_t)]),
+           "cache_write_tokens_per_s": summary([len(data) * a.seq / w for w in write_t]),
+           "teacher_forward_tokens_per_s": summary([len(data) * a.seq / f for f in fwd_t]),
+           "peak_memory": mem, "bytes_per_token": sizes}
+    print(f"device {res['device']}  student {S_MC.hidden_size}/{S_MC.ffn_hidden_size}  teacher "
+          f"{T_MC.hidden_size}/{T_MC.ffn_hidden_size}  vocab {T_MC.vocab_size}  tokens/step {tokens}  K {a.topk}")
+    fmt = lambda s: f"{s['median']:.3f} [{s['min']:.3f}, {s['max']:.3f}]"  # noqa: E731
+    for m in MODES:
+        print(f"  {m:<8} step {fmt(res['step_seconds'][m])} s")
+    print(f"  offline / student-only     {fmt(res['offline_over_student'])}   (goal <= 1.05)")
+    print(f"  offline / online KD        {fmt(res['offline_over_online'])}")
+    print(f"  cache write / teacher fwd  {fmt(res['cache_write_over_teacher_forward'])}   "
+          f"({res['cache_write_tokens_per_s']['median']:,.0f} vs {res['teacher_forward_tokens_per_s']['median']:,.0f} tokens/s)")
+    for m in MODES:
+        g = mem[m]["gpu_bytes"]
+        print(f"  peak memory {m:<8} RSS {mem[m]['rss_bytes'] / 2**20:,.0f} MiB" + (f", GPU {g / 2**20:,.0f} MiB" if g else ""))
+    for k, s in sizes.items():
+        print(f"  K={k:<4} {s['bytes_per_token_files']:.0f} bytes/token (bf16 log-probs, uint16 ids)")
+    if a.out:
+        Path(a.out).write_text(json.dumps(res, indent=1))
+    runtime.shutdown()
+
+
+if __name__ == "__main__":
+    main()
