@@ -12,6 +12,8 @@
         target.bin  [n, seq]     fp32 teacher log-probability (tau = 1) of the next token (teacher LM loss)
         hashes.bin  [n]          int64 digest of each sample's tokens (the job checks it has the same data)
         shard.json  first sample, count, shapes
+    A whole-vocabulary cache (K = the padded vocabulary) is *dense*: no ids.bin, and logp.bin holds
+    every token's log-probability in vocabulary order (no sort when writing, no gather when training).
 
 Samples are addressed by their index in the GPT dataset that ``distill.py`` builds from the same
 config (same blend, seed, sequence length and sample count), so a cache does not depend on the
@@ -86,18 +88,27 @@ class Layout:
     padded_vocab_size: int
 
     @property
+    def dense(self) -> bool:
+        """The whole vocabulary, in vocabulary order (no ids)."""
+        return self.topk == self.padded_vocab_size
+
+    @property
     def id_dtype(self):
         return np.uint16 if self.padded_vocab_size <= 1 << 16 else np.int32
 
     @property
     def bytes_per_token(self) -> int:
-        return self.topk * (np.dtype(self.id_dtype).itemsize + DTYPES[self.dtype][1]) + 8
+        ids = 0 if self.dense else np.dtype(self.id_dtype).itemsize
+        return self.topk * (ids + DTYPES[self.dtype][1]) + 8
 
     def shapes(self, n: int) -> dict:
         s, k = self.seq_length, self.topk
-        return {"ids": ((n, s, k), self.id_dtype), "logp": ((n, s, k), np.uint16 if DTYPES[self.dtype][1] == 2
-                                                          else np.float32),
-                "lse": ((n, s), np.float32), "target": ((n, s), np.float32), "hashes": ((n,), np.int64)}
+        shapes = {"ids": ((n, s, k), self.id_dtype), "logp": ((n, s, k), np.uint16 if DTYPES[self.dtype][1] == 2
+                                                              else np.float32),
+                  "lse": ((n, s), np.float32), "target": ((n, s), np.float32), "hashes": ((n,), np.int64)}
+        if self.dense:
+            del shapes["ids"]
+        return shapes
 
 
 def num_shards(samples: int, shard_samples: int) -> int:
@@ -201,6 +212,9 @@ class TeacherCache:
         if self.layout.dtype not in DTYPES:
             raise UserError(f"teacher cache {self.root}: dtype {self.layout.dtype!r} is not one of {', '.join(DTYPES)}")
         k = self.layout.topk if topk is None else int(topk)
+        if self.layout.dense and k != self.layout.topk:
+            raise UserError(f"distill.teacher_cache_topk={topk} but the cache {root} holds the whole vocabulary in "
+                            f"vocabulary order; allowed: null (or a top-K cache: cache.topk=K)")
         if not 1 <= k <= self.layout.topk:
             raise UserError(f"distill.teacher_cache_topk={topk} but the cache {root} holds the top "
                             f"{self.layout.topk} tokens; allowed: 1..{self.layout.topk} or null (all)")
@@ -245,7 +259,8 @@ class TeacherCache:
         return [int(self._shard(split, s)["hashes"][r]) for s, r, _ in self._rows(split, index)]
 
     def lookup(self, split: str, index, tokens=None, labels=None, device=None) -> dict:
-        """``{"ids" [b, s, K] int64, "logp" [b, s, K] fp32, "target" [b, s] fp32}`` of the samples
+        """``{"ids" [b, s, K] int64, "logp" [b, s, K] fp32, "target" [b, s] fp32}`` of the samples (dense: no
+        ``ids`` and ``logp`` ``[b, s, V]`` in vocabulary order)
         ``index``; with ``tokens``/``labels``, checks they are the cached samples' tokens."""
         ids, logp, target = [], [], []
         k = self.topk
@@ -255,9 +270,10 @@ class TeacherCache:
                 raise UserError(f"the tokens of {split} sample {i} differ from those in the teacher cache "
                                 f"{self.root} (other data, tokenizer or seed); allowed: a cache written with "
                                 f"this job's data")
-            ids.append(torch.from_numpy(a["ids"][r, :, :k].astype(np.int64)))
+            if not self.layout.dense:
+                ids.append(torch.from_numpy(a["ids"][r, :, :k].astype(np.int64)))
             lp = torch.from_numpy(np.array(a["logp"][r, :, :k]))
             logp.append(lp.view(DTYPES[self.layout.dtype][0]).float() if DTYPES[self.layout.dtype][1] == 2 else lp)
             target.append(torch.from_numpy(np.array(a["target"][r])))
-        out = {"ids": torch.stack(ids), "logp": torch.stack(logp), "target": torch.stack(target)}
+        out = {"logp": torch.stack(logp), "target": torch.stack(target), **({"ids": torch.stack(ids)} if ids else {})}
         return {k: v.to(device) for k, v in out.items()} if device is not None else out

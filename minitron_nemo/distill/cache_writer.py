@@ -13,6 +13,7 @@ import time
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 from minitron_nemo import runtime
 from minitron_nemo.data.indexed import BATCH_KEYS
@@ -39,16 +40,23 @@ def teacher_pass(teacher, samples: list, mbs: int, layout: cache.Layout, tau: fl
 
     def keep(logits, batch):
         b, s, v = logits.shape
-        ids, logp, lse = teacher_topk(logits.reshape(b * s, v), layout.topk, tau, group)
+        if layout.dense:  # every token in vocabulary order: the full log-softmax, no sort
+            full = logits if group is None else gather_from_tensor_model_parallel_region(logits)
+            lse = torch.logsumexp(full.float() / tau, dim=-1)
+            ids, logp = None, full.float() / tau - lse[..., None]
+        else:
+            ids, logp, lse = teacher_topk(logits.reshape(b * s, v), layout.topk, tau, group)
+            ids = ids.view(b, s, -1)
         target = -token_nll(logits, batch["labels"].to(logits.device))
-        got.append((ids.view(b, s, -1), logp.view(b, s, -1), lse.view(b, s), target.float()))
+        got.append((ids, logp.reshape(b, s, -1), lse.reshape(b, s), target.float()))
 
     run_forward(teacher, micro_batches(samples, mbs), keep)
     if not (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0):
         return None
     n = len(samples)
-    ids, logp, lse, target = (torch.cat([g[i] for g in got])[:n].cpu() for i in range(4))
-    return {"ids": ids, "logp": logp, "lse": lse, "target": target,
+    ids, logp, lse, target = (None if got[0][i] is None else torch.cat([g[i] for g in got])[:n].cpu()
+                              for i in range(4))
+    return {**({} if ids is None else {"ids": ids}), "logp": logp, "lse": lse, "target": target,
             "hashes": torch.tensor([cache.sample_hash(x["tokens"], x["labels"]) for x in samples], dtype=torch.int64)}
 
 

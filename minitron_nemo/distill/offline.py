@@ -2,7 +2,8 @@
 
 The student runs alone (plain DDP chunk, any TP x PP x DP); on the last pipeline stage the forward
 also looks up the cached teacher distribution of the micro-batch's samples (by their dataset index),
-and the loss is ``topk_kl.bucket_kl`` over the cached ids plus the rest bucket. Validation reports
+and the loss is ``topk_kl.bucket_kl`` over the cached ids plus the rest bucket (a whole-vocabulary cache:
+the online kernel ``losses.logits_kl_loss`` on the cached log-probabilities). Validation reports
 the same keys as online distillation (student LM loss, KD loss, teacher LM loss from the cached
 target log-probabilities).
 
@@ -20,7 +21,7 @@ from minitron_nemo import runtime
 from minitron_nemo.checkpoint import store
 from minitron_nemo.distill import cache
 from minitron_nemo.distill.config import DistillationConfig
-from minitron_nemo.distill.losses import _masked, balance, resolve_tp_group
+from minitron_nemo.distill.losses import _masked, balance, logits_kl_loss, resolve_tp_group
 from minitron_nemo.distill.model import token_nll
 from minitron_nemo.distill.topk_kl import bucket_kl
 from minitron_nemo.errors import UserError
@@ -88,6 +89,12 @@ def make_forward(tc: cache.TeacherCache):
 
 def _kl(kd_cfg: DistillationConfig, s, cached, mask):
     b, sl, v = s.shape
+    if "ids" not in cached:  # a whole-vocabulary cache: the online kernel, on this rank's vocabulary shard
+        group, tau = resolve_tp_group(), float(kd_cfg.logit_kl_temperature)
+        lo = (0 if group is None else torch.distributed.get_rank(group)) * v
+        teacher = cached["logp"][..., lo:lo + v] * tau  # log-probabilities at tau, as logits the kernel divides
+        return logits_kl_loss(s, teacher, mask, temperature=tau, reverse=kd_cfg.reverse_kl,
+                              chunk_size=kd_cfg.kl_chunk_size, tp_group=group).loss
     per = bucket_kl(s.reshape(b * sl, v), cached["ids"].reshape(b * sl, -1), cached["logp"].reshape(b * sl, -1),
                     float(kd_cfg.logit_kl_temperature), kd_cfg.reverse_kl, resolve_tp_group(),
                     kd_cfg.kl_chunk_size)
