@@ -3,7 +3,9 @@
     python launchers/submit.py STAGE [--config-name JOB] [--dry-run] [launcher.KEY=VALUE ...] [KEY=VALUE ...]
 
 STAGE is correct | prune | cache_teacher | distill | export | evaluate, or ``pipeline`` (correct -> prune
--> cache_teacher (when ``distill.teacher_cache`` is set) -> distill -> export -> evaluate as dependent jobs, ``--dependency=afterok:<previous id>``). ``launcher.*`` overrides
+-> cache_teacher (when ``distill.teacher_cache`` is set) -> distill -> export -> evaluate as dependent jobs, ``--dependency=afterok:<previous id>``;
+with ``stages`` in the job config, iterative compression (``minitron_nemo/stages.py``): [correct] -> NAME.prune ->
+NAME.distill per stage -> LAST.export [-> LAST.evaluate], each prune reading the previous stage's student). ``launcher.*`` overrides
 pick the launcher (``conf/launcher/*.yaml``, e.g. ``launcher=slurm_bare``) and set its keys; every other
 override is passed through to the recipe. ``--dry-run`` prints the scripts and the sbatch commands.
 Bad input (unknown stage, container on without an image, a node x GPU count that does not fit the
@@ -20,6 +22,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from minitron_nemo import outputs, schemas
+from minitron_nemo import stages as chain
 from minitron_nemo.config import compose, parse_argv, require, split_flags
 from minitron_nemo.errors import UserError, user_errors_exit
 
@@ -27,6 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("correct", "prune", "cache_teacher", "distill", "export", "evaluate")
 DEFAULT_CONFIG = "smollm2_demo"
 REQUEUE_EXIT = 85  # minitron_nemo.launch_signals.REQUEUE_EXIT: "checkpoint saved on a signal, requeue me"
+
+
+def kind(stage: str) -> str:
+    """The recipe a stage runs: ``prune`` for a chain's ``NAME.prune``; a plain stage is its own kind."""
+    return stage.rsplit(".", 1)[-1]
 
 
 def is_launcher_override(o: str) -> bool:
@@ -60,7 +68,7 @@ def check(cfg, stage: str) -> None:
     """Bad input before anything is submitted (types and ranges: ``schemas``, at compose time)."""
     L, par = cfg.launcher, cfg.get("parallel")
     gpn = int(L.gpus_per_node)
-    if par is None or stage == "export":
+    if par is None or kind(stage) == "export":
         return
     world = nodes_of(cfg, stage) * gpn
     tp, pp = int(par.tensor_model_parallel_size), int(par.pipeline_model_parallel_size)
@@ -74,7 +82,7 @@ def check(cfg, stage: str) -> None:
 
 
 def nodes_of(cfg, stage: str) -> int:
-    return 1 if stage in cfg.launcher.single_node else int(cfg.launcher.nodes)
+    return 1 if kind(stage) in cfg.launcher.single_node else int(cfg.launcher.nodes)
 
 
 def sel(cfg, key):
@@ -85,6 +93,9 @@ def recipe_args(cfg, name: str, stage: str, overrides: list) -> list:
     """The recipe's command-line arguments for ``stage`` of job config ``name``."""
     job = ["--config-name", name, *overrides]
     work = sel(cfg, "workdir")
+    if stage != kind(stage):  # a stage of an iterative chain
+        require(cfg, "workdir", "teacher.checkpoint")
+        return chain.slurm_args(cfg, name, stage, overrides)
     if stage in ("correct", "prune", "distill"):
         require(cfg, "workdir", "teacher.checkpoint")
     if stage in ("correct", "distill"):
@@ -104,9 +115,10 @@ def recipe_args(cfg, name: str, stage: str, overrides: list) -> list:
             raise UserError("the prune stage needs prune.calibration.data=TEXT_OR_PREFIX "
                             "(without it the distill stage prunes in-job)")
         flat = [f"prune.{k}={v}" for k, v in flat_items(OmegaConf.to_container(cfg.prune, resolve=True))]
-        par = [f"parallel.{k}={v}" for k, v in OmegaConf.to_container(cfg.parallel, resolve=True).items()]
+        par = [f"parallel.{k}={v}" for k, v in OmegaConf.to_container(cfg.parallel, resolve=True).items()
+               if v is not None]  # (data_parallel_size is not a key of recipes/prune.py's YAML)
         return [f"checkpoint={teacher}", f"output={cfg.student.init_checkpoint}", f"dtype={cfg.dtype}",
-                *par, *flat]
+                *par, *flat, *chain.search_args(cfg, f"{work}/prune_search")]
     if stage == "export":  # the distilled student named in the distill job's results.json
         return ["checkpoint=$(final_checkpoint)", f"output={work}/hf"]
     text = sel(cfg, "data.test_text")
@@ -125,18 +137,18 @@ def flat_items(d: dict, prefix=""):
 
 
 def quote(a: str) -> str:
-    return a if a.startswith("checkpoint=$(") else shlex.quote(a)
+    return a if "=$(final_checkpoint" in a else shlex.quote(a)
 
 
 def render(cfg, name: str, stage: str, overrides: list) -> str:
     """The sbatch script of one stage."""
     L = cfg.launcher
     nodes = nodes_of(cfg, stage)
-    tasks = 1 if stage == "export" else int(L.gpus_per_node)
+    tasks = 1 if kind(stage) == "export" else int(L.gpus_per_node)
     job = L.job_name or f"minitron-{name}-{stage}"
     logs = Path(L.logs) if Path(L.logs).is_absolute() else ROOT / L.logs
     python = L.python or ("python" if L.container is not None else sys.executable)
-    torchrun = L.mode == "torchrun" and stage != "export"
+    torchrun = L.mode == "torchrun" and kind(stage) != "export"
     sb = [f"--job-name={job}", f"--nodes={nodes}", f"--ntasks-per-node={1 if torchrun else tasks}",
           f"--output={logs}/%x-%j.out", "--open-mode=append"]
     if L.request_gpus:
@@ -157,12 +169,12 @@ def render(cfg, name: str, stage: str, overrides: list) -> str:
     else:
         srun.append(python)
     cmd = " ".join(a if "$" in a and not a.startswith("--container") else shlex.quote(a) for a in srun)
-    cmd += " " + " ".join(quote(str(a)) for a in [L.recipes[stage], *recipe_args(cfg, name, stage, overrides)])
+    cmd += " " + " ".join(quote(str(a)) for a in [L.recipes[kind(stage)], *recipe_args(cfg, name, stage, overrides)])
     env = "\n".join(f"export {k}={shlex.quote(str(v))}" for k, v in L.env.items())
     port = L.master_port or "$((20000 + SLURM_JOB_ID % 20000))"
-    final = ('final_checkpoint() { python3 -c \'import json,sys; print(json.load(open(sys.argv[1]))'
-             f'["final_checkpoint"])\' {shlex.quote(str(sel(cfg, "workdir")))}/results.json; }}\n'
-             if stage == "export" else "")
+    final = ('final_checkpoint() { python3 -c \'import json,sys; print(json.load(open(sys.argv[-1]))'  # $1 or default
+             f'["final_checkpoint"])\' {shlex.quote(str(sel(cfg, "workdir")))}/results.json "$@"; }}\n'
+             if "$(final_checkpoint" in cmd else "")
     requeue = f"""if [ "$RC" = {REQUEUE_EXIT} ] || {{ [ "$PREEMPTED" = 1 ] && [ "$RC" != 0 ]; }}; then
   if [ "${{SLURM_RESTART_COUNT:-0}}" -lt {int(L.max_requeues)} ]; then
     echo "[launcher] requeueing job $SLURM_JOB_ID; it resumes from the latest checkpoint"
@@ -198,10 +210,12 @@ echo "[launcher] ranks exited with $RC"
 """
 
 
-def plan(cfg, stage: str) -> list:
+def plan(cfg, stage: str, name: str = DEFAULT_CONFIG, overrides=()) -> list:
     """The stages to submit, with a note for each pipeline stage that is left out."""
     if stage != "pipeline":
         return [stage]
+    if sel(cfg, "stages"):  # an iterative chain
+        return chain.slurm_jobs(cfg, name, list(overrides))
     stages = []
     for s in STAGES:
         why = None
@@ -225,7 +239,7 @@ def plan(cfg, stage: str) -> list:
 @user_errors_exit
 def main(argv=None):
     stage, name, cfg, overrides, dry_run = load(sys.argv[1:] if argv is None else argv)
-    stages = plan(cfg, stage)
+    stages = plan(cfg, stage, name, overrides)
     scripts = []
     for s in stages:
         check(cfg, s)

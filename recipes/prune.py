@@ -9,6 +9,10 @@ Other targets: prune.drop_layers=[16,17] (1-INDEXED, as in NeMo), prune.target_p
 prune.target_params_ratio=0.5 (grid search, candidates.md/csv). prune.importance.load=DIR reuses saved
 scores without a calibration pass; prune.importance_only=true writes only the scores.
 
+Budget search ranked by short distillation (P1): prune.search.distill_iters=K prune.search.top_k=M distils
+the M zero-shot best K iterations each from the source, with the trainer / data / distill groups, and
+keeps the best after K (minitron_nemo/prune/rank.py; resumable in prune.search.workdir).
+
 DST is a self-describing checkpoint; DST/prune/ holds importance.safetensors, importance.json,
 importance.png (and candidates.md/csv for a budget search). Every input error is reported before any
 compute as one line (exit code 2).
@@ -21,7 +25,7 @@ from minitron_nemo.checkpoint import store
 from minitron_nemo.config import compose, dtype
 from minitron_nemo.errors import user_errors_exit
 from minitron_nemo.models.builder import build_model, count_parameters
-from minitron_nemo.prune import api, artifacts
+from minitron_nemo.prune import api, artifacts, rank
 
 
 @user_errors_exit
@@ -29,10 +33,14 @@ def main():
     cfg = compose("prune", schema=schemas.PruneJob)
     p, par, src = cfg.prune, cfg.parallel, cfg.checkpoint
     mc = store.load_model_config(src)
-    targets, _, agg, loaded = api.check_config(mc, p, par.tensor_model_parallel_size,
-                                               par.pipeline_model_parallel_size)  # before any compute
+    targets, _, agg, loaded = api.check_config(mc, p, par.tensor_model_parallel_size,  # before any compute
+                                               par.pipeline_model_parallel_size, ranked_search=rank.enabled(p))
+    plan = rank.check(cfg, targets, src, mc) if rank.enabled(p) else None
     outputs.claim_dir(cfg.output, overwrite=cfg.overwrite, sources={
-        "checkpoint": src, "prune.importance.load": p.importance.load, "prune.calibration.data": p.calibration.data})
+        "checkpoint": src, "prune.importance.load": p.importance.load, "prune.calibration.data": p.calibration.data,
+        "prune.search.workdir": plan and plan.dir})
+    if plan:
+        rank.claim(cfg, src, plan)
     params_dtype = dtype(cfg.dtype)
     runtime.init_distributed(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, cfg.seed)
     model = build_model(mc, params_dtype=params_dtype)
@@ -51,7 +59,11 @@ def main():
         runtime.shutdown()
         return
 
-    result = api.prune_from_config(model, mc, p, tok)
+    search = None
+    if plan:
+        result, search = rank.search(cfg, model, mc, src, plan)
+    else:
+        result = api.prune_from_config(model, mc, p, tok)
     new_mc = result.config
     result.meta["checkpoint"] = str(Path(src).resolve())
     ck_meta = {"pruned_from": str(Path(src).resolve()), "dtype": cfg.dtype,
@@ -59,9 +71,16 @@ def main():
                "prune": {"targets": {k: v for k, v in vars(targets).items() if v is not None},
                          "kept_layers_1indexed": [i + 1 for i in result.kept_layers],
                          "layer_criterion": p.layer_criterion, "aggregation": result.meta.get("aggregation")}}
+    if search:
+        ck_meta["prune"]["search"] = result.meta["search"]
+
+    def write_artifacts(tmp):
+        artifacts.save_artifacts(tmp / "prune", mc, result, targets, f"importance of {src}")
+        if search:
+            search.save(tmp / "prune")
+
     out = store.save_checkpoint(result.model, cfg.output, new_mc, tokenizer_src=src, meta=ck_meta,
-                                before_commit=lambda tmp: artifacts.save_artifacts(tmp / "prune", mc, result, targets,
-                                                                             f"importance of {src}"))
+                                before_commit=write_artifacts)
     msg = (f"pruned {src} -> {out}: layers {mc.num_layers}->{new_mc.num_layers}, hidden {mc.hidden_size}->"
            f"{new_mc.hidden_size}, ffn {mc.ffn_hidden_size}->{new_mc.ffn_hidden_size}, heads/groups "
            f"{mc.num_attention_heads}/{mc.num_query_groups}->{new_mc.num_attention_heads}/"

@@ -110,6 +110,7 @@ def a_shard(ckpt: Path) -> Path:
 NEMO2 = ROOT / "tests" / "fixtures" / "nemo2"
 IMPORT, EXPORT, PRUNE, EVAL = "recipes/import_hf.py", "recipes/export_hf.py", "recipes/prune.py", "recipes/evaluate.py"
 DISTILL, CORRECT, SUBMIT = "recipes/distill.py", "recipes/correct_teacher.py", "launchers/submit.py"
+COMPRESS = "recipes/compress.py"
 
 
 def distill_args(t, f, *extra):
@@ -119,6 +120,11 @@ def distill_args(t, f, *extra):
 def prune_args(t, f, *extra, ckpt=None):
     return (PRUNE, [f"checkpoint={ckpt or f.ckpt}", f"output={t / 'pruned'}", f"prune.calibration.data={f.text}",
                     "prune.target_ffn_hidden_size=64", *extra])
+
+
+def compress_args(t, f, *extra):
+    return (COMPRESS, ["--config-name", "smollm2_iterative", f"workdir={t / 'w'}", f"teacher.checkpoint={f.ckpt}",
+                       "teacher.corrected_checkpoint=null", "~model", f"prune.calibration.data={f.text}", *extra])
 
 
 def eval_args(t, f, *extra):
@@ -163,6 +169,17 @@ CASES = {
     "lr<0": (lambda t, f: distill_args(t, f, "trainer.optim.lr=-0.1"), ["trainer.optim.lr", "-0.1"]),
     "max_candidates=0": (lambda t, f: prune_args(t, f, "prune.target_ffn_hidden_size=null", "prune.target_params_ratio=0.5",
                                                  "prune.search.max_candidates=0"), ["prune.search.max_candidates", "0"]),
+    "search top_k=0": (lambda t, f: prune_args(t, f, "prune.target_ffn_hidden_size=null", "prune.target_params_ratio=0.5",
+                                               "prune.search.distill_iters=2", "prune.search.top_k=0"),
+                       ["prune.search.top_k", "0"]),
+    "search ranked by distillation without a budget": (lambda t, f: prune_args(t, f, "prune.search.distill_iters=2"),
+                                                       ["prune.search.distill_iters=2", "parameter-budget"]),
+    "compress stage name with a slash": (lambda t, f: compress_args(t, f, "stages=[{name:'a/b',prune:{target_hidden_size:32}}]"),
+                                         ["stages[0].name", "a/b"]),
+    "compress stage target larger than its source": (
+        lambda t, f: compress_args(t, f, "prune.grid=16",
+                                   "stages=[{name:a,prune:{target_hidden_size:32}},{name:b,prune:{target_hidden_size:48}}]"),
+        ["prune.target_hidden_size=48", "larger than the source hidden_size=32"]),
     "in-job prune target larger than the teacher": (lambda t, f: distill_args(t, f, "prune.target_hidden_size=4096",
                                                                             "prune.target_ffn_hidden_size=null",
                                                                             f"prune.calibration.data={f.text}"),

@@ -166,11 +166,16 @@ def search_space(p) -> SearchSpace:
                        max_candidates=int(s.max_candidates))
 
 
-def check_config(mc: ModelConfig, p, tp: int, pp: int):
+def check_config(mc: ModelConfig, p, tp: int, pp: int, ranked_search: bool = False):
     """Every check of a ``prune`` config node (conf/prune/default.yaml) that needs no compute.
+    ``ranked_search``: the caller runs ``prune.search.distill_iters`` (recipes/prune.py, ``prune/rank.py``).
 
     Returns (targets, candidate configs, aggregation, loaded (scores, meta) or None)."""
     mc.check_parallel(tp, pp)
+    if int(p.search.get("distill_iters") or 0) > 0 and not ranked_search:
+        raise UserError(f"prune.search.distill_iters={p.search.distill_iters}: the search ranked by short "
+                        f"distillation runs in recipes/prune.py; allowed: 0 here (prune with recipes/prune.py, "
+                        f"then student.checkpoint=ITS_OUTPUT)")
     t = Targets.from_cfg(OmegaConf.to_container(p, resolve=True) if OmegaConf.is_config(p) else p)
     agg = imp.Aggregation(p.importance.batch_agg, p.importance.seq_agg)
     if p.layer_criterion not in LAYER_CRITERIA:

@@ -1,0 +1,399 @@
+"""Parameter-budget search ranked by a short distillation (P1: rankings after ~300 steps of light
+retraining are reliable; zero-shot rankings are not).
+
+``prune.search.distill_iters=K`` (> 0) with ``prune.target_params(_ratio)``, in recipes/prune.py: the grid
+candidates are ranked zero-shot as before (``api.prune_model``); then the ``prune.search.top_k`` best are
+each pruned from the source and distilled K iterations from it (the source is the teacher, already in
+memory), all on the same tokens, in the same job (any TP x PP x DP), with the job's ``trainer`` /
+``data`` / ``distill`` / ``checkpointing`` groups (``trainer.train_iters`` becomes K, the warm-up is
+capped at K / 10). They are ranked by the student's LM loss on the validation data after K iterations;
+the winner, as pruned (not the short-distilled weights), is the recipe's output. Files:
+
+    SEARCH/search.json          the settings the search started with (a re-run with others stops)
+    SEARCH/zero_shot/           importance scores and the zero-shot table (a re-run skips that phase)
+    SEARCH/L<l>_H<h>_F<f>_A<a>_G<g>/
+                                one candidate's run: checkpoints/, metrics.jsonl, loss.png, and
+                                result.json once finished (a re-run skips it; an unfinished run resumes)
+    OUTPUT/prune/candidates.md|csv, search.png   both rankings; validation loss over the K iterations
+
+SEARCH is ``prune.search.workdir`` (default: ``OUTPUT_search``).
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf, open_dict
+
+from minitron_nemo import outputs, runtime
+from minitron_nemo.errors import UserError
+from minitron_nemo.models.config import ModelConfig
+from minitron_nemo.prune import api
+from minitron_nemo.prune.artifacts import load_scores, save_scores
+from minitron_nemo.prune.targets import Targets, budget, new_config
+
+SHAPE = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
+
+
+def enabled(p) -> bool:
+    return int(p.search.distill_iters) > 0
+
+
+def search_dir(cfg) -> Path:
+    return Path(cfg.prune.search.workdir or f"{str(cfg.output).rstrip('/')}_search")
+
+
+# ----------------------------------------------------------------------------- checks (no compute)
+@dataclass
+class Plan:
+    dir: Path                   # SEARCH
+    cache: object = None        # distill.teacher_cache opened (distill/offline.py), or None
+
+
+def check(cfg, targets: Targets, src, mc: ModelConfig) -> Plan:
+    """Every check of the ranked search that needs no compute (with ``distill.teacher_cache``: the
+    cache against this job, as recipes/distill.py checks it)."""
+    p, s, t, d = cfg.prune, cfg.prune.search, cfg.trainer, cfg.data
+    at = f"prune.search.distill_iters={s.distill_iters}"
+    if not targets.is_budget():
+        raise UserError(f"{at} ranks the candidates of a parameter-budget search; allowed: with "
+                        f"prune.target_params=N or prune.target_params_ratio=R")
+    if p.importance_only:
+        raise UserError(f"{at} and prune.importance_only=true; allowed: one of them")
+    if int(t.global_batch_size) % int(t.micro_batch_size):
+        raise UserError(f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "
+                        f"trainer.micro_batch_size={t.micro_batch_size}")
+    if int(d.valid_samples) < 1 or (d.source == "text" and not d.valid_text):
+        raise UserError(f"{at} ranks by validation loss; allowed: validation data (data.valid_text=FILE, "
+                        f"data.valid_blend or a data.split with a validation part) and data.valid_samples >= 1")
+    tc = None
+    if cfg.distill.get("teacher_cache"):  # the short runs read the source's cached distribution
+        from minitron_nemo.distill import offline
+        from minitron_nemo.distill.config import DistillationConfig
+
+        kd_cfg = DistillationConfig.from_dict(OmegaConf.to_container(cfg.distill, resolve=True))
+        tc = offline.open_for_job(cfg, kd_cfg, src, mc)
+    return Plan(search_dir(cfg), tc)
+
+
+def fingerprint(cfg, src) -> dict:
+    """What a search's results depend on (``top_k`` is left out: a re-run may extend the search)."""
+    c = OmegaConf.to_container(cfg, resolve=True)
+    prune = {k: v for k, v in c["prune"].items() if k != "search"}
+    search = {k: v for k, v in c["prune"]["search"].items() if k not in ("top_k", "workdir")}
+    trainer = {k: v for k, v in c["trainer"].items() if k not in ("tensorboard", "peak_tflops")}
+    return {"checkpoint": str(Path(src).resolve()), "prune": prune, "search": search, "trainer": trainer,
+            "data": c["data"], "distill": c["distill"], "checkpointing": c["checkpointing"],
+            "parallel": c["parallel"], "dtype": c["dtype"], "seed": c["seed"]}
+
+
+def first_difference(a, b, at=""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            d = first_difference(a.get(k), b.get(k), f"{at}.{k}" if at else k)
+            if d:
+                return d
+        return None
+    return None if a == b else f"{at}: {a!r} -> {b!r}"
+
+
+def claim(cfg, src, plan: Plan) -> None:
+    """Claim (create, mark, lock) the search directory; a re-run must use the same settings."""
+    sdir = plan.dir
+    outputs.claim_workdir(sdir, key="prune.search.workdir", sources={"checkpoint": src})
+    f, now = sdir / "search.json", fingerprint(cfg, src)
+    if f.is_file():
+        diff = first_difference(json.loads(f.read_text()), now)
+        if diff:
+            raise UserError(f"prune.search.workdir={sdir} holds a search started with other settings ({diff}); "
+                            f"allowed: the same settings, or another prune.search.workdir")
+    elif _rank_env() == 0:  # before torch.distributed starts
+        outputs.write_text_atomic(f, json.dumps(now, indent=1))
+
+
+def _rank_env() -> int:
+    import os
+
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+# ----------------------------------------------------------------------------- zero-shot phase
+def zero_shot(cfg, model, mc: ModelConfig, tok, sdir: Path) -> tuple[dict, dict, list]:
+    """(scores, importance meta, zero-shot table best first): computed once, then read from SEARCH/zero_shot."""
+    from megatron.core import parallel_state as ps
+
+    p, cache = cfg.prune, sdir / "zero_shot"
+    if (cache / "table.json").is_file():
+        scores, meta = load_scores(cache, mc)
+        runtime.print0(f"[search] zero-shot ranking and importance read from {cache}")
+        return scores, meta, json.loads((cache / "table.json").read_text())
+    t, _, agg, loaded = api.check_config(mc, p, ps.get_tensor_model_parallel_world_size(),
+                                         ps.get_pipeline_model_parallel_world_size(), ranked_search=True)
+    batches, loss_batches, eval_batches = api.calibration_batches(mc, p, tok, True)
+    scores, meta = api.config_scores(model, mc, p, batches, agg, loaded)
+    r = api.prune_model(model, mc, t, scores=scores, layer_criterion=p.layer_criterion, loss_batches=loss_batches,
+                        eval_batches=eval_batches, search=api.search_space(p))
+    table = r.candidates
+    del r
+    gc.collect()
+    if runtime.is_rank0():  # scores now hold every depth score the candidates need
+        save_scores(cache, scores, meta)
+        outputs.write_text_atomic(cache / "table.json", json.dumps(table, indent=1))
+    _barrier()
+    return scores, meta, table
+
+
+def candidate_config(mc: ModelConfig, row: dict) -> ModelConfig:
+    return new_config(mc, Targets(target_num_layers=row["num_layers"], target_hidden_size=row["hidden_size"],
+                                  target_ffn_hidden_size=row["ffn_hidden_size"],
+                                  target_num_attention_heads=row["num_attention_heads"],
+                                  target_num_query_groups=row["num_query_groups"])).validate()
+
+
+def candidate_name(row: dict) -> str:
+    return "L{num_layers}_H{hidden_size}_F{ffn_hidden_size}_A{num_attention_heads}_G{num_query_groups}".format(**row)
+
+
+# ----------------------------------------------------------------------------- one short run
+def short_trainer(cfg):
+    """The job's trainer group with ``train_iters`` = K, the warm-up capped at K / 10 and the search's
+    validation interval (validation at 0, every interval and at K)."""
+    k = int(cfg.prune.search.distill_iters)
+    t = OmegaConf.create(OmegaConf.to_container(cfg.trainer, resolve=True))
+    with open_dict(t):
+        t.train_iters, t.train_tokens = k, None
+        t.warmup_iters = min(int(t.warmup_iters), k // 10)
+        t.eval_interval = int(cfg.prune.search.eval_interval or max(1, math.ceil(k / 4)))
+    return t
+
+
+@dataclass
+class Data:
+    """The tokens every candidate trains and is validated on (and the teacher cache, if any)."""
+    train: object
+    valid: list
+    seq: int
+    cache: object = None
+
+
+def build_data(cfg, tok, plan: Plan) -> Data:
+    from minitron_nemo.training import data as tdata
+
+    t = short_trainer(cfg)
+    samples = int(t.train_iters) * int(t.global_batch_size)
+    train_ds, valid_ds = tdata.build(cfg.data, tok, plan.dir, samples, cfg.seed)
+    valid = tdata.valid_batches(valid_ds, int(t.micro_batch_size), int(cfg.data.valid_samples))
+    if not valid:
+        raise UserError("the distillation-ranked search ranks by validation loss, and the data has none; allowed: "
+                        "data.valid_text=FILE, data.valid_blend, or a data.split with a validation part")
+    if plan.cache is not None:
+        from minitron_nemo.distill import offline
+
+        offline.check_data(plan.cache, offline.sample_counts(cfg, train_ds, valid_ds, samples), train_ds, valid_ds)
+        valid = offline.tag_valid(valid)
+    return Data(tdata.train_iterator(train_ds, int(t.micro_batch_size)), valid, int(cfg.data.seq_length), plan.cache)
+
+
+def kd_pieces(kd_cfg, ddp, teacher, s_mc, t_mc, cache=None):
+    """(chunk, forward, loss, valid_loss) of a distillation step, as recipes/distill.py assembles them:
+    the in-memory teacher, or its cached distribution (``distill.teacher_cache``)."""
+    if cache is not None:
+        from minitron_nemo.distill import offline
+
+        return (ddp, offline.make_forward(cache), lambda b, o: offline.loss(kd_cfg, b, o),
+                lambda b, o: offline.valid_loss(kd_cfg, b, o))
+    from minitron_nemo.distill import model as kd
+
+    return (kd.KDStage(ddp, teacher, s_mc, t_mc, kd_cfg), kd.kd_forward, lambda b, o: kd.kd_loss(kd_cfg, b, o),
+            lambda b, o: kd.kd_valid_loss(kd_cfg, b, o))
+
+
+def distill_candidate(cfg, teacher, t_mc: ModelConfig, student, s_mc: ModelConfig, data: Data, work: Path,
+                      src) -> None:
+    """Distil ``student`` K iterations from ``teacher`` in ``work`` (resuming from its checkpoints)."""
+    from minitron_nemo.config import dtype
+    from minitron_nemo.distill import model as kd
+    from minitron_nemo.distill.config import DistillationConfig
+    from minitron_nemo.training import optim
+    from minitron_nemo.training.loop import Trainer
+    from minitron_nemo.training.metrics import flops_per_token
+
+    t, params_dtype = short_trainer(cfg), dtype(cfg.dtype)
+    kd_cfg = DistillationConfig.from_dict(OmegaConf.to_container(cfg.distill, resolve=True))
+    torch.manual_seed(int(cfg.seed))  # the same start for every candidate (e.g. the KD projection)
+    kd.attach_projection(student, s_mc, t_mc, kd_cfg, params_dtype)
+    dist_opt = optim.use_distributed_optimizer(bool(t.optim.use_distributed_optimizer))
+    ddp = optim.wrap_ddp(student, distributed_optimizer=dist_opt)
+    optimizer = optim.build_optimizer(ddp, t.optim, params_dtype, dist_opt)
+    scheduler = optim.build_scheduler(optimizer, t.optim, int(t.train_iters), int(t.warmup_iters))
+    gbs = int(t.global_batch_size)
+    chunk, fwd, loss, valid_loss = kd_pieces(kd_cfg, ddp, teacher, s_mc, t_mc, data.cache)
+    flops = (flops_per_token(s_mc, data.seq, True) + (data.cache is None) * flops_per_token(t_mc, data.seq, False)) \
+        * gbs * data.seq
+    trainer = Trainer(chunk=chunk, ddp=ddp, optimizer=optimizer, scheduler=scheduler, mc=s_mc,
+                      train_batches=data.train, valid_batches=data.valid, forward=fwd, loss=loss,
+                      valid_loss=valid_loss, tcfg=t, ccfg=cfg.checkpointing, workdir=work,
+                      train_iters=int(t.train_iters), num_microbatches=optim.batch_layout(int(t.micro_batch_size), gbs),
+                      global_batch_size=gbs, seq_length=data.seq, flops_per_step=flops, tokenizer_src=src,
+                      meta={"distilled_from": str(src), "search_candidate": work.name})
+    trainer.resume()
+    trainer.fit()
+
+
+def valid_curve(work: Path) -> list:
+    """[[iteration, student validation LM loss], ...] from the run's metrics.jsonl (latest per iteration)."""
+    from minitron_nemo.eval.report import valid_curve as curve
+
+    its, losses = curve(work / "metrics.jsonl", "student_lm")
+    return [[i, v] for i, v in zip(its, losses)]
+
+
+def run_candidate(cfg, teacher, mc: ModelConfig, row: dict, scores: dict, data: Data, sdir: Path, src) -> dict:
+    """One candidate's result (``SEARCH/<name>/result.json``), trained now unless already finished."""
+    from minitron_nemo.training.state import agree
+
+    work = sdir / candidate_name(row)
+    done = work / "result.json"
+    if agree(done.is_file()):
+        runtime.print0(f"[search] {work.name}: finished earlier ({done}); not retrained")
+        return json.loads(done.read_text())
+    outputs.claim_workdir(work, key="prune.search candidate workdir", lock=False)
+    c_mc = candidate_config(mc, row)
+    runtime.print0(f"[search] {work.name}: zero-shot rank {row['rank']}, {row['params']:,} params; distilling "
+                   f"{cfg.prune.search.distill_iters} iterations")
+    student, _ = api.prune_to(teacher, mc, c_mc, scores, layer_criterion=cfg.prune.layer_criterion,
+                              progress=False)
+    distill_candidate(cfg, teacher, mc, student, c_mc, data, work, src)
+    del student
+    gc.collect()
+    if runtime.is_rank0():
+        curve = valid_curve(work)
+        res = {"name": work.name, **{k: row[k] for k in (*SHAPE, "params")}, "zero_shot_rank": row["rank"],
+               "zero_shot_loss": row["loss"], "distill_iters": int(cfg.prune.search.distill_iters),
+               "valid_curve": curve, "valid_loss_start": curve[0][1] if curve and curve[0][0] == 0 else None,
+               "valid_loss_end": curve[-1][1]}
+        outputs.write_text_atomic(done, json.dumps(res, indent=1))
+    _barrier()
+    return json.loads(done.read_text())
+
+
+def _barrier():
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- the search
+@dataclass
+class Outcome:
+    """Both rankings: ``rows`` (every zero-shot candidate, distilled ones first by final rank), the
+    distilled candidates' validation curves, the budget and K."""
+    rows: list
+    curves: dict = field(default_factory=dict)
+    budget: int = 0
+    iters: int = 0
+
+    @property
+    def winner(self) -> dict:
+        return self.rows[0]
+
+    def save(self, out_dir) -> None:
+        if runtime.is_rank0():
+            write_table(out_dir, self)
+            plot_curves(out_dir / "search.png", self)
+
+
+def ranked_rows(table: list, results: list) -> list:
+    """The zero-shot table with each distilled candidate's losses after 0 and K iterations and its
+    final rank (by the loss after K; ties by zero-shot rank); distilled candidates first."""
+    by_name = {r["name"]: r for r in results}
+    order = sorted(results, key=lambda r: (r["valid_loss_end"], r["zero_shot_rank"]))
+    final = {r["name"]: i + 1 for i, r in enumerate(order)}
+    rows = []
+    for z in table:
+        r = by_name.get(candidate_name(z), {})
+        rows.append({"rank": final.get(candidate_name(z), ""), "zero_shot_rank": z["rank"],
+                     **{k: z[k] for k in SHAPE}, "params": z["params"], "zero_shot_loss": z["loss"],
+                     "valid_loss_start": r.get("valid_loss_start", ""), "valid_loss_end": r.get("valid_loss_end", "")})
+    return sorted(rows, key=lambda x: (x["rank"] == "", x["rank"] or 0, x["zero_shot_rank"]))
+
+
+def search(cfg, model, mc: ModelConfig, src, plan: Plan) -> tuple[api.PruneResult, Outcome]:
+    """The ranked search on the loaded source ``model`` (every rank); returns the winner, pruned, and
+    both rankings."""
+    from minitron_nemo.checkpoint import store
+
+    tok, sdir = store.tokenizer_dir(src), plan.dir
+    p, k = cfg.prune, int(cfg.prune.search.distill_iters)
+    scores, meta, table = zero_shot(cfg, model, mc, tok, sdir)
+    top = table[: int(p.search.top_k)]
+    runtime.print0(f"[search] distilling the {len(top)} best of {len(table)} candidates by zero-shot loss, "
+                   f"{k} iterations each, from {src}")
+    data = build_data(cfg, tok, plan)
+    results = [run_candidate(cfg, model, mc, row, scores, data, sdir, src) for row in top]
+    outcome = Outcome(ranked_rows(table, results), {r["name"]: r["valid_curve"] for r in results},
+                      budget(mc, Targets.from_cfg(p)), k)
+    for r in outcome.rows[: len(top)]:
+        runtime.print0(f"[search] rank {r['rank']} (zero-shot {r['zero_shot_rank']}): {candidate_name(r)} "
+                       f"params={r['params']} zero-shot loss {r['zero_shot_loss']:.4f}, validation loss "
+                       f"{r['valid_loss_start']:.4f} -> {r['valid_loss_end']:.4f} after {k} iterations")
+    win_mc = candidate_config(mc, outcome.winner)
+    new_model, kept = api.prune_to(model, mc, win_mc, scores, layer_criterion=p.layer_criterion, progress=False)
+    meta = {**meta, "search": {"distill_iters": k, "top_k": len(top), "workdir": str(sdir.resolve()),
+                               "winner": candidate_name(outcome.winner),
+                               "winner_zero_shot_rank": outcome.winner["zero_shot_rank"]}}
+    return api.PruneResult(new_model, win_mc, scores, kept, meta=meta), outcome
+
+
+# ----------------------------------------------------------------------------- artifacts
+def write_table(out_dir, o: Outcome) -> None:
+    """``candidates.csv`` and ``candidates.md``: both rankings, best after K first."""
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    cols = list(o.rows[0])
+    with open(d / "candidates.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(o.rows)
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    n = sum(1 for r in o.rows if r["rank"] != "")
+    lines = [f"# Pruning candidates (budget {o.budget} params)", "",
+             f"Ranked by the student's validation LM loss after a {o.iters}-iteration distillation from the "
+             f"source (`rank`, the {n} best by zero-shot calibration loss), and zero shot (`zero_shot_rank`). "
+             f"`valid_loss_start` / `valid_loss_end`: validation loss before / after the {o.iters} iterations.", "",
+             "| " + " | ".join(cols + ["params/budget"]) + " |", "|" + "---|" * (len(cols) + 1)]
+    for r in o.rows:
+        lines.append("| " + " | ".join(fmt(r[c]) for c in cols) + f" | {r['params'] / o.budget:.3f} |")
+    (d / "candidates.md").write_text("\n".join(lines) + "\n")
+
+
+def plot_curves(path, o: Outcome) -> None:
+    """Each distilled candidate's validation loss over the K iterations (the winner drawn thicker)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in o.rows:
+        name = candidate_name(r)
+        if name not in o.curves:
+            continue
+        x, y = zip(*o.curves[name]) if o.curves[name] else ((), ())
+        ax.plot(x, y, "o-", markersize=3, lw=2.5 if r is o.winner else 1,
+                label=f"{name} ({r['params'] / 1e6:.2f}M): rank {r['rank']}, zero-shot {r['zero_shot_rank']}")
+    ax.set_xlabel("distillation iteration")
+    ax.set_ylabel("validation loss (nats)")
+    ax.set_title(f"budget search: the zero-shot best, distilled {o.iters} iterations each", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

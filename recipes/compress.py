@@ -1,0 +1,78 @@
+"""Iterative compression in one command: teacher correction (when configured), then every stage of the
+job config's ``stages`` list: prune the stage's source (recipes/prune.py), distil the student
+(recipes/distill.py); each stage's distilled student is the next stage's pruning source.
+
+    python recipes/compress.py --config-name smollm2_iterative            # SmolLM2-135M -> ~90M -> ~45M, CPU
+    python recipes/compress.py --config-name minitron_8b_4b_iterative teacher.checkpoint=... data.blend=...
+
+The stages format and folders: ``minitron_nemo/stages.py`` (WORKDIR/stages/NAME/{pruned,distill,search}).
+A re-run skips the finished stages (their distill/results.json exists) and resumes the unfinished one.
+The recipes run as subprocesses, under ``torchrun --nproc_per_node=N`` when the parallel layout needs
+N = TP x PP x DP > 1 processes (DP: ``parallel.data_parallel_size``, default 1). Command-line overrides
+apply to every stage; a stage's own ``overrides`` win. Per-stage parameters, tokens and held-out
+perplexities: WORKDIR/stages/summary.json. Bad input is one line, exit code 2, before anything runs.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from minitron_nemo import outputs, schemas
+from minitron_nemo import stages as chain
+from minitron_nemo.checkpoint import store
+from minitron_nemo.config import compose, parse_argv, split_flags
+from minitron_nemo.errors import user_errors_exit
+
+RECIPES = Path(__file__).resolve().parent
+DEFAULT_CONFIG = "smollm2_iterative"
+
+
+def run(script: str, args: list, n: int) -> None:
+    """One recipe in a subprocess (torchrun for n > 1); its failure ends the chain with its exit code."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"] if n > 1 \
+        else [sys.executable]
+    print(f"[compress] {script} {' '.join(args)}", flush=True)
+    p = subprocess.run([*launch, str(RECIPES / script), *map(str, args)])
+    if p.returncode != 0:
+        print(f"[compress] {script} exited with {p.returncode}; re-run the same command to resume", flush=True)
+        sys.exit(p.returncode)
+
+
+def print_summary(rows: list) -> None:
+    print(f"\n{'stage':<12} {'params':>12} {'tokens':>12} {'ppl zero-shot':>14} {'ppl distilled':>14}", flush=True)
+    for r in rows:
+        print(f"{r['stage']:<12} {r['params']:>12,} {r['train_tokens']:>12,} {r['student_zero_shot']:>14.3f} "
+              f"{r['student_distilled']:>14.3f}", flush=True)
+
+
+@user_errors_exit
+def main():
+    cfg = compose(DEFAULT_CONFIG, schema=schemas.TrainingJob)
+    name, cli = parse_argv(split_flags(sys.argv[1:])[1], DEFAULT_CONFIG)
+    stages = chain.plan(cfg, name, cli)                      # every check, before anything runs
+    work = Path(cfg.workdir).resolve()
+    outputs.claim_workdir(work, sources={"teacher.checkpoint": cfg.teacher.checkpoint}, lock=False)
+    outputs.claim_workdir(work / "stages", key="the stages folder")  # locked: one chain at a time
+    n = chain.nproc(cfg)
+    corrected = cfg.teacher.corrected_checkpoint
+    if corrected and not store.is_checkpoint(corrected):
+        run("correct_teacher.py", ["--config-name", name, *cli], n)
+    for st in stages:
+        if st.finished:
+            print(f"[compress] stage {st.name}: finished ({st.results}); skipped", flush=True)
+            continue
+        chain.record(st)
+        src = chain.source(cfg, stages, st)
+        print(f"[compress] stage {st.index + 1}/{len(stages)} {st.name}: prune {src}, teacher {st.teacher}", flush=True)
+        if not store.is_checkpoint(st.pruned):
+            run("prune.py", chain.prune_args(cfg, st, src), n)
+        run("distill.py", chain.distill_args(cfg, name, cli, st, src), n)
+    rows = chain.summary(stages)
+    outputs.write_text_atomic(work / "stages" / "summary.json", json.dumps(rows, indent=1))
+    print_summary(rows)
+    print(f"[compress] done; the last stage's student: {rows[-1]['final_checkpoint']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
