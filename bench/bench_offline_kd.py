@@ -12,8 +12,10 @@ DDP, optimizer):
 The three are interleaved for ``--rounds`` rounds of ``--steps`` steps; ratios are per round, reported
 as median [min, max]. Cache writing (teacher forward + top-K + shard write) is interleaved the same
 way with a plain teacher forward over the same samples. Peak memory: the peak resident set of a fresh
-process that builds the models a mode needs and takes steps (``ru_maxrss``; on GPU also
-``max_memory_allocated``). Bytes per token: the files of caches written for K = 8, 64, 512.
+process that builds the models a mode needs and takes two steps: the resident memory added above the
+process after its imports (the peak counter is reset after them: imports alone set the peak, alike for
+every mode); on GPU also
+``max_memory_allocated``. Bytes per token: the files of caches written for K = 8, 64, 512.
 """
 
 import argparse
@@ -110,10 +112,34 @@ def summary(xs):
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
 
+def _status_kib(field: str) -> int:
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now."""
+    return _status_kib("VmRSS") * 1024
+
+
+def reset_peak_rss():
+    """Reset the kernel's peak resident set (VmHWM) of this process to its current RSS."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set since the last ``reset_peak_rss``."""
+    return _status_kib("VmHWM") * 1024
+
+
 def memory_child(a):
-    """One mode in this (fresh) process: build what it needs, take steps, report the peak."""
+    """One mode in this (fresh) process: build what it needs, take two steps, report the peak resident memory
+    above the process after its imports (the peak of the whole process is set by imports, alike for every
+    mode, so the kernel's peak counter is reset once they are done)."""
     runtime.init_distributed(1, 1)
     data = samples(4 * a.mbs, a.seq)
+    base = rss_bytes()
+    reset_peak_rss()
     tc = cache.TeacherCache(a.cache_dir) if a.memory == "offline" else None
     teacher = None
     if a.memory == "online":
@@ -122,8 +148,10 @@ def memory_child(a):
     step = trainer_parts(a.memory, teacher, tc)
     for _ in range(2):
         step(batches_of(data, a.mbs))
+    added = peak_rss_bytes() - base
     gpu = None if runtime.cpu_mode() else torch.cuda.max_memory_allocated()
-    print(json.dumps({"rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "gpu_bytes": gpu}))
+    print(json.dumps({"rss_added_bytes": added, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                      * 1024, "gpu_bytes": gpu}))
     runtime.shutdown()
 
 
@@ -205,7 +233,8 @@ def main():
           f"({res['cache_write_tokens_per_s']['median']:,.0f} vs {res['teacher_forward_tokens_per_s']['median']:,.0f} tokens/s)")
     for m in MODES:
         g = mem[m]["gpu_bytes"]
-        print(f"  peak memory {m:<8} RSS {mem[m]['rss_bytes'] / 2**20:,.0f} MiB" + (f", GPU {g / 2**20:,.0f} MiB" if g else ""))
+        print(f"  memory {m:<8} peak resident during 2 steps, above the process after imports: "
+              f"{mem[m]['rss_added_bytes'] / 2**20:,.0f} MiB" + (f"; GPU peak {g / 2**20:,.0f} MiB" if g else ""))
     for k, s in sizes.items():
         print(f"  K={k:<4} {s['bytes_per_token_files']:.0f} bytes/token (bf16 log-probs, uint16 ids)")
     if a.out:
