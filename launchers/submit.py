@@ -75,6 +75,10 @@ def check(cfg, stage: str) -> None:
     if world % (tp * pp):
         raise UserError(f"{nodes_of(cfg, stage)} nodes x {gpn} GPUs = {world} ranks is not divisible by "
                         f"TP x PP = {tp}x{pp}; change launcher.nodes/gpus_per_node or parallel.*")
+    ep = int(par.get("expert_model_parallel_size") or 1)
+    if world % (tp * pp * ep):
+        raise UserError(f"{nodes_of(cfg, stage)} nodes x {gpn} GPUs = {world} ranks is not divisible by "
+                        f"TP x PP x EP = {tp}x{pp}x{ep}; change launcher.nodes/gpus_per_node or parallel.*")
     dp = par.get("data_parallel_size")
     if dp is not None and world != tp * pp * int(dp):
         raise UserError(f"{nodes_of(cfg, stage)} nodes x {gpn} GPUs = {world} ranks but TP x PP x DP = "

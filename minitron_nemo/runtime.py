@@ -167,6 +167,34 @@ def enable_cpu_mode() -> None:
     mode = _CudaToCpu()
     mode.__enter__()
     _MODE_STACK = mode
+    # The mode is thread-local state that autograd does not carry into custom Functions' backward
+    # (Megatron's MoE dispatchers allocate "CUDA" buffers there): run each of them under it too.
+    _backward_under_mode(torch.autograd.function.BackwardCFunction)
+    dist.all_to_all_single = _all_to_all_single_with_list_splits(dist.all_to_all_single)
+
+
+def _backward_under_mode(cls) -> None:
+    apply = cls.apply
+
+    def apply_on_cpu(self, *args):
+        with _CudaToCpu():
+            return apply(self, *args)
+
+    cls.apply = apply_on_cpu
+
+
+def _all_to_all_single_with_list_splits(fn):
+    """Megatron's all-to-all token dispatcher passes its split sizes as CPU tensors (NCCL's binding takes
+    them); gloo's binding takes only sequences of ints."""
+
+    def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, *args, **kwargs):
+        if isinstance(output_split_sizes, torch.Tensor):
+            output_split_sizes = output_split_sizes.tolist()
+        if isinstance(input_split_sizes, torch.Tensor):
+            input_split_sizes = input_split_sizes.tolist()
+        return fn(output, input, output_split_sizes, input_split_sizes, *args, **kwargs)
+
+    return all_to_all_single
 
 
 def _free_port() -> int:
@@ -188,8 +216,11 @@ def _env_from_slurm() -> None:
 
 
 def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
-                     seed: int = 1234, timeout_minutes: int = 30) -> None:
-    """Initialise torch.distributed (torchrun, srun or a single process) and Megatron parallel state."""
+                     seed: int = 1234, timeout_minutes: int = 30, expert_model_parallel_size: int = 1) -> None:
+    """Initialise torch.distributed (torchrun, srun or a single process) and Megatron parallel state.
+
+    Experts are split over ``expert_model_parallel_size`` ranks and each expert over the TP ranks
+    (Megatron-Core's default expert tensor parallelism)."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -212,14 +243,26 @@ def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_paralle
 
         raise UserError(f"world size {world} is not divisible by tensor x pipeline parallel "
                         f"{tensor_model_parallel_size}x{pipeline_model_parallel_size}")
+    if world % (mp * expert_model_parallel_size) != 0:
+        from minitron_nemo.errors import UserError
+
+        raise UserError(f"world size {world} is not divisible by tensor x pipeline x expert parallel "
+                        f"{tensor_model_parallel_size}x{pipeline_model_parallel_size}x{expert_model_parallel_size}")
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
+        expert_model_parallel_size=expert_model_parallel_size,
     )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
+
+
+def init_parallel(par, seed: int = 1234) -> None:
+    """``init_distributed`` from a job's ``parallel`` group."""
+    init_distributed(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed,
+                     expert_model_parallel_size=getattr(par, "expert_model_parallel_size", 1) or 1)
 
 
 def shutdown() -> None:

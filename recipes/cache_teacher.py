@@ -75,7 +75,7 @@ def main():
         runtime.print0(f"[cache] {root} is complete; nothing to do")
         return
 
-    runtime.init_distributed(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, cfg.seed)
+    runtime.init_parallel(par, cfg.seed)
     t0 = time.time()
     if runtime.is_rank0():
         cache.clean_partial(root)

@@ -52,7 +52,7 @@ def main():
     outputs.claim_dir(out, key="teacher.corrected_checkpoint", overwrite=cfg.overwrite,
                       sources={"teacher.checkpoint": src, "correction.workdir": work}, within={"workdir": cfg.workdir})
 
-    runtime.init_distributed(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, cfg.seed)
+    runtime.init_parallel(par, cfg.seed)
     t0 = time.time()
     model = build_model(mc, params_dtype=params_dtype, sequence_parallel=bool(par.sequence_parallel))
     if store.is_checkpoint(src):

@@ -111,7 +111,7 @@ def main():
         outputs.claim_dir(cfg.student.init_checkpoint, key="student.init_checkpoint", overwrite=cfg.overwrite,
                           sources={"teacher": t_path}, within={"workdir": work})
 
-    runtime.init_distributed(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, cfg.seed)
+    runtime.init_parallel(par, cfg.seed)
     from megatron.core import parallel_state as ps
 
     t0 = time.time()

@@ -103,7 +103,7 @@ def main():
             raise UserError("eval.backend=transformers needs an HF directory; export the checkpoint first")
         result.update(ppl.hf_perplexity(cfg.checkpoint, windows(cfg), ev.micro_batch_size, dtype(cfg.dtype)))
     elif ev.perplexity:
-        runtime.init_distributed(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, cfg.seed)
+        runtime.init_parallel(par, cfg.seed)
         model = store.load_model(cfg.checkpoint, mc, dtype(cfg.dtype))
         result.update(ppl.megatron_perplexity(model, windows(cfg), ev.micro_batch_size))
     result.update(recipe=RECIPE, backend=ev.backend, seq_length=ev.seq_length, text_file=str(ev.text_file),

@@ -31,7 +31,7 @@ def main():
     params_dtype = dtype(cfg.dtype)
     store.HFWeights(src)  # fail early on a directory without (complete) weights
     outputs.claim_dir(cfg.output, sources={"source": src}, overwrite=cfg.overwrite)
-    runtime.init_distributed(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, cfg.seed)
+    runtime.init_parallel(par, cfg.seed)
     model = build_model(mc, params_dtype=params_dtype)
     store.load_hf_into_model(model, src, mc)
     store.save_checkpoint(model, cfg.output, mc, tokenizer_src=src,

@@ -34,7 +34,7 @@ def main():
     mc.check_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size)
     params_dtype = dtype(cfg.dtype)
     outputs.claim_dir(cfg.output, sources={"source": src}, overwrite=cfg.overwrite)
-    runtime.init_distributed(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, cfg.seed)
+    runtime.init_parallel(par, cfg.seed)
     model = build_model(mc, params_dtype=params_dtype)
     nemo2.load_nemo2_into_model(model, src, mc, weights)
     tok = nemo2.tokenizer_dir(src)

@@ -42,7 +42,7 @@ def main():
     if plan:
         rank.claim(cfg, src, plan)
     params_dtype = dtype(cfg.dtype)
-    runtime.init_distributed(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, cfg.seed)
+    runtime.init_parallel(par, cfg.seed)
     model = build_model(mc, params_dtype=params_dtype)
     store.load_weights(model, src)
     tok = store.tokenizer_dir(src)

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("llama", "mistral", "qwen2", "nemotron")
+FAMILIES = ("llama", "mistral", "qwen2", "nemotron", "qwen3")
+MOE_FAMILIES = ("qwen3_moe", "mixtral")
 
 
 def hf_config(family: str):
@@ -25,6 +26,18 @@ def hf_config(family: str):
         return tf.Qwen2Config(**common, tie_word_embeddings=False, rope_theta=1e6)
     if family == "nemotron":
         return tf.NemotronConfig(**common, tie_word_embeddings=False, partial_rotary_factor=0.5)
+    if family == "qwen3":
+        return tf.Qwen3Config(**common, tie_word_embeddings=True, rope_theta=1e6)
+    # Four experts, top-2. Qwen3-MoE without norm_topk_prob (softmax over all experts, top-2 not
+    # renormalised); Mixtral renormalises (softmax over the top-2 logits).
+    if family == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**common, tie_word_embeddings=False, rope_theta=1e6, num_experts=4,
+                                 num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=False,
+                                 router_aux_loss_coef=0.01)
+    if family == "mixtral":
+        return tf.MixtralConfig(**{**common, "intermediate_size": 48}, tie_word_embeddings=False,
+                                rope_theta=1e6, num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
+                                router_aux_loss_coef=0.02)
     raise ValueError(family)
 
 

@@ -1,11 +1,13 @@
-"""Hugging Face <-> Megatron-Core conversion for Llama, Mistral, Qwen2 and Nemotron.
+"""Hugging Face <-> Megatron-Core conversion for Llama, Mistral, Qwen2, Qwen3, Nemotron, and the
+mixture-of-experts Qwen3-MoE and Mixtral.
 
 Weights move through one *canonical* layout: Megatron-Core's local-spec names at TP=1 with global
 layer numbers (``decoder.layers.{i}.self_attention.linear_qkv.weight``, ...).
 * ``hf_to_canonical`` / ``canonical_to_hf`` are pure renames and re-packs (fused QKV per query group
-  ``[q_1..q_h, k, v]``, SwiGLU ``linear_fc1 = [gate; up]``, vocab padding).
-* ``shard_for_rank`` cuts a canonical layer set into one rank's tensor/pipeline shard, so import runs
-  at any TP x PP without any rank holding more than its own shard on the model.
+  ``[q_1..q_h, k, v]``, SwiGLU ``linear_fc1 = [gate; up]``, vocab padding; experts as
+  ``mlp.experts.local_experts.{e}`` with global ``e``, the router as ``mlp.router.weight``).
+* ``hf_to_local_state_dict`` cuts a canonical layer set into one rank's tensor/pipeline/expert shard, so
+  import runs at any TP x PP x EP without any rank reading more than its own shard.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Callable, Dict
 import torch
 
 from minitron_nemo.errors import UserError
+from minitron_nemo.models import moe
 from minitron_nemo.models.config import ModelConfig
 
 ARCHITECTURES = {
@@ -24,6 +27,9 @@ ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "NemotronForCausalLM": "nemotron",
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "MixtralForCausalLM": "mixtral",
 }
 FAMILY_TO_ARCH = {v: k for k, v in ARCHITECTURES.items()}
 _LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -64,13 +70,19 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         raise UserError("attention_bias/mlp_bias=true is not supported for Llama/Mistral; allowed: false")
     if family == "nemotron" and (hf.get("attention_bias") or hf.get("mlp_bias")):
         raise UserError("attention_bias/mlp_bias=true is not supported for Nemotron; allowed: false")
-    if family == "qwen2" and hf.get("use_sliding_window"):
-        raise UserError("use_sliding_window=true is not supported for Qwen2; allowed: false")
+    if family in ("qwen2", "qwen3", "qwen3_moe") and hf.get("use_sliding_window"):
+        raise UserError(f"use_sliding_window=true is not supported for {arch}; allowed: false")
+    if family in ("qwen3", "qwen3_moe", "mixtral") and hf.get("attention_bias"):
+        raise UserError(f"attention_bias=true is not supported for {arch}; allowed: false")
+    if family == "mixtral" and hf.get("sliding_window") is not None:
+        raise UserError(f"sliding_window={hf['sliding_window']} is not supported for Mixtral; allowed: null "
+                        f"(full attention)")
     act = hf.get("hidden_act", "silu")
     want = "relu2" if family == "nemotron" else "silu"
     if act != want:
         raise UserError(f"hidden_act={act!r} is not supported for {arch}; allowed: {want}")
     nemotron = family == "nemotron"
+    experts = _moe_from_hf(hf, family, arch)
     return ModelConfig(
         family=family,
         num_layers=hf["num_hidden_layers"],
@@ -91,7 +103,33 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         rotary_percent=float(rope.get("partial_rotary_factor", 1.0)),
         rope_scaling_factor=scaling,
         share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", False)),
+        qk_layernorm=family in ("qwen3", "qwen3_moe"),
+        **experts,
     ).validate()
+
+
+def _moe_from_hf(hf: dict, family: str, arch: str) -> dict:
+    """The MoE fields of ``ModelConfig`` from a Qwen3-MoE or Mixtral ``config.json`` ({} otherwise).
+
+    Routing: Mixtral takes the softmax over the top-k router logits; Qwen3-MoE the softmax over all
+    experts, then the top-k, renormalised only with ``norm_topk_prob`` (the same as Mixtral's then)."""
+    if family not in ("qwen3_moe", "mixtral"):
+        return {}
+    experts = hf.get("num_experts", hf.get("num_local_experts"))
+    if family == "qwen3_moe":
+        if int(hf.get("decoder_sparse_step", 1)) != 1 or hf.get("mlp_only_layers"):
+            raise UserError(f"decoder_sparse_step={hf.get('decoder_sparse_step')} / mlp_only_layers="
+                            f"{hf.get('mlp_only_layers')} (dense layers between MoE layers) are not supported; "
+                            f"allowed: 1 / [] (every layer MoE)")
+        width, pre_softmax = hf["moe_intermediate_size"], not hf.get("norm_topk_prob", False)
+    else:
+        if float(hf.get("router_jitter_noise") or 0.0) != 0.0:
+            raise UserError(f"router_jitter_noise={hf['router_jitter_noise']} is not supported for {arch}; "
+                            f"allowed: 0")
+        width, pre_softmax = hf["intermediate_size"], False
+    return dict(num_moe_experts=int(experts), moe_router_topk=int(hf["num_experts_per_tok"]),
+                moe_ffn_hidden_size=int(width), moe_router_pre_softmax=bool(pre_softmax),
+                moe_aux_loss_coeff=float(hf.get("router_aux_loss_coef") or 0.0))
 
 
 def hf_config_from_model_config(mc: ModelConfig, tokenizer_ids: dict | None = None) -> dict:
@@ -138,8 +176,18 @@ def hf_config_from_model_config(mc: ModelConfig, tokenizer_ids: dict | None = No
         cfg.update(attention_bias=False, mlp_bias=False)
     if family == "mistral":
         cfg["sliding_window"] = None  # full attention, as in Megatron (MistralConfig defaults to 4096)
-    if family == "qwen2":
+    if family in ("qwen2", "qwen3", "qwen3_moe"):
         cfg.update(use_sliding_window=False, sliding_window=None)
+    if family in ("qwen3", "qwen3_moe", "mixtral"):
+        cfg.update(attention_bias=False)
+    if family == "qwen3_moe":
+        cfg.update(num_experts=mc.num_moe_experts, num_experts_per_tok=mc.moe_router_topk,
+                   moe_intermediate_size=mc.moe_ffn_hidden_size, norm_topk_prob=not mc.moe_router_pre_softmax,
+                   decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=mc.moe_aux_loss_coeff)
+    if family == "mixtral":
+        cfg.update(num_local_experts=mc.num_moe_experts, num_experts_per_tok=mc.moe_router_topk,
+                   intermediate_size=mc.moe_ffn_hidden_size, sliding_window=None, router_jitter_noise=0.0,
+                   router_aux_loss_coef=mc.moe_aux_loss_coeff)
     if tokenizer_ids:
         cfg.update({k: v for k, v in tokenizer_ids.items() if v is not None})
     return cfg
@@ -177,8 +225,13 @@ def hf_layer_names(mc: ModelConfig, i: int) -> dict:
         "post_norm": p + "post_attention_layernorm.weight",
         "q": p + "self_attn.q_proj.weight", "k": p + "self_attn.k_proj.weight",
         "v": p + "self_attn.v_proj.weight", "o": p + "self_attn.o_proj.weight",
-        "up": p + "mlp.up_proj.weight", "down": p + "mlp.down_proj.weight",
     }
+    if mc.qk_layernorm:
+        names.update(q_norm=p + "self_attn.q_norm.weight", k_norm=p + "self_attn.k_norm.weight")
+    if mc.is_moe:
+        names["router"] = p + ("block_sparse_moe.gate.weight" if mc.family == "mixtral" else "mlp.gate.weight")
+        return names
+    names.update(up=p + "mlp.up_proj.weight", down=p + "mlp.down_proj.weight")
     if mc.activation == "swiglu":
         names["gate"] = p + "mlp.gate_proj.weight"
     if mc.add_qkv_bias:
@@ -187,6 +240,15 @@ def hf_layer_names(mc: ModelConfig, i: int) -> dict:
     if mc.normalization == "LayerNorm":
         names.update(in_norm_b=p + "input_layernorm.bias", post_norm_b=p + "post_attention_layernorm.bias")
     return names
+
+
+def hf_expert_names(mc: ModelConfig, i: int, e: int) -> dict:
+    """HF names of expert ``e`` of layer ``i`` (gate, up, down projections)."""
+    if mc.family == "mixtral":
+        p = f"model.layers.{i}.block_sparse_moe.experts.{e}."
+        return {"gate": p + "w1.weight", "up": p + "w3.weight", "down": p + "w2.weight"}
+    p = f"model.layers.{i}.mlp.experts.{e}."
+    return {"gate": p + "gate_proj.weight", "up": p + "up_proj.weight", "down": p + "down_proj.weight"}
 
 
 def _pack_qkv(mc: ModelConfig, q, k, v):
@@ -214,8 +276,10 @@ def _pad_vocab(mc: ModelConfig, w):
     return torch.cat([w, w.new_zeros(pad, *w.shape[1:])]) if pad else w
 
 
-def hf_layer_to_canonical(mc: ModelConfig, get: Callable[[str], torch.Tensor], i: int, out_i: int) -> dict:
-    """Canonical tensors of HF layer ``i``, numbered ``out_i``."""
+def hf_layer_to_canonical(mc: ModelConfig, get: Callable[[str], torch.Tensor], i: int, out_i: int,
+                          experts: range | None = None) -> dict:
+    """Canonical tensors of HF layer ``i``, numbered ``out_i``. MoE: only the experts in ``experts``
+    (global numbers; all by default) are read, numbered from ``experts.start``."""
     n = hf_layer_names(mc, i)
     p = f"decoder.layers.{out_i}."
     sd = {
@@ -223,10 +287,21 @@ def hf_layer_to_canonical(mc: ModelConfig, get: Callable[[str], torch.Tensor], i
         p + "pre_mlp_layernorm.weight": get(n["post_norm"]),
         p + "self_attention.linear_qkv.weight": _pack_qkv(mc, get(n["q"]), get(n["k"]), get(n["v"])),
         p + "self_attention.linear_proj.weight": get(n["o"]),
-        p + "mlp.linear_fc2.weight": get(n["down"]),
     }
-    up = get(n["up"])
-    sd[p + "mlp.linear_fc1.weight"] = torch.cat([get(n["gate"]), up]) if "gate" in n else up
+    if mc.qk_layernorm:
+        sd[p + "self_attention.q_layernorm.weight"] = get(n["q_norm"])
+        sd[p + "self_attention.k_layernorm.weight"] = get(n["k_norm"])
+    if mc.is_moe:
+        sd[p + "mlp.router.weight"] = get(n["router"])
+        experts = experts if experts is not None else range(mc.num_moe_experts)
+        for e in experts:
+            x = hf_expert_names(mc, i, e)
+            sd[moe.expert_name(p, e - experts.start, "linear_fc1.weight")] = torch.cat([get(x["gate"]), get(x["up"])])
+            sd[moe.expert_name(p, e - experts.start, "linear_fc2.weight")] = get(x["down"])
+    else:
+        up = get(n["up"])
+        sd[p + "mlp.linear_fc2.weight"] = get(n["down"])
+        sd[p + "mlp.linear_fc1.weight"] = torch.cat([get(n["gate"]), up]) if "gate" in n else up
     if mc.add_qkv_bias:
         sd[p + "self_attention.linear_qkv.bias"] = _pack_qkv(mc, get(n["qb"]), get(n["kb"]), get(n["vb"]))
     if mc.normalization == "LayerNorm":
@@ -240,13 +315,23 @@ def canonical_layer_to_hf(mc: ModelConfig, sd: dict, i: int) -> dict:
     p = f"decoder.layers.{i}."
     q, k, v = _unpack_qkv(mc, sd[p + "self_attention.linear_qkv.weight"])
     out = {n["in_norm"]: sd[p + "input_layernorm.weight"], n["post_norm"]: sd[p + "pre_mlp_layernorm.weight"],
-           n["q"]: q, n["k"]: k, n["v"]: v, n["o"]: sd[p + "self_attention.linear_proj.weight"],
-           n["down"]: sd[p + "mlp.linear_fc2.weight"]}
-    fc1 = sd[p + "mlp.linear_fc1.weight"]
-    if "gate" in n:
-        out[n["gate"]], out[n["up"]] = torch.chunk(fc1, 2, dim=0)
+           n["q"]: q, n["k"]: k, n["v"]: v, n["o"]: sd[p + "self_attention.linear_proj.weight"]}
+    if mc.qk_layernorm:
+        out[n["q_norm"]] = sd[p + "self_attention.q_layernorm.weight"]
+        out[n["k_norm"]] = sd[p + "self_attention.k_layernorm.weight"]
+    if mc.is_moe:
+        out[n["router"]] = sd[p + "mlp.router.weight"]
+        for e in range(mc.num_moe_experts):
+            x = hf_expert_names(mc, i, e)
+            out[x["gate"]], out[x["up"]] = torch.chunk(sd[moe.expert_name(p, e, "linear_fc1.weight")], 2, dim=0)
+            out[x["down"]] = sd[moe.expert_name(p, e, "linear_fc2.weight")]
     else:
-        out[n["up"]] = fc1
+        out[n["down"]] = sd[p + "mlp.linear_fc2.weight"]
+        fc1 = sd[p + "mlp.linear_fc1.weight"]
+        if "gate" in n:
+            out[n["gate"]], out[n["up"]] = torch.chunk(fc1, 2, dim=0)
+        else:
+            out[n["up"]] = fc1
     if mc.add_qkv_bias:
         out[n["qb"]], out[n["kb"]], out[n["vb"]] = _unpack_qkv(mc, sd[p + "self_attention.linear_qkv.bias"])
     if mc.normalization == "LayerNorm":
@@ -271,16 +356,17 @@ def canonical_to_hf(mc: ModelConfig, sd: Dict[str, torch.Tensor]) -> Dict[str, t
 
 # ----------------------------------------------------------------------------- sharding
 COLUMN_PARALLEL = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias",
-                   "mlp.linear_fc1.weight", "mlp.linear_fc1.bias",
+                   "linear_fc1.weight", "linear_fc1.bias",
                    "embedding.word_embeddings.weight", "output_layer.weight")
-ROW_PARALLEL = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
+ROW_PARALLEL = ("self_attention.linear_proj.weight", "linear_fc2.weight")
+FC1 = ("linear_fc1.weight", "linear_fc1.bias")  # of the MLP and of every expert
 
 
 def shard_tensor(mc: ModelConfig, name: str, t: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
     """This TP rank's slice of a canonical tensor (SwiGLU fc1 shards gate and up separately)."""
     if tp == 1:
         return t
-    if name.endswith(("mlp.linear_fc1.weight", "mlp.linear_fc1.bias")) and mc.activation == "swiglu":
+    if name.endswith(FC1) and mc.activation == "swiglu":
         gate, up = torch.chunk(t, 2, dim=0)
         return torch.cat([torch.chunk(gate, tp)[tp_rank], torch.chunk(up, tp)[tp_rank]])
     if name.endswith(COLUMN_PARALLEL):
@@ -294,7 +380,7 @@ def unshard_tensor(mc: ModelConfig, name: str, shards: list) -> torch.Tensor:
     """Inverse of ``shard_tensor`` given every TP rank's shard in rank order."""
     if len(shards) == 1:
         return shards[0]
-    if name.endswith(("mlp.linear_fc1.weight", "mlp.linear_fc1.bias")) and mc.activation == "swiglu":
+    if name.endswith(FC1) and mc.activation == "swiglu":
         halves = [torch.chunk(s, 2, dim=0) for s in shards]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves])
     if name.endswith(COLUMN_PARALLEL):
@@ -305,13 +391,15 @@ def unshard_tensor(mc: ModelConfig, name: str, shards: list) -> torch.Tensor:
 
 
 def hf_to_local_state_dict(mc: ModelConfig, get: Callable[[str], torch.Tensor], *, tp_rank: int, tp: int,
-                           pp_rank: int, pp: int) -> Dict[str, torch.Tensor]:
-    """This rank's model state dict (local layer numbers, local-spec names) read from HF tensors."""
+                           pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> Dict[str, torch.Tensor]:
+    """This rank's model state dict (local layer and expert numbers, local-spec names) read from HF
+    tensors; experts are cut over TP like the dense MLP (expert tensor parallelism = TP)."""
     per_stage = mc.num_layers // pp
     first, last = pp_rank == 0, pp_rank == pp - 1
+    experts = moe.local_experts(mc.num_moe_experts, ep_rank, ep) if mc.is_moe else None
     sd: Dict[str, torch.Tensor] = {}
     for j in range(per_stage):
-        sd.update(hf_layer_to_canonical(mc, get, pp_rank * per_stage + j, j))
+        sd.update(hf_layer_to_canonical(mc, get, pp_rank * per_stage + j, j, experts))
     if first:
         sd["embedding.word_embeddings.weight"] = _pad_vocab(mc, get("model.embed_tokens.weight"))
     if last:

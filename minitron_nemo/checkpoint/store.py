@@ -125,6 +125,7 @@ def save_checkpoint(model, ckpt_dir, mc: ModelConfig, *, tokenizer_src=None, met
             info = {"format": FORMAT,
                     "saved_tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
                     "saved_pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
+                    "saved_expert_model_parallel_size": parallel_state.get_expert_model_parallel_world_size(),
                     **(meta or {})}
             (tmp / "meta.json").write_text(json.dumps(info, indent=2))
             if tokenizer_src is not None:
@@ -238,7 +239,7 @@ def load_hf_into_model(model, hf_dir, mc: ModelConfig) -> None:
     """Fill this rank's shard of ``model`` from an HF directory."""
     get = HFWeights(hf_dir)
     with readers.reading(hf_dir, "HF weights (do they match config.json?)"):
-        sd = hfconv.hf_to_local_state_dict(mc, get, **shard_layout())
+        sd = hfconv.hf_to_local_state_dict(mc, get, **shard_layout(), **expert_layout())
     load_local_state_dict(model, sd, source=f"{hf_dir} (weights vs config.json)")
 
 
@@ -248,6 +249,12 @@ def shard_layout() -> dict:
                 tp=parallel_state.get_tensor_model_parallel_world_size(),
                 pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
                 pp=parallel_state.get_pipeline_model_parallel_world_size())
+
+
+def expert_layout() -> dict:
+    """This rank's ``ep_rank, ep`` (which experts it holds)."""
+    return dict(ep_rank=parallel_state.get_expert_model_parallel_rank(),
+                ep=parallel_state.get_expert_model_parallel_world_size())
 
 
 def load_local_state_dict(model, sd: dict, source) -> None:

@@ -11,6 +11,7 @@ from megatron.core import parallel_state
 
 from minitron_nemo import runtime
 from minitron_nemo.models.config import ModelConfig, transformer_config
+from minitron_nemo.models import moe
 from minitron_nemo.models.layers import SDPAttention, TorchNorm
 
 
@@ -24,19 +25,31 @@ def te_available() -> bool:
         return False
 
 
-def layer_spec(use_te: bool | None = None):
-    """The transformer layer ``ModuleSpec`` and the final-norm class used by this process."""
+def layer_spec(use_te: bool | None = None, mc: ModelConfig | None = None):
+    """The transformer layer ``ModuleSpec`` and the final-norm class used by this process.
+
+    Experts: TE's grouped GEMM with Transformer Engine, else Megatron-Core's ``SequentialMLP`` (one
+    MLP per expert). Query/key norms (Qwen3) are ``TorchNorm`` over ``head_dim`` in the local spec."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if use_te is None:
         use_te = te_available()
+    experts = mc.num_moe_experts if mc is not None else None
+    qk_norm = bool(mc is not None and mc.qk_layernorm)
+    if experts:
+        moe.megatron_without_te()
     if use_te:
-        return specs.get_gpt_layer_with_transformer_engine_spec(), None
-    spec = specs.get_gpt_layer_local_spec()
+        return specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=experts, moe_grouped_gemm=bool(experts), qk_layernorm=qk_norm), None
+    spec = specs.get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False, qk_layernorm=qk_norm)
     sub = spec.submodules
     sub.input_layernorm = TorchNorm
     sub.pre_mlp_layernorm = TorchNorm
-    sub.self_attention.submodules.core_attention = SDPAttention
+    attn = sub.self_attention.submodules
+    attn.core_attention = SDPAttention
+    if qk_norm:
+        attn.q_layernorm = TorchNorm
+        attn.k_layernorm = TorchNorm
     return spec, TorchNorm
 
 
@@ -49,9 +62,12 @@ def build_model(mc: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    cfg = transformer_config(mc, tp=tp, pp=pp, params_dtype=params_dtype, cpu=runtime.cpu_mode(),
-                             sequence_parallel=sequence_parallel)
-    spec, final_norm = layer_spec(use_te)
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    if use_te is None:
+        use_te = te_available()
+    cfg = transformer_config(mc, tp=tp, pp=pp, ep=ep, params_dtype=params_dtype, cpu=runtime.cpu_mode(),
+                             sequence_parallel=sequence_parallel, moe_grouped_gemm=use_te)
+    spec, final_norm = layer_spec(use_te, mc)
     if final_norm is not None:
         spec = TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(cfg),
                                           layer_norm=final_norm)
@@ -80,8 +96,11 @@ def layer_offset(mc: ModelConfig) -> int:
     return parallel_state.get_pipeline_model_parallel_rank() * (mc.num_layers // pp)
 
 
-def count_parameters(mc: ModelConfig) -> int:
-    """Parameter count of the unpadded model, computed analytically from the config."""
+def count_parameters(mc: ModelConfig, active: bool = False) -> int:
+    """Parameter count of the unpadded model, computed analytically from the config.
+
+    ``active=True``: the parameters one token uses (the router and ``moe_router_topk`` experts of each
+    MoE layer instead of all experts); the same as the total for a dense model."""
     h, f, L = mc.hidden_size, mc.ffn_hidden_size, mc.num_layers
     q = mc.num_attention_heads * mc.head_dim
     kv = 2 * mc.num_query_groups * mc.head_dim
@@ -91,8 +110,15 @@ def count_parameters(mc: ModelConfig) -> int:
         attn += q + kv
     if mc.add_bias_linear:
         attn += h
-    fc1 = (2 if mc.activation == "swiglu" else 1) * f
-    mlp = h * fc1 + f * h + ((fc1 + h) if mc.add_bias_linear else 0)
+    if mc.qk_layernorm:
+        attn += 2 * mc.head_dim
+    gate = 2 if mc.activation == "swiglu" else 1
+    if mc.is_moe:
+        fe = mc.moe_ffn_hidden_size
+        experts = mc.moe_router_topk if active else mc.num_moe_experts
+        mlp = mc.num_moe_experts * h + experts * (h * gate * fe + fe * h)
+    else:
+        mlp = h * gate * f + f * h + ((gate * f + h) if mc.add_bias_linear else 0)
     emb = mc.vocab_size * h
     out = 0 if mc.share_embeddings_and_output_weights else mc.vocab_size * h
     return L * (attn + mlp + 2 * norm) + norm + emb + out

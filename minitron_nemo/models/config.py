@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from minitron_nemo.errors import UserError, check
 
-FAMILIES = ("llama", "mistral", "qwen2", "nemotron")
+FAMILIES = ("llama", "mistral", "qwen2", "nemotron", "qwen3", "qwen3_moe", "mixtral")
+MOE_FAMILIES = ("qwen3_moe", "mixtral")
 ACTIVATIONS = ("swiglu", "squared_relu", "gelu")
 NORMS = ("RMSNorm", "LayerNorm")
 
@@ -42,6 +43,18 @@ class ModelConfig:
     rotary_percent: float = 1.0
     rope_scaling_factor: Optional[float] = None  # Llama-3.x scaling (low 1, high 4, original 8192)
     share_embeddings_and_output_weights: bool = False
+    qk_layernorm: bool = False  # Qwen3: RMSNorm over head_dim on every query and key head (one weight per layer)
+    # Mixture of experts (every layer's MLP is an MoE layer when num_moe_experts is set).
+    num_moe_experts: Optional[int] = None
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: Optional[int] = None  # each expert's FFN width
+    moe_router_score_function: str = "softmax"
+    moe_router_pre_softmax: bool = False  # softmax over all experts, then top-k without renormalising
+    moe_aux_loss_coeff: float = 0.0  # load-balancing loss weight (HF router_aux_loss_coef)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_moe_experts is not None
 
     @property
     def head_dim(self) -> int:
@@ -62,9 +75,22 @@ class ModelConfig:
         check(self.num_attention_heads % self.num_query_groups == 0,
               f"model.num_attention_heads={self.num_attention_heads} is not a multiple of "
               f"model.num_query_groups={self.num_query_groups}")
+        if self.is_moe:
+            check(self.num_moe_experts >= 1, f"model.num_moe_experts={self.num_moe_experts} must be >= 1")
+            check(1 <= self.moe_router_topk <= self.num_moe_experts,
+                  f"model.moe_router_topk={self.moe_router_topk} must be between 1 and "
+                  f"model.num_moe_experts={self.num_moe_experts}")
+            check(self.moe_ffn_hidden_size is not None and self.moe_ffn_hidden_size >= 1,
+                  f"model.moe_ffn_hidden_size={self.moe_ffn_hidden_size} must be >= 1 for an MoE model")
+            check(self.moe_router_score_function in ("softmax", "sigmoid"),
+                  f"model.moe_router_score_function={self.moe_router_score_function!r}; allowed: softmax, sigmoid")
+            check(not self.add_bias_linear, "model.add_bias_linear=true is not supported with experts; allowed: false")
+        else:
+            check(self.family not in MOE_FAMILIES,
+                  f"model.family={self.family!r} needs model.num_moe_experts; allowed: a number of experts")
         return self
 
-    def check_parallel(self, tp: int, pp: int) -> None:
+    def check_parallel(self, tp: int, pp: int, ep: int = 1) -> None:
         """One-line errors when the layout does not divide the model."""
         for name, value in (("num_attention_heads", self.num_attention_heads),
                             ("num_query_groups", self.num_query_groups),
@@ -76,6 +102,16 @@ class ModelConfig:
         if self.num_layers % pp:
             raise UserError(f"pipeline_model_parallel_size={pp} does not divide num_layers="
                             f"{self.num_layers}; allowed: a divisor of {self.num_layers}")
+        if ep > 1 and not self.is_moe:
+            raise UserError(f"expert_model_parallel_size={ep} needs a model with experts; allowed: 1 for "
+                            f"this dense model")
+        if self.is_moe:
+            if self.num_moe_experts % ep:
+                raise UserError(f"expert_model_parallel_size={ep} does not divide num_moe_experts="
+                                f"{self.num_moe_experts}; allowed: a divisor of {self.num_moe_experts}")
+            if self.moe_ffn_hidden_size % tp:
+                raise UserError(f"tensor_model_parallel_size={tp} does not divide moe_ffn_hidden_size="
+                                f"{self.moe_ffn_hidden_size}; allowed: a divisor of {self.moe_ffn_hidden_size}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -101,13 +137,37 @@ def _activation(name: str):
     return {"swiglu": F.silu, "squared_relu": squared_relu, "gelu": F.gelu}[name]
 
 
-def transformer_config(mc: ModelConfig, *, tp: int = 1, pp: int = 1,
+def moe_fields(mc: ModelConfig, ep: int) -> dict:
+    """``TransformerConfig`` fields of an MoE model: dropless top-k routing in fp32, the all-to-all token
+    dispatcher, the sequential expert MLP (grouped GEMM only with Transformer Engine, on GPU)."""
+    if not mc.is_moe:
+        return {}
+    return dict(
+        num_moe_experts=mc.num_moe_experts,
+        moe_router_topk=mc.moe_router_topk,
+        moe_ffn_hidden_size=mc.moe_ffn_hidden_size,
+        moe_router_score_function=mc.moe_router_score_function,
+        moe_router_pre_softmax=mc.moe_router_pre_softmax,
+        moe_router_load_balancing_type="aux_loss" if mc.moe_aux_loss_coeff > 0 else "none",
+        moe_aux_loss_coeff=mc.moe_aux_loss_coeff,
+        moe_router_dtype="fp32",
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=False,
+        moe_permute_fusion=False,
+        expert_model_parallel_size=ep,
+    )
+
+
+def transformer_config(mc: ModelConfig, *, tp: int = 1, pp: int = 1, ep: int = 1,
                        params_dtype: torch.dtype = torch.float32, cpu: bool = False,
-                       sequence_parallel: bool = False):
+                       sequence_parallel: bool = False, moe_grouped_gemm: bool = False):
     """Build the Megatron-Core ``TransformerConfig`` for ``mc`` at the given layout."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    mc.check_parallel(tp, pp)
+    mc.check_parallel(tp, pp, ep)
+    moe = moe_fields(mc, ep)
+    if moe:
+        moe["moe_grouped_gemm"] = moe_grouped_gemm
     return TransformerConfig(
         num_layers=mc.num_layers,
         hidden_size=mc.hidden_size,
@@ -122,6 +182,7 @@ def transformer_config(mc: ModelConfig, *, tp: int = 1, pp: int = 1,
         activation_func=_activation(mc.activation),
         add_bias_linear=mc.add_bias_linear,
         add_qkv_bias=mc.add_qkv_bias,
+        qk_layernorm=mc.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=0.02,
@@ -143,4 +204,5 @@ def transformer_config(mc: ModelConfig, *, tp: int = 1, pp: int = 1,
         cross_entropy_loss_fusion=False,
         deallocate_pipeline_outputs=False,
         variable_seq_lengths=False,
+        **moe,
     )

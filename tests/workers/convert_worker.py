@@ -18,7 +18,7 @@ from minitron_nemo.checkpoint import store
 from minitron_nemo.models.builder import build_model
 from minitron_nemo.models.forward import full_logits
 
-FAMILIES = ("llama", "mistral", "qwen2", "nemotron")
+FAMILIES = ("llama", "mistral", "qwen2", "nemotron", "qwen3")
 
 
 def check_logits(model, mc, hf_dir, what):
