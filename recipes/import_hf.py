@@ -27,7 +27,8 @@ def main():
     hf_cfg = hfconv.read_hf_config(src)
     mc = hfconv.hf_model_config(src)
     par = cfg.parallel
-    mc.check_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size)
+    mc.check_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
+                       par.expert_model_parallel_size)
     params_dtype = dtype(cfg.dtype)
     store.HFWeights(src)  # fail early on a directory without (complete) weights
     outputs.claim_dir(cfg.output, sources={"source": src}, overwrite=cfg.overwrite)

@@ -31,7 +31,8 @@ def main():
     weights = nemo2.Nemo2Weights(src)  # fail early on unreadable weights
     mc = nemo2.model_config_from_nemo(src, doc, weights)
     par = cfg.parallel
-    mc.check_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size)
+    mc.check_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
+                       par.expert_model_parallel_size)
     params_dtype = dtype(cfg.dtype)
     outputs.claim_dir(cfg.output, sources={"source": src}, overwrite=cfg.overwrite)
     runtime.init_parallel(par, cfg.seed)

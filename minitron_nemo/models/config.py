@@ -102,9 +102,6 @@ class ModelConfig:
         if self.num_layers % pp:
             raise UserError(f"pipeline_model_parallel_size={pp} does not divide num_layers="
                             f"{self.num_layers}; allowed: a divisor of {self.num_layers}")
-        if ep > 1 and not self.is_moe:
-            raise UserError(f"expert_model_parallel_size={ep} needs a model with experts; allowed: 1 for "
-                            f"this dense model")
         if self.is_moe:
             if self.num_moe_experts % ep:
                 raise UserError(f"expert_model_parallel_size={ep} does not divide num_moe_experts="

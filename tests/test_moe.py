@@ -1,0 +1,82 @@
+"""Mixture-of-experts families (Qwen3-MoE, Mixtral): HF -> Megatron -> HF at TP=1, TP=2, EP=2 and PP=2,
+logits against transformers, resharding between the layouts, parameter counts, bad layouts."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_py, run_torchrun, ROOT
+from hf_models import MOE_FAMILIES, make_hf_model
+
+WORKERS = ROOT / "tests" / "workers"
+LAYOUTS = ("tp1pp1ep1", "tp2pp1ep1", "tp1pp1ep2", "tp1pp2ep1")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    d = tmp_path_factory.mktemp("moe")
+    for i, fam in enumerate(MOE_FAMILIES):
+        make_hf_model(fam, d / f"hf_{fam}", seed=10 + i)
+    # Each multi-rank layout also loads the checkpoint the previous layout saved (resharding).
+    run_py(WORKERS / "moe_convert_worker.py", d, 1, 1, 1)
+    run_torchrun(WORKERS / "moe_convert_worker.py", 2, d, 2, 1, 1, "tp1pp1ep1")
+    run_torchrun(WORKERS / "moe_convert_worker.py", 2, d, 1, 1, 2, "tp2pp1ep1")
+    run_torchrun(WORKERS / "moe_convert_worker.py", 2, d, 1, 2, 1, "tp1pp1ep2")
+    run_py(WORKERS / "export_worker.py", d)
+    return d
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_round_trip_is_bitwise(work, family, layout):
+    src = load_file(str(work / f"hf_{family}" / "model.safetensors"))
+    out = load_file(str(work / f"rt_{family}_{layout}" / "model.safetensors"))
+    assert sorted(src) == sorted(out)
+    assert any(".experts.3." in k for k in src)
+    for k in src:
+        assert torch.equal(src[k], out[k]), k
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_exported_config_is_the_source_config(work, family):
+    import transformers
+
+    src = json.loads((work / f"hf_{family}" / "config.json").read_text())
+    out = json.loads((work / f"rt_{family}_tp1pp1ep2" / "config.json").read_text())
+    for k in ("num_experts_per_tok", "router_aux_loss_coef", "intermediate_size", "moe_intermediate_size",
+              "norm_topk_prob", "num_key_value_heads", "head_dim"):
+        assert src.get(k) == out.get(k), k
+    assert src.get("num_experts", src.get("num_local_experts")) == out.get("num_experts",
+                                                                           out.get("num_local_experts"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(work / f"rt_{family}_tp1pp1ep2")
+    assert type(model).__name__ == src["architectures"][0]
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_parameter_counts_match_transformers(work, family):
+    """Total = every parameter of the transformers model; active = total minus the experts a token
+    does not use (num_experts - top_k of them per layer)."""
+    import transformers
+
+    from minitron_nemo.checkpoint import hf as hfconv
+    from minitron_nemo.models.builder import count_parameters
+
+    mc = hfconv.hf_model_config(work / f"hf_{family}")
+    model = transformers.AutoModelForCausalLM.from_pretrained(work / f"hf_{family}")
+    total = sum(p.numel() for p in model.parameters())
+    per_expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n) // (
+        mc.num_layers * mc.num_moe_experts)
+    assert count_parameters(mc) == total
+    unused = mc.num_layers * (mc.num_moe_experts - mc.moe_router_topk) * per_expert
+    assert count_parameters(mc, active=True) == total - unused < total
+
+
+def test_expert_parallel_must_divide_experts(work, tmp_path):
+    r = run_py(ROOT / "recipes" / "import_hf.py", f"source={work / 'hf_mixtral'}", f"output={tmp_path / 'ck'}",
+               "parallel.expert_model_parallel_size=3", check=False)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == ("error: expert_model_parallel_size=3 does not divide num_moe_experts=4; "
+                                "allowed: a divisor of 4"), r.stderr
+    assert not (tmp_path / "ck").exists()
