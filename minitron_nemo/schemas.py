@@ -209,12 +209,15 @@ class ImportanceConfig:
     load: Optional[str] = None
     batch_agg: str = "l2"
     seq_agg: str = "mean"
+    expert_score: str = "routed_l2"  # MoE: which expert score ranks the experts (prune/experts.py)
 
     def check(self, at: str) -> None:
+        from minitron_nemo.prune.experts import EXPERT_SCORES
         from minitron_nemo.prune.importance import REDUCTIONS
 
         choice(f"{at}.batch_agg", self.batch_agg, REDUCTIONS)
         choice(f"{at}.seq_agg", self.seq_agg, REDUCTIONS)
+        choice(f"{at}.expert_score", self.expert_score, EXPERT_SCORES)
 
 
 @dataclass
@@ -258,7 +261,8 @@ class PruneGroup(Targets):
         from minitron_nemo.prune.api import LAYER_CRITERIA
 
         for k in ("target_hidden_size", "target_ffn_hidden_size", "target_num_attention_heads",
-                  "target_num_query_groups", "target_num_layers"):
+                  "target_num_query_groups", "target_num_layers", "target_num_moe_experts",
+                  "target_moe_ffn_hidden_size"):
             at_least(f"{at}.{k}", getattr(self, k), 1, optional=True)
         for x in self.drop_layers or []:
             at_least(f"{at}.drop_layers", x, 1)

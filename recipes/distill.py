@@ -109,7 +109,7 @@ def main():
         from minitron_nemo.prune import api
 
         api.check_config(t_mc, prune_config(cfg), par.tensor_model_parallel_size,  # targets: before any compute
-                         par.pipeline_model_parallel_size)
+                         par.pipeline_model_parallel_size, ep=par.expert_model_parallel_size)
         outputs.claim_dir(cfg.student.init_checkpoint, key="student.init_checkpoint", overwrite=cfg.overwrite,
                           sources={"teacher": t_path}, within={"workdir": work})
 

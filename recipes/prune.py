@@ -34,7 +34,8 @@ def main():
     p, par, src = cfg.prune, cfg.parallel, cfg.checkpoint
     mc = store.load_model_config(src)
     targets, _, agg, loaded = api.check_config(mc, p, par.tensor_model_parallel_size,  # before any compute
-                                               par.pipeline_model_parallel_size, ranked_search=rank.enabled(p))
+                                               par.pipeline_model_parallel_size, ranked_search=rank.enabled(p),
+                                               ep=par.expert_model_parallel_size)
     plan = rank.check(cfg, targets, src, mc) if rank.enabled(p) else None
     outputs.claim_dir(cfg.output, overwrite=cfg.overwrite, sources={
         "checkpoint": src, "prune.importance.load": p.importance.load, "prune.calibration.data": p.calibration.data,
@@ -85,6 +86,10 @@ def main():
            f"{new_mc.hidden_size}, ffn {mc.ffn_hidden_size}->{new_mc.ffn_hidden_size}, heads/groups "
            f"{mc.num_attention_heads}/{mc.num_query_groups}->{new_mc.num_attention_heads}/"
            f"{new_mc.num_query_groups}, params {count_parameters(mc)}->{count_parameters(new_mc)}")
+    if mc.is_moe:
+        msg += (f", experts {mc.num_moe_experts}->{new_mc.num_moe_experts} (expert FFN {mc.moe_ffn_hidden_size}->"
+                f"{new_mc.moe_ffn_hidden_size}), active params {count_parameters(mc, active=True)}->"
+                f"{count_parameters(new_mc, active=True)}")
     if result.calib_loss is not None:
         msg += f"; zero-shot calibration loss {result.calib_loss:.4f}"
     runtime.print0(msg)

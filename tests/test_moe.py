@@ -80,3 +80,57 @@ def test_expert_parallel_must_divide_experts(work, tmp_path):
     assert r.stderr.strip() == ("error: expert_model_parallel_size=3 does not divide num_moe_experts=4; "
                                 "allowed: a divisor of 4"), r.stderr
     assert not (tmp_path / "ck").exists()
+
+
+# ----------------------------------------------------------------------------- pruning
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    d = tmp_path_factory.mktemp("moe_prune")
+    for fam in MOE_FAMILIES:
+        run_py(WORKERS / "moe_prune_worker.py", d, fam)
+        run_torchrun(WORKERS / "moe_prune_worker.py", 2, d, fam)
+    return d
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_expert_pruning_is_masking_and_layout_invariant(pruned, family):
+    """The worker asserts, at EP=1 and EP=2: expert scores recomputed independently, frequency sums,
+    pruned logits == masked-model logits. Here: EP=2 scores and pruned logits equal EP=1's."""
+    one, two = (torch.load(pruned / f"{family}_ep{ep}.pt") for ep in (1, 2))
+    assert sorted(one["scores"]) == sorted(two["scores"])
+    for k in ("expert_routed_l2", "expert_output_l2", "expert_router_mass", "expert_frequency", "expert_ffn",
+              "hidden", "heads", "layer_bi"):
+        a, b = one["scores"][k], two["scores"][k]
+        assert a.shape == b.shape, k
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (k, (a - b).abs().max())
+    for case, logits in one["logits"].items():
+        assert torch.allclose(logits, two["logits"][case], atol=1e-4), case
+
+
+def test_moe_targets_bad_input():
+    from minitron_nemo.errors import UserError
+    from minitron_nemo.models.config import ModelConfig
+    from minitron_nemo.prune.targets import Targets, validate
+
+    moe = ModelConfig(family="mixtral", num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=32).validate()
+    dense = ModelConfig(family="qwen3", qk_layernorm=True).validate()
+    cases = [
+        (moe, Targets(target_num_moe_experts=1), 1,
+         "prune.target_num_moe_experts=1 is fewer than the experts each token uses (moe_router_topk=2); "
+         "allowed: 2..8"),
+        (moe, Targets(target_num_moe_experts=6), 4,
+         "target num_moe_experts=6 is not divisible by expert_model_parallel_size=4; allowed: a multiple of 4"),
+        (moe, Targets(target_num_moe_experts=9), 1,
+         "prune.target_num_moe_experts=9 is larger than the source num_moe_experts=8; allowed: 1..8"),
+        (moe, Targets(target_ffn_hidden_size=64), 1, "prune.target_ffn_hidden_size=64: every MLP of this model is "
+         "a mixture of experts; allowed: prune.target_moe_ffn_hidden_size (each expert's width)"),
+        (dense, Targets(target_num_moe_experts=4), 1,
+         "prune.target_num_moe_experts=4 but the source model (qwen3) has no experts; allowed: unset for a "
+         "dense model"),
+    ]
+    for mc, t, ep, msg in cases:
+        with pytest.raises(UserError) as e:
+            validate(mc, t, 1, 1, ep)
+        assert str(e.value) == msg
+    assert validate(moe, Targets(target_num_moe_experts=4, target_moe_ffn_hidden_size=16, grid=8), 1, 1, 2) \
+        .num_moe_experts == 4

@@ -90,19 +90,20 @@ def select_layers(mc: ModelConfig, num_layers: int, scores: dict, criterion: str
 
 # ----------------------------------------------------------------------------- one target
 def prune_to(model, mc: ModelConfig, new_mc: ModelConfig, scores: dict, *, layer_criterion="block",
-             drop_layers=None, loss_batches=None, progress=True):
+             drop_layers=None, loss_batches=None, progress=True, expert_score="routed_l2"):
     """Trim ``model`` to ``new_mc``; returns (new model, kept old layers)."""
     if not drop_layers:
         ensure_depth_scores(model, mc, scores, layer_criterion, mc.num_layers - new_mc.num_layers,
                             loss_batches, progress)
     kept = select_layers(mc, new_mc.num_layers, scores, layer_criterion, drop_layers)
-    plan = make_plan(mc, new_mc, scores, kept)
+    plan = make_plan(mc, new_mc, scores, kept, expert_score)
     return trim_model(model, mc, new_mc, plan), kept
 
 
 def prune_model(model, mc: ModelConfig, targets, *, batches=None, scores: Optional[dict] = None,
                 agg: Optional[imp.Aggregation] = None, layer_criterion: str = "block", loss_batches=None,
-                eval_batches=None, search: Optional[SearchSpace] = None, progress: bool = True) -> PruneResult:
+                eval_batches=None, search: Optional[SearchSpace] = None, progress: bool = True,
+                expert_score: str = "routed_l2") -> PruneResult:
     """Prune ``model`` (this rank's shard, any TP x PP x DP) to ``targets``.
 
     targets: a ``Targets`` or a dict of its fields (``target_*``, ``drop_layers`` 1-indexed,
@@ -110,6 +111,7 @@ def prune_model(model, mc: ModelConfig, targets, *, batches=None, scores: Option
     batches: calibration micro-batches for the importance pass (skipped when ``scores`` is given).
     loss_batches: batches for the loss-based depth criteria (default: ``batches``).
     eval_batches: held-out batches ranking the budget-search candidates (default: ``loss_batches``).
+    expert_score: MoE models: the expert score that ranks experts (``experts.EXPERT_SCORES``).
     Returns the pruned model (freshly built, same layout), its config, the scores, kept layers and
     (budget search) the candidate table.
     """
@@ -118,11 +120,12 @@ def prune_model(model, mc: ModelConfig, targets, *, batches=None, scores: Option
         raise UserError(f"prune.layer_criterion={layer_criterion!r}; allowed: {', '.join(LAYER_CRITERIA)}")
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
+    ep = parallel_state.get_expert_model_parallel_world_size()
     search = search or SearchSpace()
     if t.is_empty():
         raise UserError("nothing to prune; allowed: set a prune.target_*, prune.drop_layers or "
                         "prune.target_params(_ratio)")
-    cands = candidates(mc, t, search, tp, pp) if t.is_budget() else [validate(mc, t, tp, pp)]
+    cands = candidates(mc, t, search, tp, pp) if t.is_budget() else [validate(mc, t, tp, pp, ep)]
     if scores is None:
         if not batches:
             raise UserError("importance needs calibration data; allowed: prune.calibration.data=PATH "
@@ -131,7 +134,8 @@ def prune_model(model, mc: ModelConfig, targets, *, batches=None, scores: Option
     loss_batches = loss_batches or batches
     if not t.is_budget():
         new_model, kept = prune_to(model, mc, cands[0], scores, layer_criterion=layer_criterion,
-                                   drop_layers=t.drop_layers, loss_batches=loss_batches, progress=progress)
+                                   drop_layers=t.drop_layers, loss_batches=loss_batches, progress=progress,
+                                   expert_score=expert_score)
         return PruneResult(new_model, cands[0], scores, kept)
     eval_batches = eval_batches or loss_batches
     if not eval_batches:
@@ -166,12 +170,12 @@ def search_space(p) -> SearchSpace:
                        max_candidates=int(s.max_candidates))
 
 
-def check_config(mc: ModelConfig, p, tp: int, pp: int, ranked_search: bool = False):
+def check_config(mc: ModelConfig, p, tp: int, pp: int, ranked_search: bool = False, ep: int = 1):
     """Every check of a ``prune`` config node (conf/prune/default.yaml) that needs no compute.
     ``ranked_search``: the caller runs ``prune.search.distill_iters`` (recipes/prune.py, ``prune/rank.py``).
 
     Returns (targets, candidate configs, aggregation, loaded (scores, meta) or None)."""
-    mc.check_parallel(tp, pp)
+    mc.check_parallel(tp, pp, ep)
     if int(p.search.get("distill_iters") or 0) > 0 and not ranked_search:
         raise UserError(f"prune.search.distill_iters={p.search.distill_iters}: the search ranked by short "
                         f"distillation runs in recipes/prune.py; allowed: 0 here (prune with recipes/prune.py, "
@@ -185,7 +189,7 @@ def check_config(mc: ModelConfig, p, tp: int, pp: int, ranked_search: bool = Fal
         if t.is_empty():
             raise UserError("nothing to prune; allowed: set a prune.target_*, prune.drop_layers, "
                             "prune.target_params(_ratio) or prune.importance_only=true")
-        cands = candidates(mc, t, search_space(p), tp, pp) if t.is_budget() else [validate(mc, t, tp, pp)]
+        cands = candidates(mc, t, search_space(p), tp, pp) if t.is_budget() else [validate(mc, t, tp, pp, ep)]
     c = p.calibration
     if c.data is not None:
         pdata.check_data(c.data)
@@ -241,12 +245,13 @@ def prune_from_config(model, mc: ModelConfig, p, tokenizer_dir, progress: bool =
     """In-job pruning driven by a ``prune`` config node (what ``recipes/prune.py`` does between loading
     and saving; ``recipes/distill.py`` can call it on a loaded teacher). Collective: call on every rank."""
     t, _, agg, loaded = check_config(mc, p, parallel_state.get_tensor_model_parallel_world_size(),
-                                     parallel_state.get_pipeline_model_parallel_world_size())
+                                     parallel_state.get_pipeline_model_parallel_world_size(),
+                                     ep=parallel_state.get_expert_model_parallel_world_size())
     batches, loss_batches, eval_batches = calibration_batches(mc, p, tokenizer_dir, t.is_budget())
     scores, meta = config_scores(model, mc, p, batches, agg, loaded, progress)
     result = prune_model(model, mc, t, scores=scores, layer_criterion=p.layer_criterion,
                          loss_batches=loss_batches, eval_batches=eval_batches, search=search_space(p),
-                         progress=progress)
+                         progress=progress, expert_score=p.importance.get("expert_score", "routed_l2"))
     result.meta = meta
     if loss_batches:
         result.calib_loss = imp.mean_loss(result.model, loss_batches)

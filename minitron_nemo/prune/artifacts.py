@@ -45,6 +45,11 @@ def load_scores(path, mc: ModelConfig) -> tuple[dict, dict]:
     want = {"hidden": (mc.hidden_size,), "heads": (mc.num_layers, mc.num_attention_heads),
             "groups": (mc.num_layers, mc.num_query_groups), "ffn": (mc.num_layers, mc.ffn_hidden_size),
             "layer_bi": (mc.num_layers,)}
+    if mc.is_moe:
+        from minitron_nemo.prune.experts import EXPERT_SCORES
+
+        want.update({f"expert_{k}": (mc.num_layers, mc.num_moe_experts) for k in EXPERT_SCORES})
+        want["expert_ffn"] = (mc.num_layers, mc.num_moe_experts, mc.moe_ffn_hidden_size)
     for k, shape in want.items():
         if k not in scores or tuple(scores[k].shape) != shape:
             got = tuple(scores[k].shape) if k in scores else "missing"

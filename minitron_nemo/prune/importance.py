@@ -19,6 +19,8 @@ batches, by hooks that read Megatron activations (layout ``[seq, batch, channel]
   layers (a)        layer input / output hidden states                  BI = 1 - mean_tokens cos
   layers (b)        LM loss with layer i skipped (identity)             loss_i - loss_full
   layers (c)        LM loss with a contiguous block of k layers skipped  loss of the block-removed model
+  experts, expert   router and expert MLPs of MoE layers                 see ``prune/experts.py``
+  FFN neurons
 
 ``agg`` = sequence reduction, then batch reduction (``Aggregation``). Per sample b and channel c the
 sequence reduction gives ``v[b, c]``: mean -> mean_s |x|, l2 -> sqrt(sum_s x^2), var -> var_s x
@@ -48,6 +50,7 @@ from megatron.core import parallel_state
 from minitron_nemo import runtime
 from minitron_nemo.errors import UserError
 from minitron_nemo.models.forward import lm_loss_sums, run_forward
+from minitron_nemo.prune import experts as moe_imp
 
 REDUCTIONS = ("l2", "mean", "var")
 
@@ -116,16 +119,20 @@ class Collector:
         self.ffn = z(cfg.ffn_hidden_size // tp)
         self.bi = torch.zeros(2, n, dtype=torch.float64, device=runtime.device())  # [sum cos, tokens]
         self.handles = []
+        # MoE layers: the experts' own collector; their pre-MLP norm is hooked below like a dense one
+        # (never fused into a linear: the router and the experts both read it).
+        self.experts = moe_imp.ExpertCollector(model) if moe_imp.is_moe_layer(self.layers[0]) else None
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attention, layer.mlp
             for k, (norm, fused) in enumerate(((layer.input_layernorm, attn.linear_qkv),
-                                               (layer.pre_mlp_layernorm, mlp.linear_fc1))):
+                                               (layer.pre_mlp_layernorm, getattr(mlp, "linear_fc1", None)))):
                 if hasattr(fused, "layer_norm_weight"):  # TE: norm fused into the next linear
                     self.handles.append(fused.register_forward_pre_hook(self._fused_hook(i, k)))
                 else:
                     self.handles.append(norm.register_forward_hook(self._norm_hook(i, k)))
             self.handles.append(attn.linear_proj.register_forward_pre_hook(self._input_hook(self.proj, i)))
-            self.handles.append(mlp.linear_fc2.register_forward_pre_hook(self._input_hook(self.ffn, i)))
+            if self.experts is None:
+                self.handles.append(mlp.linear_fc2.register_forward_pre_hook(self._input_hook(self.ffn, i)))
             self.handles.append(layer.register_forward_hook(self._bi_hook(i), with_kwargs=True))
 
     def _add(self, acc, idx, x):
@@ -156,6 +163,8 @@ class Collector:
         for h in self.handles:
             h.remove()
         self.handles = []
+        if self.experts is not None:
+            self.experts.remove()
 
 
 # ----------------------------------------------------------------------------- parallel assembly
@@ -192,6 +201,8 @@ def _finalize(c: Collector, n: float, cfg) -> dict:
     per_layer = {"hidden_per_layer": hidden.sum(1), "heads": heads, "groups": groups, "ffn": ffn, "layer_bi": bi}
     out = {k: _all_gather(v, pp_g, dim=0).float().cpu() for k, v in per_layer.items()}
     out["hidden"] = _all_reduce(hidden.sum((0, 1)), pp_g).float().cpu()
+    if c.experts is not None:
+        out.update(moe_imp.finalize(c.experts))
     return out
 
 
@@ -227,7 +238,8 @@ def estimate(model, batches, agg: Aggregation | None = None, *, progress=True) -
     """One forward-only pass: width scores and Block Importance, identical on every rank.
 
     Returns fp32 CPU tensors: ``hidden [H]``, ``hidden_per_layer [L, H]``, ``heads [L, heads]``,
-    ``groups [L, groups]``, ``ffn [L, ffn]``, ``layer_bi [L]`` (global layer order).
+    ``groups [L, groups]``, ``ffn [L, ffn]``, ``layer_bi [L]`` (global layer order); MoE models also
+    ``expert_<score> [L, E]`` for each of ``experts.EXPERT_SCORES`` and ``expert_ffn [L, E, F]``.
     """
     agg = agg or Aggregation()
     c = Collector(model, agg)

@@ -33,12 +33,21 @@ def plot_importance(scores: dict, path, title: str = "") -> Path:
     a.set_title("hidden channels (sorted)")
     a.set_xlabel("rank")
     a = ax[1, 0]
-    ffn = torch.sort(scores["ffn"], dim=1, descending=True).values
-    for i in range(ffn.shape[0]):
-        a.plot(ffn[i].numpy(), color=matplotlib.cm.viridis(i / max(ffn.shape[0] - 1, 1)), lw=0.8)
-    a.set_yscale("log")
-    a.set_title("MLP neurons per layer (sorted; colour = layer)")
-    a.set_xlabel("rank")
+    if "expert_routed_l2" in scores:  # MoE: the experts (layer x expert) instead of dense MLP neurons
+        e = scores["expert_routed_l2"]
+        im = a.imshow(e.numpy().T, aspect="auto", origin="lower", cmap="magma",
+                      extent=(0.5, L + 0.5, -0.5, e.shape[1] - 0.5))
+        fig.colorbar(im, ax=a)
+        a.set_title("experts: routed output L2 (layer x expert)")
+        a.set_xlabel("layer (1-indexed)")
+        a.set_ylabel("expert")
+    else:
+        ffn = torch.sort(scores["ffn"], dim=1, descending=True).values
+        for i in range(ffn.shape[0]):
+            a.plot(ffn[i].numpy(), color=matplotlib.cm.viridis(i / max(ffn.shape[0] - 1, 1)), lw=0.8)
+        a.set_yscale("log")
+        a.set_title("MLP neurons per layer (sorted; colour = layer)")
+        a.set_xlabel("rank")
     a = ax[1, 1]
     im = a.imshow(scores["heads"].numpy().T, aspect="auto", origin="lower", cmap="viridis",
                   extent=(0.5, L + 0.5, -0.5, scores["heads"].shape[1] - 0.5))

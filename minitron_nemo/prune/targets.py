@@ -3,7 +3,8 @@
 Targets (names as in NeMo 2 / modelopt): ``target_hidden_size``, ``target_ffn_hidden_size``,
 ``target_num_attention_heads``, ``target_num_query_groups``, ``target_num_layers`` or
 ``drop_layers`` (1-INDEXED layer numbers, as in NeMo), or a budget ``target_params`` /
-``target_params_ratio``. Unset targets keep the source value, except: with only
+``target_params_ratio``; MoE models also ``target_num_moe_experts`` (experts kept in every layer)
+and ``target_moe_ffn_hidden_size`` (each expert's FFN width). Unset targets keep the source value, except: with only
 ``target_num_query_groups`` set, the heads per group are kept (heads = groups' x heads/group); with
 only ``target_num_attention_heads`` set on an MHA model (groups == heads), groups follow the heads.
 ``kv_channels`` (head_dim) is always preserved.
@@ -21,7 +22,9 @@ from minitron_nemo.models.config import ModelConfig
 
 WIDTH_KEYS = {"target_hidden_size": "hidden_size", "target_ffn_hidden_size": "ffn_hidden_size",
               "target_num_attention_heads": "num_attention_heads",
-              "target_num_query_groups": "num_query_groups", "target_num_layers": "num_layers"}
+              "target_num_query_groups": "num_query_groups", "target_num_layers": "num_layers",
+              "target_num_moe_experts": "num_moe_experts", "target_moe_ffn_hidden_size": "moe_ffn_hidden_size"}
+MOE_KEYS = ("target_num_moe_experts", "target_moe_ffn_hidden_size")
 
 
 @dataclass
@@ -31,6 +34,8 @@ class Targets:
     target_num_attention_heads: Optional[int] = None
     target_num_query_groups: Optional[int] = None
     target_num_layers: Optional[int] = None
+    target_num_moe_experts: Optional[int] = None
+    target_moe_ffn_hidden_size: Optional[int] = None
     drop_layers: Optional[List[int]] = None  # 1-indexed
     target_params: Optional[float] = None
     target_params_ratio: Optional[float] = None
@@ -75,13 +80,22 @@ def new_config(mc: ModelConfig, t: Targets) -> ModelConfig:
                           "num_attention_heads": heads or mc.num_attention_heads,
                           "num_query_groups": groups or mc.num_query_groups,
                           "num_layers": mc.num_layers if layers is None else layers,
+                          "num_moe_experts": t.target_num_moe_experts or mc.num_moe_experts,
+                          "moe_ffn_hidden_size": t.target_moe_ffn_hidden_size or mc.moe_ffn_hidden_size,
                           "kv_channels": mc.head_dim})
 
 
-def validate(mc: ModelConfig, t: Targets, tp: int, pp: int) -> ModelConfig:
+def validate(mc: ModelConfig, t: Targets, tp: int, pp: int, ep: int = 1) -> ModelConfig:
     """Check explicit targets against the source and the parallel layout; return the pruned config."""
     if t.grid < 1:
         _fail(f"prune.grid={t.grid}; allowed: an integer >= 1")
+    for key in MOE_KEYS:
+        if getattr(t, key) is not None and not mc.is_moe:
+            _fail(f"prune.{key}={getattr(t, key)} but the source model ({mc.family}) has no experts; allowed: "
+                  f"unset for a dense model")
+    if mc.is_moe and t.target_ffn_hidden_size is not None:
+        _fail(f"prune.target_ffn_hidden_size={t.target_ffn_hidden_size}: every MLP of this model is a mixture "
+              f"of experts; allowed: prune.target_moe_ffn_hidden_size (each expert's width)")
     for key, attr in WIDTH_KEYS.items():
         v = getattr(t, key)
         if v is None:
@@ -112,12 +126,19 @@ def validate(mc: ModelConfig, t: Targets, tp: int, pp: int) -> ModelConfig:
         _fail(f"target heads per query group {new.num_attention_heads // new.num_query_groups} "
               f"({new.num_attention_heads}/{new.num_query_groups}) exceeds the source's {hpg}; allowed: "
               f"num_attention_heads <= {hpg} x num_query_groups (heads are ranked within their group)")
-    for attr in ("hidden_size", "ffn_hidden_size"):
+    if new.is_moe and new.moe_router_topk > new.num_moe_experts:
+        _fail(f"prune.target_num_moe_experts={new.num_moe_experts} is fewer than the experts each token uses "
+              f"(moe_router_topk={new.moe_router_topk}); allowed: {new.moe_router_topk}..{mc.num_moe_experts}")
+    if new.is_moe and new.num_moe_experts % ep:
+        _fail(f"target num_moe_experts={new.num_moe_experts} is not divisible by expert_model_parallel_size="
+              f"{ep}; allowed: a multiple of {ep}")
+    for attr in ("hidden_size", "ffn_hidden_size", "moe_ffn_hidden_size"):
         v = getattr(new, attr)
         if v != getattr(mc, attr) and v % t.grid:
             _fail(f"target {attr}={v} is off the grid; allowed: a multiple of prune.grid={t.grid} "
                   f"(e.g. {max(t.grid, v // t.grid * t.grid)}), or set prune.grid")
-    for attr in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
+    for attr in ("num_attention_heads", "num_query_groups", "ffn_hidden_size") + (
+            ("moe_ffn_hidden_size",) if new.is_moe else ()):
         v = getattr(new, attr)
         if v % tp:
             _fail(f"target {attr}={v} is not divisible by tensor_model_parallel_size={tp}; "
@@ -181,6 +202,9 @@ def budget(mc: ModelConfig, t: Targets) -> int:
 
 def candidates(mc: ModelConfig, t: Targets, space: SearchSpace, tp: int, pp: int) -> List[ModelConfig]:
     """Grid architectures within ``tolerance`` of the budget, closest first (at most ``max_candidates``)."""
+    if mc.is_moe:
+        _fail("prune.target_params(_ratio) on a mixture-of-experts model is not supported yet; allowed: "
+              "explicit targets (prune.target_num_moe_experts, prune.target_moe_ffn_hidden_size, ...)")
     target = budget(mc, t)
     unknown = sorted(set(space.axes) - {"hidden", "ffn", "heads", "layers"})
     if unknown:

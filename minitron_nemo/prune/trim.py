@@ -10,6 +10,8 @@ pruned model equals the source with the dropped units masked to zero (tests chec
   heads (every group keeps the same number of heads, and its K and V).
 * MLP: top ``F'`` neurons of each layer; both SwiGLU halves (gate, up) use the same indices.
 * layers: the kept old layers, in order.
+* experts (MoE): top ``E'`` experts of each layer by the chosen expert score, and within each kept expert
+  its top ``F'`` neurons; the router keeps the kept experts' rows (``prune/experts.py``).
 
 ``trim_model`` fills a freshly built smaller model on every rank from this rank's old shard without
 gathering the model: hidden slicing is local (hidden is never TP-sharded); for head / group / neuron
@@ -20,7 +22,7 @@ pipeline stage, its new shard is sent point-to-point to the same TP rank of the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List
 
 import torch
@@ -30,6 +32,7 @@ from megatron.core import parallel_state
 from minitron_nemo.checkpoint import hf as hfconv
 from minitron_nemo.models.builder import build_model
 from minitron_nemo.models.config import ModelConfig
+from minitron_nemo.prune import experts as moe_prune
 
 
 @dataclass
@@ -39,6 +42,8 @@ class Plan:
     ffn: List[torch.Tensor]  # per new layer: kept neurons of its old layer
     groups: List[torch.Tensor]  # per new layer: kept query groups
     heads: List[torch.Tensor]  # per new layer: [G', h'] kept heads (index within their group)
+    experts: List[torch.Tensor] = field(default_factory=list)  # MoE, per new layer: kept experts [E']
+    expert_ffn: List[torch.Tensor] = field(default_factory=list)  # MoE, per new layer: [E', F'] kept neurons
 
 
 def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -47,8 +52,10 @@ def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     return order.sort().values
 
 
-def make_plan(mc: ModelConfig, new_mc: ModelConfig, scores: dict, layers: List[int]) -> Plan:
-    """Kept indices of every axis for the pruned config ``new_mc``; ``layers`` are the kept old layers."""
+def make_plan(mc: ModelConfig, new_mc: ModelConfig, scores: dict, layers: List[int],
+              expert_score: str = "routed_l2") -> Plan:
+    """Kept indices of every axis for the pruned config ``new_mc``; ``layers`` are the kept old layers;
+    experts are ranked by ``expert_<expert_score>``."""
     G, hpg = mc.num_query_groups, mc.num_attention_heads // mc.num_query_groups
     new_hpg = new_mc.num_attention_heads // new_mc.num_query_groups
     ffn, groups, heads = [], [], []
@@ -58,8 +65,12 @@ def make_plan(mc: ModelConfig, new_mc: ModelConfig, scores: dict, layers: List[i
         head_scores = scores["heads"][i].view(G, hpg)
         groups.append(g)
         heads.append(torch.stack([top_k(head_scores[j], new_hpg) for j in g.tolist()]))
-    return Plan(hidden=top_k(scores["hidden"], new_mc.hidden_size), layers=list(layers), ffn=ffn,
+    plan = Plan(hidden=top_k(scores["hidden"], new_mc.hidden_size), layers=list(layers), ffn=ffn,
                 groups=groups, heads=heads)
+    if mc.is_moe:
+        plan.experts, plan.expert_ffn = moe_prune.plan_experts(scores, layers, new_mc.num_moe_experts,
+                                                               new_mc.moe_ffn_hidden_size, expert_score)
+    return plan
 
 
 # ----------------------------------------------------------------------------- index helpers
@@ -90,12 +101,18 @@ def fc1_rows(mc: ModelConfig, ffn_idx: torch.Tensor) -> torch.Tensor:
     return ffn_idx
 
 
+QK_NORMS = ("q_layernorm.weight", "k_layernorm.weight")
 NORM_SUFFIXES = ("layernorm.weight", "layernorm.bias", "layer_norm_weight", "layer_norm_bias")
 
 
 def slice_layer_tensor(mc: ModelConfig, name: str, t: torch.Tensor, plan: Plan, j: int) -> torch.Tensor:
     """Slice one full (TP-unsharded) tensor of old layer ``plan.layers[j]`` for new layer ``j``."""
     hid = plan.hidden
+    if name.endswith(QK_NORMS):
+        # Qwen3's query/key RMSNorm: one [head_dim] weight that every head of the layer shares. Head and
+        # group pruning drop whole heads and hidden pruning never touches head_dim, so the kept heads
+        # keep using the same weight unchanged.
+        return t
     if name.endswith(NORM_SUFFIXES) or name.endswith(("linear_proj.bias", "linear_fc2.bias")):
         return t[hid]
     if name.endswith("linear_qkv.weight"):
@@ -110,6 +127,8 @@ def slice_layer_tensor(mc: ModelConfig, name: str, t: torch.Tensor, plan: Plan, 
         return t[fc1_rows(mc, plan.ffn[j])]
     if name.endswith("linear_fc2.weight"):
         return t[hid][:, plan.ffn[j]]
+    if name.endswith("mlp.router.weight"):
+        return t[plan.experts[j]][:, hid]
     raise NotImplementedError(f"pruning does not know how to slice {name}")
 
 
@@ -138,8 +157,9 @@ def gather_tp(mc: ModelConfig, name: str, t: torch.Tensor) -> torch.Tensor:
 
 
 def _layer_suffixes(model) -> List[str]:
+    """Tensor names of a layer, experts excluded (``experts.fill_experts`` moves those)."""
     keys = model.decoder.layers[0].state_dict().keys()
-    return sorted(k for k in keys if not k.endswith("_extra_state"))
+    return sorted(k for k in keys if not k.endswith("_extra_state") and ".experts." not in f".{k}")
 
 
 @torch.no_grad()
@@ -175,6 +195,8 @@ def fill_pruned(model, mc: ModelConfig, new_model, new_mc: ModelConfig, plan: Pl
                 tmp = torch.empty_like(buf)
                 dist.recv(tmp, src=pp_ranks[src])
                 buf.copy_(tmp)
+    if mc.is_moe:
+        moe_prune.fill_experts(old_sd, new_sd, mc, new_mc, plan, per_old, per_new)
 
 
 def trim_model(model, mc: ModelConfig, new_mc: ModelConfig, plan: Plan, params_dtype=None):

@@ -27,6 +27,7 @@ FAMILIES = {
     "qwen2": dict(family="qwen2", add_qkv_bias=True),
     "nemotron": dict(family="nemotron", normalization="LayerNorm", layernorm_zero_centered_gamma=True,
                      activation="squared_relu", rotary_percent=0.5),
+    "qwen3": dict(family="qwen3", qk_layernorm=True),  # head pruning keeps the shared per-head norm weights
 }
 
 
