@@ -134,3 +134,22 @@ def test_moe_targets_bad_input():
         assert str(e.value) == msg
     assert validate(moe, Targets(target_num_moe_experts=4, target_moe_ffn_hidden_size=16, grid=8), 1, 1, 2) \
         .num_moe_experts == 4
+
+
+# ----------------------------------------------------------------------------- distillation
+def test_moe_student_distils_logs_aux_loss_and_resumes_bitwise(tmp_path):
+    """An MoE student (4 experts) distilled from an MoE teacher (8 experts): the router's load-balancing
+    loss is logged beside the KD loss (weight x its value, about 0.01 for balanced routing), it changes
+    the training (weight 0.01 vs 0 give other KD losses), and a run stopped at step 3 and resumed
+    reaches step 6 with the uninterrupted run's losses, bit for bit (fp32, CPU)."""
+    worker = WORKERS / "train_kd_worker.py"
+    run_py(worker, "full", tmp_path / "full.json", tmp_path / "full", 1, "fp32", "moe")
+    run_py(worker, "resume", tmp_path / "res.json", tmp_path / "res", 1, "fp32", "moe")
+    run_py(worker, "full", tmp_path / "zero.json", tmp_path / "zero", 1, "fp32", "moe0")
+    full, res, zero = (json.loads((tmp_path / f"{n}.json").read_text())["losses"] for n in ("full", "res", "zero"))
+    assert [r["iteration"] for r in res] == list(range(1, 7))
+    assert full == res
+    assert all(0.005 < r["moe_aux"] < 0.05 for r in full)
+    assert all("moe_aux" not in r for r in zero)
+    assert full[0]["logits"] == zero[0]["logits"]  # same weights and data before the first update
+    assert full[-1]["logits"] != zero[-1]["logits"]

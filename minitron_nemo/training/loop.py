@@ -23,6 +23,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 
 from minitron_nemo import launch_signals, runtime
+from minitron_nemo.training import moe_aux
 from minitron_nemo.training import state as ckpt
 from minitron_nemo.training.metrics import MetricsLog, plot_losses
 from minitron_nemo.training.optim import cuda_type_names
@@ -93,14 +94,16 @@ def _wrap_loss(loss, batch, output):
 
 
 def train_step(chunk, ddp, optimizer, scheduler, batches: list, forward, loss) -> tuple[dict, float | None]:
+    """One optimizer step; MoE students also log the router's load-balancing loss (``moe_aux``)."""
     chunk.train()
     ddp.zero_grad_buffer()
     optimizer.zero_grad()
+    moe_aux.clear()
     results = run_schedule(chunk, batches, forward, loss, forward_only=False)
     with cuda_type_names():
         _ok, grad_norm, _zeros = optimizer.step()
     scheduler.step(increment=1)
-    return reduce_metrics(results), grad_norm
+    return {**reduce_metrics(results), **moe_aux.take(get_model_config(chunk), len(batches))}, grad_norm
 
 
 def evaluate(chunk, batches: list, forward, loss) -> dict:

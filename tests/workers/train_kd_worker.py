@@ -1,7 +1,8 @@
 """KD training worker on tiny random models: ``train_kd_worker.py MODE OUT_JSON WORKDIR [PP] [DTYPE] [inter]``.
 
 ``inter``: add a cosine intermediate loss on the final norms (student hidden 48 != teacher 64, so
-through the student's learned projection).
+through the student's learned projection). ``moe``: teacher and student are mixtures of experts (8 and
+4 experts, top-2) whose router load-balancing loss has weight 0.01; ``moe0``: the same with weight 0.
 
 MODE ``full``: 6 steps. ``resume``: 3 steps (checkpoint), then fresh objects resume to 6.
 ``init``: save random teacher/student checkpoints to WORKDIR/{teacher,student}. ``run``: load them, 3 steps.
@@ -77,8 +78,15 @@ def make_trainer(work, dtype, teacher=None, student=None):
                    seq_length=SEQ)
 
 
+def use_moe(coeff: float) -> None:
+    global T_MC, S_MC
+    T_MC = T_MC.replace(family="mixtral", num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=32,
+                        moe_aux_loss_coeff=coeff)
+    S_MC = T_MC.replace(hidden_size=48, num_moe_experts=4, moe_ffn_hidden_size=16)
+
+
 def losses(tr):
-    return [{k: r[k] for k in ("iteration", "total", "logits", "lm", "intermediate") if k in r}
+    return [{k: r[k] for k in ("iteration", "total", "logits", "lm", "intermediate", "moe_aux") if k in r}
             for r in tr.history if r["kind"] == "train"]
 
 
@@ -88,6 +96,8 @@ def main():
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[sys.argv[5] if len(sys.argv) > 5 else "bf16"]
     global INTER
     INTER = len(sys.argv) > 6 and sys.argv[6] == "inter"
+    if len(sys.argv) > 6 and sys.argv[6].startswith("moe"):
+        use_moe(0.0 if sys.argv[6] == "moe0" else 0.01)
     runtime.init_distributed(1, pp, 1234)
     result = {}
     if mode == "full":
