@@ -16,7 +16,44 @@ JOBS = {
     "minitron_8b": (15.7e9, (32, 4096, 16384, 48, 8), 8.27e9, 1152, 4096, 2e-4, 4.5e-7),
     "minitron_4b": (15.7e9, (32, 3072, 9216, 24, 8), 4.19e9, 1152, 4096, 2e-4, 4.5e-7),
     "smollm2_demo": (134.5e6, (30, 384, 768, 9, 3), 63.1e6, 4, 128, 1e-3, 1e-4),
+    "qwen3_30b_a3b_minitron": (30.5e9, (48, 2048, 6144, 32, 4), 16.0e9, 1024, 4096, 1e-4, 1e-5),
 }
+
+# Model cards: total parameters, active parameters (MoE), parameters without the embeddings (where given).
+# Qwen3-8B: 8.2B, non-embedding 6.95B; Qwen3-30B-A3B: 30.5B, 3.3B activated, non-embedding 29.9B;
+# Mixtral-8x7B: 46.7B, 12.9B active per token.
+MODEL_CARDS = {"qwen3_8b": (8.2e9, 8.2e9, 6.95e9), "qwen3_30b_a3b": (30.5e9, 3.3e9, 29.9e9),
+               "mixtral_8x7b": (46.7e9, 12.9e9, None)}
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_CARDS))
+def test_model_entry_matches_model_card(name):
+    import yaml
+
+    from conftest import ROOT
+
+    from minitron_nemo.models.config import ModelConfig
+
+    total, active, non_emb = MODEL_CARDS[name]
+    mc = ModelConfig.from_dict(yaml.safe_load((ROOT / "conf" / "model" / f"{name}.yaml").read_text()))
+    emb = mc.vocab_size * mc.hidden_size * (1 if mc.share_embeddings_and_output_weights else 2)
+    # the cards give 2-3 significant digits
+    assert abs(count_parameters(mc) - total) / total < 0.02, count_parameters(mc)
+    assert abs(count_parameters(mc, active=True) - active) / active < 0.02, count_parameters(mc, active=True)
+    if non_emb:
+        assert abs(count_parameters(mc) - emb - non_emb) / non_emb < 0.001
+
+
+def test_moe_job_config_prunes_experts():
+    cfg = compose("qwen3_30b_a3b_minitron", [])
+    t_mc = model_config(cfg.model)
+    par = cfg.parallel
+    s_mc = validate(t_mc, Targets.from_cfg(OmegaConf.to_container(cfg.prune, resolve=True)),
+                    par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.expert_model_parallel_size)
+    assert (s_mc.num_moe_experts, s_mc.moe_ffn_hidden_size, s_mc.moe_router_topk) == (96, 512, 8)
+    assert count_parameters(s_mc, active=True) < count_parameters(t_mc, active=True)
+    tp, ep = par.tensor_model_parallel_size, par.expert_model_parallel_size
+    assert 256 % (tp * ep) == 0 and s_mc.num_moe_experts % ep == 0
 
 
 @pytest.mark.parametrize("name", sorted(JOBS))
