@@ -89,14 +89,21 @@ def pruned(tmp_path_factory):
     for fam in MOE_FAMILIES:
         run_py(WORKERS / "moe_prune_worker.py", d, fam)
         run_torchrun(WORKERS / "moe_prune_worker.py", 2, d, fam)
+        run_torchrun(WORKERS / "moe_prune_worker.py", 2, d, fam, "tp2")
     return d
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_expert_pruning_is_masking_and_layout_invariant(pruned, family):
-    """The worker asserts, at EP=1 and EP=2: expert scores recomputed independently, frequency sums,
-    pruned logits == masked-model logits. Here: EP=2 scores and pruned logits equal EP=1's."""
-    one, two = (torch.load(pruned / f"{family}_ep{ep}.pt") for ep in (1, 2))
+    """The worker asserts, at EP=1, EP=2 and TP=2: expert scores recomputed independently (EP=1),
+    frequency sums, pruned logits == masked-model logits. Here: EP=2's and TP=2's scores and pruned
+    logits equal EP=1's."""
+    one = torch.load(pruned / f"{family}_ep1.pt")
+    for layout in ("ep2", "tp2"):
+        _same(one, torch.load(pruned / f"{family}_{layout}.pt"))
+
+
+def _same(one, two):
     assert sorted(one["scores"]) == sorted(two["scores"])
     for k in ("expert_routed_l2", "expert_output_l2", "expert_router_mass", "expert_frequency", "expert_ffn",
               "hidden", "heads", "layer_bi"):
@@ -153,3 +160,31 @@ def test_moe_student_distils_logs_aux_loss_and_resumes_bitwise(tmp_path):
     assert all("moe_aux" not in r for r in zero)
     assert full[0]["logits"] == zero[0]["logits"]  # same weights and data before the first update
     assert full[-1]["logits"] != zero[-1]["logits"]
+
+
+def test_prune_recipe_tp2_then_export_matches_transformers(tmp_path):
+    """The README's MoE pruning command at TP=2 (each expert split over both ranks): experts 4 -> 3 and
+    expert FFN 32 -> 16 on Qwen3-MoE; the HF export loads in transformers with our logits."""
+    import sys
+
+    import yaml
+
+    sys.path.insert(0, str(ROOT / "tests" / "workers"))
+    from prune_common import small_checkpoint
+
+    ckpt = small_checkpoint(tmp_path, "qwen3_moe")
+    out, hf = tmp_path / "pruned", tmp_path / "pruned_hf"
+    p = run_torchrun(ROOT / "recipes" / "prune.py", 2, f"checkpoint={ckpt}", f"output={out}",
+                     f"prune.calibration.data={tmp_path / 'calib.txt'}", "prune.calibration.num_samples=8",
+                     "prune.calibration.seq_length=32", "prune.calibration.micro_batch_size=4", "prune.grid=8",
+                     "prune.target_num_moe_experts=3", "prune.target_moe_ffn_hidden_size=16",
+                     "parallel.tensor_model_parallel_size=2")
+    assert "experts 4->3 (expert FFN 32->16)" in p.stdout
+    mc = yaml.safe_load((out / "model.yaml").read_text())
+    assert (mc["num_moe_experts"], mc["moe_ffn_hidden_size"], mc["moe_router_topk"]) == (3, 16, 2)
+    assert (out / "prune" / "importance.png").is_file()
+    run_py(ROOT / "recipes" / "export_hf.py", f"checkpoint={out}", f"output={hf}")
+    cfg = json.loads((hf / "config.json").read_text())
+    assert (cfg["num_experts"], cfg["moe_intermediate_size"]) == (3, 16)
+    p = run_py(WORKERS / "logits_worker.py", out, hf, 1, 1, "1e-4")
+    assert "max|logits diff|" in p.stdout

@@ -88,6 +88,24 @@ def select_layers(mc: ModelConfig, num_layers: int, scores: dict, criterion: str
     return [i for i in range(L) if i not in drop]
 
 
+def check_same_on_every_rank(scores: dict) -> None:
+    """Every rank must rank units from the same scores (else each shard would keep other units)."""
+    import hashlib
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    h = hashlib.sha256()
+    for k in sorted(scores):
+        h.update(k.encode() + scores[k].float().contiguous().numpy().tobytes())
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, h.hexdigest())
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"importance scores differ between ranks ({len(set(digests))} versions); the "
+                           f"pruned shards would not match")
+
+
 # ----------------------------------------------------------------------------- one target
 def prune_to(model, mc: ModelConfig, new_mc: ModelConfig, scores: dict, *, layer_criterion="block",
              drop_layers=None, loss_batches=None, progress=True, expert_score="routed_l2"):
@@ -131,6 +149,7 @@ def prune_model(model, mc: ModelConfig, targets, *, batches=None, scores: Option
             raise UserError("importance needs calibration data; allowed: prune.calibration.data=PATH "
                             "or prune.importance.load=PATH")
         scores = imp.estimate(model, batches, agg, progress=progress)
+    check_same_on_every_rank(scores)  # computed or loaded: every shard must keep the same units
     loss_batches = loss_batches or batches
     if not t.is_budget():
         new_model, kept = prune_to(model, mc, cands[0], scores, layer_criterion=layer_criterion,

@@ -23,7 +23,11 @@ and neuron c of expert e' are unrelated, so one ranking across experts would mea
 Parallel assembly: expert statistics are already summed over the tokens of every rank of the expert-
 parallel group (the all-to-all brought them); they are summed over the expert data-parallel group,
 gathered over expert-TP (neurons) and EP (experts), then over PP stages like the dense scores. Router
-mass is computed from each rank's own tokens and summed over the data-parallel group.
+mass is computed from each rank's own tokens and summed over the data-parallel group. Under TP without
+sequence parallelism every TP rank holds every token and the dispatcher hands each expert all TP ranks'
+copies (identical), so expert statistics are divided by TP; with sequence parallelism each token comes
+once and the router mass of the TP ranks' sequence chunks is summed. An expert's output on an expert-TP
+rank is a partial sum (the combine step reduces it): the hook sums it over expert-TP before its norm.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ class ExpertCollector:
         self.routed, self.output, self.count = z(n, e_local), z(n, e_local), z(n, e_local)
         self.neurons = z(n, e_local, f_local)
         self.mass = z(n, E)
+        self.sequence_parallel = bool(mlp.config.sequence_parallel)
         self.handles = []
         for i, layer in enumerate(layers):
             router = layer.mlp.router
@@ -83,8 +88,13 @@ class ExpertCollector:
         return hook
 
     def _expert_hook(self, i, k):
+        etp = parallel_state.get_expert_tensor_parallel_world_size()
+
         def hook(expert, args, out):
             y = out[0].detach().float()
+            if etp > 1:  # an expert's linear_fc2 leaves the expert-TP sum to the token combine: sum it here
+                y = y.clone()
+                dist.all_reduce(y, group=parallel_state.get_expert_tensor_parallel_group())
             p = args[1].detach().float().reshape(-1, 1) if len(args) > 1 else y.new_ones(y.shape[0], 1)
             self.routed[i, k] += y.square().sum().double()
             self.output[i, k] += (y / p.clamp_min(1e-30)).square().sum().double()
@@ -121,9 +131,14 @@ def finalize(c: ExpertCollector) -> dict:
     ps = parallel_state
     edp, etp, ep = (ps.get_expert_data_parallel_group(), ps.get_expert_tensor_parallel_group(),
                     ps.get_expert_model_parallel_group())
+    tp = ps.get_tensor_model_parallel_world_size()
     for acc in (c.routed, c.output, c.count, c.neurons):
         _all_reduce(acc, edp)
+        if tp > 1 and not c.sequence_parallel:
+            acc /= tp
     _all_reduce(c.mass, ps.get_data_parallel_group())
+    if c.sequence_parallel:
+        _all_reduce(c.mass, ps.get_tensor_model_parallel_group())
     neurons = _all_gather(c.neurons.sqrt(), etp, dim=2)
     per_layer = {"expert_routed_l2": c.routed.sqrt(), "expert_output_l2": c.output.sqrt(),
                  "expert_frequency": c.count, "expert_ffn": neurons}

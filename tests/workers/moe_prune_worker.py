@@ -1,6 +1,7 @@
 """Expert and expert-FFN pruning on a small random MoE model, at EP = world size (1 or 2 ranks).
 
-usage: moe_prune_worker.py WORKDIR FAMILY      (python: EP=1; torchrun --nproc_per_node 2: EP=2)
+usage: moe_prune_worker.py WORKDIR FAMILY [tp2]  (python: EP=1; torchrun --nproc_per_node 2: EP=2, or
+                                                with tp2 TP=2: every expert split over both ranks)
 
 1. Scores: ``expert_frequency`` of each layer sums to tokens x top-k; each expert score is recomputed
    independently from captured router inputs and expert outputs (EP=1).
@@ -32,6 +33,7 @@ FAMILIES = {
     "mixtral": dict(family="mixtral", moe_router_pre_softmax=False),
     "qwen3_moe": dict(family="qwen3_moe", moe_router_pre_softmax=True, qk_layernorm=True),
 }
+MC = None
 CASES = {
     "experts": Targets(target_num_moe_experts=6),
     "expert_ffn": Targets(target_moe_ffn_hidden_size=16, grid=8),
@@ -47,20 +49,31 @@ def small_config(family):
 
 
 def randomize(model, seed):
-    """The same random weights at any EP: every expert's tensors are drawn from a generator seeded by
-    its global number; routers get a large std so that routing is decisive."""
-    ep_rank, n_local = ps.get_expert_model_parallel_rank(), model.config.num_moe_experts // \
+    """The same random weights at any TP x EP: each tensor is drawn whole (at its TP=1 shape) from a
+    generator seeded by its name with the global expert number, then cut to this rank's TP shard; routers
+    get a large std so that routing is decisive."""
+    from minitron_nemo.checkpoint import hf as hfconv
+
+    mc = MC
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    ep_rank, n_local = ps.get_expert_model_parallel_rank(), mc.num_moe_experts // \
         ps.get_expert_model_parallel_world_size()
     with torch.no_grad():
         for name, p in model.named_parameters():
             parts = ex.moe.split_expert_name(name)
             key = name if parts is None else f"{parts[0]}{ep_rank * n_local + parts[1]}{parts[2]}"
             g = torch.Generator().manual_seed(seed * 100003 + sum(map(ord, key)) * 31 + len(key))
+            shape = list(p.shape)
+            if tp > 1 and name.endswith(hfconv.COLUMN_PARALLEL):
+                shape[0] *= tp
+            elif tp > 1 and name.endswith(hfconv.ROW_PARALLEL):
+                shape[1] *= tp
             if "norm" in name:
-                p.copy_(torch.rand(p.shape, generator=g) * 0.8 + 0.6)
+                full = torch.rand(shape, generator=g) * 0.8 + 0.6
             else:
                 std = 0.5 if name.endswith("router.weight") else (0.1 if p.dim() == 1 else 0.15)
-                p.copy_(torch.randn(p.shape, generator=g) * std)
+                full = torch.randn(shape, generator=g) * std
+            p.copy_(hfconv.shard_tensor(mc, name, full, tp_rank, tp))
 
 
 def batches_of(mc, n_batches=3, b=2, s=16):
@@ -81,9 +94,9 @@ def close(a, b, what, rtol=1e-5):
 def check_scores(model, mc, scores, batches):
     tokens = sum(b["tokens"].numel() for b in batches)
     for i in range(mc.num_layers):
-        assert scores["expert_frequency"][i].sum().item() == tokens * mc.moe_router_topk
-    if ps.get_expert_model_parallel_world_size() > 1:
-        return
+        assert scores["expert_frequency"][i].sum().item() == tokens * mc.moe_router_topk, (scores["expert_frequency"][i], tokens)
+    if ps.get_expert_model_parallel_world_size() * ps.get_tensor_model_parallel_world_size() > 1:
+        return  # the independent recomputation reads whole experts: one process
     # Independent recomputation from captured tensors (router input; each expert's output and probs).
     acts, handles = {}, []
     for i, layer in enumerate(model.decoder.layers):
@@ -131,7 +144,8 @@ def masked_reference(model, mc, plan):
                 fc2 = mlp.experts.local_experts[e % n_local].linear_fc2.weight
                 kept = torch.zeros(mc.moe_ffn_hidden_size, dtype=torch.bool)
                 kept[plan.expert_ffn[j][n]] = True
-                fc2[:, ~kept] = 0
+                tp, r = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+                fc2[:, ~torch.chunk(kept, tp)[r]] = 0  # this TP rank's columns
     return ref
 
 
@@ -140,7 +154,7 @@ def check_masking(model, mc, scores, tokens, family):
     ep = ps.get_expert_model_parallel_world_size()
     out = {}
     for name, t in CASES.items():
-        new_mc = validate(mc, t, 1, 1, ep)
+        new_mc = validate(mc, t, ps.get_tensor_model_parallel_world_size(), 1, ep)
         kept = select_layers(mc, new_mc.num_layers, scores, "bi")
         plan = make_plan(mc, new_mc, scores, kept)
         pruned = trim_model(model, mc, new_mc, plan)
@@ -153,10 +167,10 @@ def check_masking(model, mc, scores, tokens, family):
         assert diff < 1e-4, f"{family} {name} ep={ep}: pruned vs masked logits differ by {diff}"
         assert changed > 1e-3, f"{family} {name}: masking changed nothing ({changed}); test is vacuous"
         numel = sum(p.numel() for p in pruned.parameters())
-        if ep == 1:
+        if ep * ps.get_tensor_model_parallel_world_size() == 1:  # one process holds every parameter
             pad = (new_mc.padded_vocab_size - new_mc.vocab_size) * new_mc.hidden_size * 2
             assert numel - pad == count_parameters(new_mc), (numel - pad, count_parameters(new_mc))
-        runtime.print0(f"OK masking equivalence {family} {name} ep={ep}: |diff|={diff:.1e} (masking moved "
+        runtime.print0(f"OK masking equivalence {family} {name} tp={ps.get_tensor_model_parallel_world_size()} ep={ep}: |diff|={diff:.1e} (masking moved "
                        f"logits by {changed:.2f}; experts {plan.experts[0].tolist()}, layers {kept})")
         out[name] = got
     return out
@@ -164,9 +178,12 @@ def check_masking(model, mc, scores, tokens, family):
 
 def main():
     work, family = Path(sys.argv[1]), sys.argv[2]
-    runtime.init_distributed(1, 1, expert_model_parallel_size=int(os.environ.get("WORLD_SIZE", "1")))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    tp = world if sys.argv[3:] == ["tp2"] else 1
+    runtime.init_distributed(tp, 1, expert_model_parallel_size=world // tp)
     ep = ps.get_expert_model_parallel_world_size()
-    mc = small_config(family)
+    global MC
+    mc = MC = small_config(family)
     model = build_model(mc)
     randomize(model, seed=1)
     model.eval()
@@ -177,7 +194,7 @@ def main():
     check_scores(model, mc, scores, batches)
     logits = check_masking(model, mc, scores, batches[0]["tokens"], family)
     if runtime.is_rank0():
-        torch.save({"scores": scores, "logits": logits}, work / f"{family}_ep{ep}.pt")
+        torch.save({"scores": scores, "logits": logits}, work / f"{family}_{'tp2' if tp > 1 else f'ep{ep}'}.pt")
     runtime.shutdown()
 
 
