@@ -240,8 +240,10 @@ class SearchConfig(SearchSpace):
             _fail(f"{at}.ratios", [], "a non-empty list of numbers in (0, 1]")
         for r in self.ratios:
             fraction(f"{at}.ratios", r)
+        from minitron_nemo.prune.targets import AXES
+
         for a in self.axes:
-            choice(f"{at}.axes", a, ("hidden", "ffn", "heads", "layers"))
+            choice(f"{at}.axes", a, AXES)
         positive_number(f"{at}.tolerance", self.tolerance)
         at_least(f"{at}.max_candidates", self.max_candidates, 1)
         at_least(f"{at}.eval_samples", self.eval_samples, 1)
@@ -267,6 +269,7 @@ class PruneGroup(Targets):
         for x in self.drop_layers or []:
             at_least(f"{at}.drop_layers", x, 1)
         positive_number(f"{at}.target_params", self.target_params, optional=True)
+        positive_number(f"{at}.target_active_params", self.target_active_params, optional=True)
         if self.target_params_ratio is not None:
             fraction(f"{at}.target_params_ratio", self.target_params_ratio)
         at_least(f"{at}.grid", self.grid, 1)

@@ -188,3 +188,26 @@ def test_prune_recipe_tp2_then_export_matches_transformers(tmp_path):
     assert (cfg["num_experts"], cfg["moe_intermediate_size"]) == (3, 16)
     p = run_py(WORKERS / "logits_worker.py", out, hf, 1, 1, "1e-4")
     assert "max|logits diff|" in p.stdout
+
+
+def test_moe_budget_search_by_active_parameters():
+    """``target_active_params``: the grid varies experts per layer and each expert's width too; every
+    candidate is within the tolerance of the active-parameter budget, keeps at least top-k experts."""
+    from minitron_nemo.errors import UserError
+    from minitron_nemo.models.builder import count_parameters
+    from minitron_nemo.models.config import ModelConfig
+    from minitron_nemo.prune.targets import SearchSpace, Targets, candidates
+
+    mc = ModelConfig(family="qwen3_moe", num_layers=4, hidden_size=128, ffn_hidden_size=256, num_attention_heads=4,
+                     num_query_groups=2, kv_channels=32, vocab_size=256, qk_layernorm=True, num_moe_experts=8,
+                     moe_router_topk=2, moe_ffn_hidden_size=128).validate()
+    budget = 0.75 * count_parameters(mc, active=True)
+    cands = candidates(mc, Targets(target_active_params=budget, grid=16), SearchSpace(max_candidates=50), 1, 1, 2)
+    assert cands
+    for c in cands:
+        assert abs(count_parameters(c, active=True) - budget) <= 0.05 * budget
+        assert c.num_moe_experts >= c.moe_router_topk and c.num_moe_experts % 2 == 0
+    assert len({c.num_moe_experts for c in cands}) > 1 and len({c.moe_ffn_hidden_size for c in cands}) > 1
+    dense = ModelConfig(family="qwen3", qk_layernorm=True).validate()
+    with pytest.raises(UserError, match="prune.target_active_params=1000 but the source model"):
+        candidates(dense, Targets(target_active_params=1000), SearchSpace(), 1, 1)

@@ -143,7 +143,7 @@ def prune_model(model, mc: ModelConfig, targets, *, batches=None, scores: Option
     if t.is_empty():
         raise UserError("nothing to prune; allowed: set a prune.target_*, prune.drop_layers or "
                         "prune.target_params(_ratio)")
-    cands = candidates(mc, t, search, tp, pp) if t.is_budget() else [validate(mc, t, tp, pp, ep)]
+    cands = candidates(mc, t, search, tp, pp, ep) if t.is_budget() else [validate(mc, t, tp, pp, ep)]
     if scores is None:
         if not batches:
             raise UserError("importance needs calibration data; allowed: prune.calibration.data=PATH "
@@ -163,14 +163,18 @@ def prune_model(model, mc: ModelConfig, targets, *, batches=None, scores: Option
     rows, best = [], None
     for n, c in enumerate(cands):
         new_model, kept = prune_to(model, mc, c, scores, layer_criterion=layer_criterion,
-                                   loss_batches=loss_batches, progress=progress)
+                                   loss_batches=loss_batches, progress=progress, expert_score=expert_score)
         loss = imp.mean_loss(new_model, eval_batches)
         row = {"num_layers": c.num_layers, "hidden_size": c.hidden_size, "ffn_hidden_size": c.ffn_hidden_size,
                "num_attention_heads": c.num_attention_heads, "num_query_groups": c.num_query_groups,
+               **({"num_moe_experts": c.num_moe_experts, "moe_ffn_hidden_size": c.moe_ffn_hidden_size,
+                   "active_params": count_parameters(c, active=True)} if c.is_moe else {}),
                "params": count_parameters(c), "loss": loss, "ppl": math.exp(min(loss, 50.0))}
         rows.append(row)
+        moe_txt = f"E={c.num_moe_experts} Fe={c.moe_ffn_hidden_size} active={row['active_params']} " \
+            if c.is_moe else ""
         runtime.print0(f"[search] candidate {n + 1}/{len(cands)}: L={c.num_layers} H={c.hidden_size} "
-                       f"F={c.ffn_hidden_size} heads={c.num_attention_heads} params={row['params']} "
+                       f"F={c.ffn_hidden_size} heads={c.num_attention_heads} {moe_txt}params={row['params']} "
                        f"loss={loss:.4f}")
         if best is None or loss < best[0]:
             best = (loss, new_model, c, kept)
@@ -208,7 +212,8 @@ def check_config(mc: ModelConfig, p, tp: int, pp: int, ranked_search: bool = Fal
         if t.is_empty():
             raise UserError("nothing to prune; allowed: set a prune.target_*, prune.drop_layers, "
                             "prune.target_params(_ratio) or prune.importance_only=true")
-        cands = candidates(mc, t, search_space(p), tp, pp) if t.is_budget() else [validate(mc, t, tp, pp, ep)]
+        cands = (candidates(mc, t, search_space(p), tp, pp, ep) if t.is_budget()
+                 else [validate(mc, t, tp, pp, ep)])
     c = p.calibration
     if c.data is not None:
         pdata.check_data(c.data)

@@ -62,12 +62,13 @@ def save_artifacts(out_dir, mc: ModelConfig, result, targets: Targets, title: st
     """importance.safetensors / .json / .png and, for a budget search, candidates.csv / .md (rank 0)."""
     save_scores(out_dir, result.scores, result.meta)
     if result.candidates:
-        write_candidates(out_dir, result.candidates, budget(mc, targets))
+        write_candidates(out_dir, result.candidates, budget(mc, targets),
+                         "active_params" if targets.counts_active() else "params")
     if runtime.is_rank0():
         plot_importance(result.scores, Path(out_dir) / "importance.png", title)
 
 
-def write_candidates(out_dir, table: List[dict], budget: int) -> None:
+def write_candidates(out_dir, table: List[dict], budget: int, counted: str = "params") -> None:
     """``candidates.csv`` and ``candidates.md`` (rank 0 only)."""
     if not runtime.is_rank0() or not table:
         return
@@ -79,8 +80,9 @@ def write_candidates(out_dir, table: List[dict], budget: int) -> None:
         w.writeheader()
         w.writerows(table)
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = [f"# Pruning candidates (budget {budget} params, ranked by zero-shot calibration loss)", "",
-             "| " + " | ".join(cols + ["params/budget"]) + " |", "|" + "---|" * (len(cols) + 1)]
+    what = "active params" if counted == "active_params" else "params"
+    lines = [f"# Pruning candidates (budget {budget} {what}, ranked by zero-shot calibration loss)", "",
+             "| " + " | ".join(cols + [f"{counted}/budget"]) + " |", "|" + "---|" * (len(cols) + 1)]
     for r in table:
-        lines.append("| " + " | ".join(fmt(r[c]) for c in cols) + f" | {r['params'] / budget:.3f} |")
+        lines.append("| " + " | ".join(fmt(r[c]) for c in cols) + f" | {r[counted] / budget:.3f} |")
     (d / "candidates.md").write_text("\n".join(lines) + "\n")

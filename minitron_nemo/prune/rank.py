@@ -66,6 +66,9 @@ def check(cfg, targets: Targets, src, mc: ModelConfig) -> Plan:
                         f"prune.target_params=N or prune.target_params_ratio=R")
     if p.importance_only:
         raise UserError(f"{at} and prune.importance_only=true; allowed: one of them")
+    if mc.is_moe:
+        raise UserError(f"{at}: the search ranked by distillation does not cover mixture-of-experts models yet; "
+                        f"allowed: 0 (candidates ranked by zero-shot loss)")
     if int(t.global_batch_size) % int(t.micro_batch_size):
         raise UserError(f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "
                         f"trainer.micro_batch_size={t.micro_batch_size}")

@@ -39,6 +39,7 @@ class Targets:
     drop_layers: Optional[List[int]] = None  # 1-indexed
     target_params: Optional[float] = None
     target_params_ratio: Optional[float] = None
+    target_active_params: Optional[float] = None  # MoE: budget on the parameters one token uses
     grid: int = 64
 
     @classmethod
@@ -53,7 +54,12 @@ class Targets:
         return {k: getattr(self, k) for k in WIDTH_KEYS if getattr(self, k) is not None}
 
     def is_budget(self) -> bool:
-        return self.target_params is not None or self.target_params_ratio is not None
+        return (self.target_params is not None or self.target_params_ratio is not None
+                or self.target_active_params is not None)
+
+    def counts_active(self) -> bool:
+        """The budget counts active parameters (MoE: router and top-k experts per layer)."""
+        return self.target_active_params is not None
 
     def is_empty(self) -> bool:
         return not self.explicit() and not self.drop_layers and not self.is_budget()
@@ -153,20 +159,32 @@ def validate(mc: ModelConfig, t: Targets, tp: int, pp: int, ep: int = 1) -> Mode
 @dataclass
 class SearchSpace:
     ratios: List[float] = field(default_factory=lambda: [1.0, 0.875, 0.75, 0.625, 0.5])
-    axes: List[str] = field(default_factory=lambda: ["hidden", "ffn", "heads", "layers"])
+    axes: List[str] = field(default_factory=lambda: ["hidden", "ffn", "heads", "layers", "experts"])
     tolerance: float = 0.05
     max_candidates: int = 20
 
 
-def _axis_values(mc: ModelConfig, axis: str, ratios, grid: int, tp: int, pp: int) -> List[int]:
-    src = {"hidden": mc.hidden_size, "ffn": mc.ffn_hidden_size, "heads": mc.num_attention_heads,
-           "layers": mc.num_layers}[axis]
+AXES = ("hidden", "ffn", "heads", "layers", "experts")
+
+
+def _source_values(mc: ModelConfig) -> dict:
+    """Each search axis's source value; on an MoE model ``ffn`` is each expert's width and ``experts`` the
+    experts per layer (a dense model has no ``experts`` axis: None)."""
+    return {"hidden": mc.hidden_size, "ffn": mc.moe_ffn_hidden_size if mc.is_moe else mc.ffn_hidden_size,
+            "heads": mc.num_attention_heads, "layers": mc.num_layers, "experts": mc.num_moe_experts}
+
+
+def _axis_values(mc: ModelConfig, axis: str, ratios, grid: int, tp: int, pp: int, ep: int = 1) -> List:
+    src = _source_values(mc)[axis]
+    if src is None:
+        return [None]
     step = {"hidden": grid, "ffn": grid * tp // _gcd(grid, tp), "heads": _lcm(mc.num_query_groups, tp),
-            "layers": pp}[axis]
+            "layers": pp, "experts": ep}[axis]
+    least = mc.moe_router_topk if axis == "experts" else step
     vals = {src}
     for r in ratios:
         v = int(src * r) // step * step
-        if v >= step:
+        if v >= max(step, least):
             vals.add(v)
     return sorted(vals, reverse=True)
 
@@ -182,12 +200,23 @@ def _lcm(a, b):
 
 
 def budget(mc: ModelConfig, t: Targets) -> int:
-    if t.target_params is not None and t.target_params_ratio is not None:
-        _fail("prune.target_params and prune.target_params_ratio are both set; allowed: one of them")
+    """The budget in parameters (active parameters with ``target_active_params``)."""
+    if sum(x is not None for x in (t.target_params, t.target_params_ratio, t.target_active_params)) > 1:
+        _fail("more than one of prune.target_params, prune.target_params_ratio, prune.target_active_params "
+              "is set; allowed: one of them")
+    if t.target_active_params is not None and not mc.is_moe:
+        _fail(f"prune.target_active_params={t.target_active_params:g} but the source model ({mc.family}) has no "
+              f"experts; allowed: prune.target_params for a dense model")
     if t.explicit() or t.drop_layers:
         _fail(f"prune.target_params(_ratio) cannot be combined with explicit targets {sorted(t.explicit())}"
               f"{' and drop_layers' if t.drop_layers else ''}; allowed: a budget or explicit targets")
-    full = count_parameters(mc)
+    full = count_parameters(mc, active=t.counts_active())
+    if t.target_active_params is not None:
+        n = float(t.target_active_params)
+        if not 0 < n <= full:
+            _fail(f"prune.target_active_params={n:g} is not in (0, {full}] (the source uses {full} parameters "
+                  f"per token); allowed: a smaller positive count")
+        return int(n)
     if t.target_params_ratio is not None:
         r = float(t.target_params_ratio)
         if not 0 < r <= 1:
@@ -200,29 +229,31 @@ def budget(mc: ModelConfig, t: Targets) -> int:
     return int(n)
 
 
-def candidates(mc: ModelConfig, t: Targets, space: SearchSpace, tp: int, pp: int) -> List[ModelConfig]:
-    """Grid architectures within ``tolerance`` of the budget, closest first (at most ``max_candidates``)."""
-    if mc.is_moe:
-        _fail("prune.target_params(_ratio) on a mixture-of-experts model is not supported yet; allowed: "
-              "explicit targets (prune.target_num_moe_experts, prune.target_moe_ffn_hidden_size, ...)")
+def candidates(mc: ModelConfig, t: Targets, space: SearchSpace, tp: int, pp: int,
+               ep: int = 1) -> List[ModelConfig]:
+    """Grid architectures within ``tolerance`` of the budget, closest first (at most ``max_candidates``).
+    On an MoE model ``ffn`` varies each expert's width and ``experts`` the experts per layer (at least the
+    router's top-k, a multiple of EP); ``target_active_params`` counts the parameters one token uses."""
     target = budget(mc, t)
-    unknown = sorted(set(space.axes) - {"hidden", "ffn", "heads", "layers"})
+    unknown = sorted(set(space.axes) - set(AXES))
     if unknown:
-        _fail(f"prune.search.axes has {unknown}; allowed: hidden, ffn, heads, layers")
-    values = {a: (_axis_values(mc, a, space.ratios, t.grid, tp, pp) if a in space.axes else
-                  [{"hidden": mc.hidden_size, "ffn": mc.ffn_hidden_size, "heads": mc.num_attention_heads,
-                    "layers": mc.num_layers}[a]])
-              for a in ("hidden", "ffn", "heads", "layers")}
+        _fail(f"prune.search.axes has {unknown}; allowed: {', '.join(AXES)}")
+    src = _source_values(mc)
+    values = {a: (_axis_values(mc, a, space.ratios, t.grid, tp, pp, ep) if a in space.axes else [src[a]])
+              for a in AXES}
     found = []
-    for h, f, n, L in itertools.product(*values.values()):
-        c = new_config(mc, Targets(target_hidden_size=h, target_ffn_hidden_size=f,
-                                   target_num_attention_heads=n, target_num_layers=L))
-        p = count_parameters(c)
+    for h, f, n, L, e in itertools.product(*values.values()):
+        width = dict(target_moe_ffn_hidden_size=f, target_num_moe_experts=e) if mc.is_moe else \
+            dict(target_ffn_hidden_size=f)
+        c = new_config(mc, Targets(target_hidden_size=h, target_num_attention_heads=n, target_num_layers=L,
+                                   **width))
+        p = count_parameters(c, active=t.counts_active())
         if abs(p - target) <= space.tolerance * target:
             found.append((abs(p - target), -L, c))
     if not found:
-        _fail(f"no architecture on the search grid has {target} parameters within "
-              f"±{space.tolerance:.0%} (source {count_parameters(mc)}); allowed: another budget, "
-              f"prune.search.ratios or prune.search.tolerance")
+        active = "active " if t.counts_active() else ""
+        _fail(f"no architecture on the search grid has {target} {active}parameters within "
+              f"±{space.tolerance:.0%} (source {count_parameters(mc, active=t.counts_active())}); allowed: "
+              f"another budget, prune.search.ratios or prune.search.tolerance")
     found.sort(key=lambda x: (x[0], x[1]))
     return [c.validate() for _, _, c in found[: space.max_candidates]]
