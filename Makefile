@@ -13,7 +13,8 @@ STAMP_MCORE019 := $(VENV_MCORE019)/.installed
 # training resume, PP=2 vs PP=1 distillation, the distillation job on the real pruned SmolLM2,
 # the KL loss (incl. TP=2) and the job configs.
 MCORE019_TESTS ?= tests/test_checkpoint.py tests/test_prune_importance.py tests/test_training.py \
-	tests/test_distill_job.py tests/test_distill_losses.py tests/test_configs.py
+	tests/test_distill_job.py tests/test_distill_losses.py tests/test_configs.py \
+	tests/test_moe.py::test_round_trip_is_bitwise tests/test_moe.py::test_moe_student_distils_logs_aux_loss_and_resumes_bitwise
 PYTEST_ARGS ?=
 EXPERIMENT_ARGS ?=
 

@@ -211,3 +211,18 @@ def test_moe_budget_search_by_active_parameters():
     dense = ModelConfig(family="qwen3", qk_layernorm=True).validate()
     with pytest.raises(UserError, match="prune.target_active_params=1000 but the source model"):
         candidates(dense, Targets(target_active_params=1000), SearchSpace(), 1, 1)
+
+
+def test_expert_score_study_runs(tmp_path):
+    """recipes/experiments/expert_scores.py end to end at a tiny scale (docs/moe_expert_scores.md is the
+    full run): table rows for every score and the random baseline, the PNG and the raw numbers."""
+    out = tmp_path / "moe_expert_scores.md"
+    p = run_py(ROOT / "recipes" / "experiments" / "expert_scores.py", "--iters", 2, "--layers", 2, "--calib", 4,
+               "--test", 4, "--random-seeds", 2, "--keep", 4, 2, "--out", out)
+    assert "tok/s" in p.stdout and "ETA" in p.stdout
+    text = out.read_text()
+    for name in ("routed_l2", "output_l2", "router_mass", "frequency", "random (2 seeds)"):
+        assert name in text
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert set(res["loss"]["routed_l2"]) == {"4", "2"} and len(res["loss"]["random"]["2"]["all"]) == 2
+    assert out.with_suffix(".png").stat().st_size > 1000
