@@ -90,16 +90,17 @@ def pruned(tmp_path_factory):
         run_py(WORKERS / "moe_prune_worker.py", d, fam)
         run_torchrun(WORKERS / "moe_prune_worker.py", 2, d, fam)
         run_torchrun(WORKERS / "moe_prune_worker.py", 2, d, fam, "tp2")
+    run_torchrun(WORKERS / "moe_prune_worker.py", 4, d, "mixtral", "tp2")  # TP=2 x EP=2 on 4 ranks
     return d
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_expert_pruning_is_masking_and_layout_invariant(pruned, family):
-    """The worker asserts, at EP=1, EP=2 and TP=2: expert scores recomputed independently (EP=1),
-    frequency sums, pruned logits == masked-model logits. Here: EP=2's and TP=2's scores and pruned
-    logits equal EP=1's."""
+    """The worker asserts, at EP=1, EP=2, TP=2 and (Mixtral) TP=2 x EP=2: expert scores recomputed
+    independently (EP=1), frequency sums, pruned logits == masked-model logits. Here: every layout's scores
+    and pruned logits equal EP=1's."""
     one = torch.load(pruned / f"{family}_ep1.pt")
-    for layout in ("ep2", "tp2"):
+    for layout in ("ep2", "tp2") + (("tp2ep2",) if family == "mixtral" else ()):
         _same(one, torch.load(pruned / f"{family}_{layout}.pt"))
 
 

@@ -1,7 +1,8 @@
 """Expert and expert-FFN pruning on a small random MoE model, at EP = world size (1 or 2 ranks).
 
 usage: moe_prune_worker.py WORKDIR FAMILY [tp2]  (python: EP=1; torchrun --nproc_per_node 2: EP=2, or
-                                                with tp2 TP=2: every expert split over both ranks)
+                                                with tp2 TP=2: every expert split over both ranks;
+                                                4 ranks with tp2: TP=2 x EP=2)
 
 1. Scores: ``expert_frequency`` of each layer sums to tokens x top-k; each expert score is recomputed
    independently from captured router inputs and expert outputs (EP=1).
@@ -179,7 +180,7 @@ def check_masking(model, mc, scores, tokens, family):
 def main():
     work, family = Path(sys.argv[1]), sys.argv[2]
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    tp = world if sys.argv[3:] == ["tp2"] else 1
+    tp = 2 if sys.argv[3:] == ["tp2"] else 1  # 4 ranks with tp2: TP=2 x EP=2
     runtime.init_distributed(tp, 1, expert_model_parallel_size=world // tp)
     ep = ps.get_expert_model_parallel_world_size()
     global MC
@@ -194,7 +195,8 @@ def main():
     check_scores(model, mc, scores, batches)
     logits = check_masking(model, mc, scores, batches[0]["tokens"], family)
     if runtime.is_rank0():
-        torch.save({"scores": scores, "logits": logits}, work / f"{family}_{'tp2' if tp > 1 else f'ep{ep}'}.pt")
+        tag = f"ep{ep}" if tp == 1 else ("tp2" if ep == 1 else f"tp{tp}ep{ep}")
+        torch.save({"scores": scores, "logits": logits}, work / f"{family}_{tag}.pt")
     runtime.shutdown()
 
 
