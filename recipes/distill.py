@@ -118,6 +118,7 @@ def main():
 
     t0 = time.time()
     runtime.print0(f"[distill] teacher {t_path}{' (corrected)' if corrected else ''}: {count_parameters(t_mc):,} params"
+                   + (f" ({count_parameters(t_mc, active=True):,} active)" if t_mc.is_moe else "")
                    + (f"; offline, from the cache {tc.root} (top {tc.topk} of {tc.layout.topk} cached tokens)"
                       if cached else ""))
     need_teacher = not cached or (s_path is None and not store.is_checkpoint(cfg.student.init_checkpoint))
@@ -160,7 +161,8 @@ def main():
         store.load_weights(student, s_path)
     runtime.print0(f"[distill] student {s_path}{' (architecture only: random init)' if cfg.student.init == 'random' else ''}"
                    f": {count_parameters(s_mc):,} params ({count_parameters(s_mc) / count_parameters(t_mc):.1%} of the "
-                   f"teacher); loss {'KD' if use_kd else 'LM only'}")
+                   f"teacher)" + (f", {count_parameters(s_mc, active=True):,} active" if s_mc.is_moe else "")
+                   + f"; loss {'KD' if use_kd else 'LM only'}")
 
     test_text = cfg.data.test_text or (tdata.text_files(cfg.data).get("test") if cfg.data.source != "indexed" else None)
     windows = (ppl.text_windows(ppl.load_tokenizer(t_path), test_text, seq, cfg.data.test_tokens)

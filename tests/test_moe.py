@@ -227,3 +227,28 @@ def test_expert_score_study_runs(tmp_path):
     res = json.loads(out.with_suffix(".json").read_text())
     assert set(res["loss"]["routed_l2"]) == {"4", "2"} and len(res["loss"]["random"]["2"]["all"]) == 2
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_distill_recipe_prunes_an_moe_teacher_in_job(tmp_path):
+    """recipes/distill.py on a Qwen3-MoE teacher: in-job expert pruning (4 -> 2 experts, FFN 32 -> 16), KD
+    with the load-balancing loss in the log, validation, a student checkpoint with the MoE shape."""
+    import sys
+
+    import yaml
+
+    sys.path.insert(0, str(ROOT / "tests" / "workers"))
+    from prune_common import small_checkpoint
+
+    ckpt, text, work = small_checkpoint(tmp_path, "qwen3_moe"), tmp_path / "calib.txt", tmp_path / "w"
+    p = run_py(ROOT / "recipes" / "distill.py", f"workdir={work}", f"teacher.checkpoint={ckpt}", "~model", "data=text",
+               f"data.train_text={text}", f"data.valid_text={text}", "data.seq_length=32", "dtype=float32",
+               "prune.target_hidden_size=null", "prune.target_ffn_hidden_size=null", "prune.target_num_moe_experts=2",
+               "prune.target_moe_ffn_hidden_size=16", "prune.grid=8", f"prune.calibration.data={text}",
+               "prune.calibration.num_samples=8", "prune.calibration.seq_length=32", "trainer.train_iters=3",
+               "trainer.micro_batch_size=2", "trainer.global_batch_size=4", "trainer.eval_interval=3",
+               "teacher.max_loss_fraction=10")
+    assert "(156,672 active)" in p.stdout and "moe_aux" in p.stdout
+    rec = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [r["moe_aux"] for r in rec if r["kind"] == "train"] and any(r["kind"] == "valid" for r in rec)
+    mc = yaml.safe_load((work / "checkpoints" / "iter_0000003" / "model.yaml").read_text())
+    assert (mc["num_moe_experts"], mc["moe_ffn_hidden_size"]) == (2, 16)
