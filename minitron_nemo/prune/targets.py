@@ -201,9 +201,10 @@ def _lcm(a, b):
 
 def budget(mc: ModelConfig, t: Targets) -> int:
     """The budget in parameters (active parameters with ``target_active_params``)."""
-    if sum(x is not None for x in (t.target_params, t.target_params_ratio, t.target_active_params)) > 1:
-        _fail("more than one of prune.target_params, prune.target_params_ratio, prune.target_active_params "
-              "is set; allowed: one of them")
+    given = [f"prune.{k}" for k in ("target_params", "target_params_ratio", "target_active_params")
+             if getattr(t, k) is not None]
+    if len(given) > 1:
+        _fail(f"{' and '.join(given)} are {'both' if len(given) == 2 else 'all'} set; allowed: one of them")
     if t.target_active_params is not None and not mc.is_moe:
         _fail(f"prune.target_active_params={t.target_active_params:g} but the source model ({mc.family}) has no "
               f"experts; allowed: prune.target_params for a dense model")
