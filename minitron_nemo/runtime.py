@@ -262,7 +262,7 @@ def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_paralle
 def init_parallel(par, seed: int = 1234) -> None:
     """``init_distributed`` from a job's ``parallel`` group."""
     init_distributed(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed,
-                     expert_model_parallel_size=getattr(par, "expert_model_parallel_size", 1) or 1)
+                     expert_model_parallel_size=par.expert_model_parallel_size)
 
 
 def shutdown() -> None:

@@ -134,7 +134,7 @@ def _activation(name: str):
     return {"swiglu": F.silu, "squared_relu": squared_relu, "gelu": F.gelu}[name]
 
 
-def moe_fields(mc: ModelConfig, ep: int) -> dict:
+def moe_fields(mc: ModelConfig, ep: int, grouped_gemm: bool = False) -> dict:
     """``TransformerConfig`` fields of an MoE model: dropless top-k routing in fp32, the all-to-all token
     dispatcher, the sequential expert MLP (grouped GEMM only with Transformer Engine, on GPU)."""
     if not mc.is_moe:
@@ -149,7 +149,7 @@ def moe_fields(mc: ModelConfig, ep: int) -> dict:
         moe_aux_loss_coeff=mc.moe_aux_loss_coeff,
         moe_router_dtype="fp32",
         moe_token_dispatcher_type="alltoall",
-        moe_grouped_gemm=False,
+        moe_grouped_gemm=grouped_gemm,
         moe_permute_fusion=False,
         expert_model_parallel_size=ep,
     )
@@ -162,9 +162,6 @@ def transformer_config(mc: ModelConfig, *, tp: int = 1, pp: int = 1, ep: int = 1
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     mc.check_parallel(tp, pp, ep)
-    moe = moe_fields(mc, ep)
-    if moe:
-        moe["moe_grouped_gemm"] = moe_grouped_gemm
     return TransformerConfig(
         num_layers=mc.num_layers,
         hidden_size=mc.hidden_size,
@@ -201,5 +198,5 @@ def transformer_config(mc: ModelConfig, *, tp: int = 1, pp: int = 1, ep: int = 1
         cross_entropy_loss_fusion=False,
         deallocate_pipeline_outputs=False,
         variable_seq_lengths=False,
-        **moe,
+        **moe_fields(mc, ep, moe_grouped_gemm),
     )

@@ -40,18 +40,3 @@ def split_expert_name(name: str):
     """``(prefix, expert number, suffix)`` of an expert tensor name, or ``None``."""
     m = EXPERT.match(name)
     return (m.group(1), int(m.group(2)), m.group(3)) if m else None
-
-
-def localise(sd: dict, num_experts: int, ep_rank: int, ep: int) -> dict:
-    """Keep this EP rank's experts of a canonical state dict, renumbered from 0."""
-    if ep == 1:
-        return sd
-    mine = local_experts(num_experts, ep_rank, ep)
-    out = {}
-    for k, v in sd.items():
-        parts = split_expert_name(k)
-        if parts is None:
-            out[k] = v
-        elif parts[1] in mine:
-            out[f"{parts[0]}{parts[1] - mine.start}{parts[2]}"] = v
-    return out

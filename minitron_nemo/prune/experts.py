@@ -43,6 +43,7 @@ from minitron_nemo import runtime
 from minitron_nemo.checkpoint import hf as hfconv
 from minitron_nemo.errors import UserError
 from minitron_nemo.models import moe
+from minitron_nemo.prune import importance, trim  # module references: both call back into this module
 
 EXPERT_SCORES = ("routed_l2", "output_l2", "router_mass", "frequency")
 
@@ -112,20 +113,6 @@ class ExpertCollector:
         self.handles = []
 
 
-def _all_reduce(t, group):
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, group=group)
-    return t
-
-
-def _all_gather(t, group, dim):
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return t
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return torch.cat(parts, dim=dim)
-
-
 def finalize(c: ExpertCollector) -> dict:
     """Global fp32 expert scores ``[L, E]`` and ``expert_ffn [L, E, F]``, identical on every rank."""
     ps = parallel_state
@@ -133,27 +120,22 @@ def finalize(c: ExpertCollector) -> dict:
                     ps.get_expert_model_parallel_group())
     tp = ps.get_tensor_model_parallel_world_size()
     for acc in (c.routed, c.output, c.count, c.neurons):
-        _all_reduce(acc, edp)
+        importance.all_reduce_over(acc, edp)
         if tp > 1 and not c.sequence_parallel:
             acc /= tp
-    _all_reduce(c.mass, ps.get_data_parallel_group())
+    importance.all_reduce_over(c.mass, ps.get_data_parallel_group())
     if c.sequence_parallel:
-        _all_reduce(c.mass, ps.get_tensor_model_parallel_group())
-    neurons = _all_gather(c.neurons.sqrt(), etp, dim=2)
+        importance.all_reduce_over(c.mass, ps.get_tensor_model_parallel_group())
+    neurons = importance.all_gather_along(c.neurons.sqrt(), etp, dim=2)
     per_layer = {"expert_routed_l2": c.routed.sqrt(), "expert_output_l2": c.output.sqrt(),
                  "expert_frequency": c.count, "expert_ffn": neurons}
-    per_layer = {k: _all_gather(v, ep, dim=1) for k, v in per_layer.items()}
+    per_layer = {k: importance.all_gather_along(v, ep, dim=1) for k, v in per_layer.items()}
     per_layer["expert_router_mass"] = c.mass
     pp_g = ps.get_pipeline_model_parallel_group()
-    return {k: _all_gather(v, pp_g, dim=0).float().cpu() for k, v in per_layer.items()}
+    return {k: importance.all_gather_along(v, pp_g, dim=0).float().cpu() for k, v in per_layer.items()}
 
 
 # ----------------------------------------------------------------------------- the plan
-def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    order = torch.argsort(scores.float(), descending=True, stable=True)[:k]
-    return order.sort().values
-
-
 def plan_experts(scores: dict, layers: List[int], num_experts: int, ffn: int, score: str):
     """Per kept layer: the kept experts (ascending original order) by ``expert_<score>``, and for each
     kept expert its kept neurons ``[E', F']``."""
@@ -163,9 +145,9 @@ def plan_experts(scores: dict, layers: List[int], num_experts: int, ffn: int, sc
                         f"{', '.join(EXPERT_SCORES)} (scores computed with this version)")
     experts, neurons = [], []
     for i in layers:
-        kept = top_k(scores[key][i], num_experts)
+        kept = trim.top_k(scores[key][i], num_experts)
         experts.append(kept)
-        neurons.append(torch.stack([top_k(scores["expert_ffn"][i, e], ffn) for e in kept.tolist()]))
+        neurons.append(torch.stack([trim.top_k(scores["expert_ffn"][i, e], ffn) for e in kept.tolist()]))
     return experts, neurons
 
 
@@ -191,15 +173,6 @@ def _rank_table() -> dict:
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, me)
     return {pos: r for r, pos in enumerate(everyone)}
-
-
-def _gather_etp(mc, name, t):
-    etp = parallel_state.get_expert_tensor_parallel_world_size()
-    if etp == 1:
-        return t
-    parts = [torch.empty_like(t) for _ in range(etp)]
-    dist.all_gather(parts, t.contiguous(), group=parallel_state.get_expert_tensor_parallel_group())
-    return hfconv.unshard_tensor(mc, name, parts)
 
 
 @torch.no_grad()
@@ -228,7 +201,8 @@ def fill_experts(old_sd, new_sd, mc, new_mc, plan, per_old: int, per_new: int) -
                 old_name = moe.expert_name(f"decoder.layers.{i - src * per_old}.", e % n_old, suf)
                 new_name = moe.expert_name(f"decoder.layers.{j - dst * per_new}.", n % n_new, suf)
                 if (stage, ep_rank) == owner:
-                    full = _gather_etp(mc, suf, old_sd[old_name])
+                    full = trim.gather_tp(mc, suf, old_sd[old_name],
+                                          parallel_state.get_expert_tensor_parallel_group())
                     piece = slice_expert_tensor(mc, suf, full, plan.hidden, plan.expert_ffn[j][n])
                     piece = hfconv.shard_tensor(new_mc, suf, piece, etp_rank, etp).contiguous()
                     if owner == dest:

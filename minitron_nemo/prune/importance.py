@@ -168,13 +168,13 @@ class Collector:
 
 
 # ----------------------------------------------------------------------------- parallel assembly
-def _all_reduce(t, group):
+def all_reduce_over(t, group):
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(t, group=group)
     return t
 
 
-def _all_gather(t, group, dim):
+def all_gather_along(t, group, dim):
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return t
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
@@ -188,7 +188,7 @@ def _finalize(c: Collector, n: float, cfg) -> dict:
                       parallel_state.get_pipeline_model_parallel_group())
     how = c.agg.batch
     for acc in (c.hidden, c.proj, c.ffn, c.bi):
-        _all_reduce(acc, dp)
+        all_reduce_over(acc, dp)
     hidden = batch_finalize(c.hidden[0], c.hidden[1], n, how)  # [Ll, 2, H]
     proj = batch_finalize(c.proj[0], c.proj[1], n, how)  # [Ll, heads_local * d]
     ffn = batch_finalize(c.ffn[0], c.ffn[1], n, how)
@@ -196,11 +196,11 @@ def _finalize(c: Collector, n: float, cfg) -> dict:
     hpg = cfg.num_attention_heads // cfg.num_query_groups
     heads = proj.view(Ll, -1, d).norm(dim=-1)  # [Ll, heads_local]
     groups = proj.view(Ll, -1, hpg * d).norm(dim=-1)  # [Ll, groups_local]
-    heads, groups, ffn = (_all_gather(t, tp_g, dim=1) for t in (heads, groups, ffn))
+    heads, groups, ffn = (all_gather_along(t, tp_g, dim=1) for t in (heads, groups, ffn))
     bi = 1.0 - c.bi[0] / c.bi[1].clamp_min(1)
     per_layer = {"hidden_per_layer": hidden.sum(1), "heads": heads, "groups": groups, "ffn": ffn, "layer_bi": bi}
-    out = {k: _all_gather(v, pp_g, dim=0).float().cpu() for k, v in per_layer.items()}
-    out["hidden"] = _all_reduce(hidden.sum((0, 1)), pp_g).float().cpu()
+    out = {k: all_gather_along(v, pp_g, dim=0).float().cpu() for k, v in per_layer.items()}
+    out["hidden"] = all_reduce_over(hidden.sum((0, 1)), pp_g).float().cpu()
     if c.experts is not None:
         out.update(moe_imp.finalize(c.experts))
     return out
@@ -210,7 +210,7 @@ def _finalize(c: Collector, n: float, cfg) -> dict:
 def _num_samples(batches) -> float:
     t = torch.tensor([float(sum(b["tokens"].shape[0] for b in batches))], dtype=torch.float64,
                      device=runtime.device())
-    return float(_all_reduce(t, parallel_state.get_data_parallel_group()).item())
+    return float(all_reduce_over(t, parallel_state.get_data_parallel_group()).item())
 
 
 def _chunks(batches, pp: int):

@@ -146,13 +146,15 @@ def _tp_sharded(name: str) -> bool:
     return name.endswith(hfconv.COLUMN_PARALLEL) or name.endswith(hfconv.ROW_PARALLEL)
 
 
-def gather_tp(mc: ModelConfig, name: str, t: torch.Tensor) -> torch.Tensor:
-    """The full tensor of a TP-sharded weight (all-gather over the TP group); others pass through."""
-    tp = parallel_state.get_tensor_model_parallel_world_size()
+def gather_tp(mc: ModelConfig, name: str, t: torch.Tensor, group=None) -> torch.Tensor:
+    """The full tensor of a TP-sharded weight (all-gather over the TP group, or ``group``: experts use
+    the expert-TP group); others pass through."""
+    group = parallel_state.get_tensor_model_parallel_group() if group is None else group
+    tp = dist.get_world_size(group) if dist.is_initialized() else 1
     if tp == 1 or not _tp_sharded(name):
         return t
     parts = [torch.empty_like(t) for _ in range(tp)]
-    dist.all_gather(parts, t.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    dist.all_gather(parts, t.contiguous(), group=group)
     return hfconv.unshard_tensor(mc, name, parts)
 
 

@@ -98,7 +98,6 @@ def train_step(chunk, ddp, optimizer, scheduler, batches: list, forward, loss) -
     chunk.train()
     ddp.zero_grad_buffer()
     optimizer.zero_grad()
-    moe_aux.clear()
     results = run_schedule(chunk, batches, forward, loss, forward_only=False)
     with cuda_type_names():
         _ok, grad_norm, _zeros = optimizer.step()

@@ -24,10 +24,3 @@ def take(config, num_microbatches: int) -> dict:
     value = float(config.moe_aux_loss_coeff) * float(values.sum()) / (num_microbatches * config.num_layers)
     moe_utils.clear_aux_losses_tracker()
     return {"moe_aux": value}
-
-
-def clear() -> None:
-    """Drop what forward passes outside training steps recorded."""
-    from megatron.core.transformer.moe import moe_utils
-
-    moe_utils.clear_aux_losses_tracker()
