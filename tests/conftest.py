@@ -8,6 +8,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def load_script(path, name: str):
+    """A recipe script imported as a module (to call its ``main`` in-process, e.g. for bad-input checks)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def run_torchrun(script, nproc: int, *args, timeout: int = 900, env=None) -> subprocess.CompletedProcess:
     """Run ``script`` under torchrun with ``nproc`` gloo ranks; fail the test with its output on error."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",

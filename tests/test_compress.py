@@ -3,7 +3,6 @@ random Llama and restarts it (finished stages skipped); the shipped chain config
 shapes; launchers/submit.py renders a chain as dependent Slurm jobs; bad input is one line, exit code 2,
 before anything runs."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,10 +11,10 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from conftest import ROOT, run_py
+from conftest import ROOT, load_script, run_py
 
 sys.path.insert(0, str(ROOT / "tests" / "workers"))
-from prune_common import small_checkpoint  # noqa: E402
+from prune_common import checkpoint_with_valid_text  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "compress.py"
 STAGE_A = "{name:a,prune:{target_hidden_size:48}}"
@@ -25,10 +24,7 @@ STAGE_B = "{name:b,prune:{target_ffn_hidden_size:64},teacher:source,overrides:['
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("compress")
-    ckpt = small_checkpoint(tmp, "llama")
-    text = (tmp / "calib.txt").read_text()
-    (tmp / "valid.txt").write_text(text[len(text) // 2: len(text) // 2 + 20000])
-    return tmp, ckpt
+    return checkpoint_with_valid_text(tmp)
 
 
 def job(tmp, ckpt, *extra):
@@ -162,13 +158,6 @@ def test_submit_renders_the_chain(capsys, tmp_path):
 
 
 # ----------------------------------------------------------------------------- bad input
-def _load_recipe():
-    spec = importlib.util.spec_from_file_location("compress_recipe", RECIPE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 ERRORS = [
     (["stages=[]"], "stages is empty"),
     ([f"stages=[{STAGE_A},{STAGE_A}]"], "the names ['a'] are used more than once"),
@@ -190,7 +179,7 @@ ERRORS = [
 @pytest.mark.parametrize("overrides,message", ERRORS, ids=[" ".join(o) for o, _ in ERRORS])
 def test_bad_input(work, overrides, message, capsys, monkeypatch, tmp_path):
     tmp, ckpt = work
-    mod = _load_recipe()
+    mod = load_script(RECIPE, "compress_recipe")
     monkeypatch.setattr(mod.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
     argv = job(tmp, ckpt, *[o.replace("HF", str(tmp / "hf_llama")) for o in overrides])
     argv = [a.replace(f"workdir={tmp / 'chain'}", f"workdir={tmp_path / 'never'}") for a in argv]

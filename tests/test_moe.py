@@ -20,10 +20,10 @@ def work(tmp_path_factory):
     for i, fam in enumerate(MOE_FAMILIES):
         make_hf_model(fam, d / f"hf_{fam}", seed=10 + i)
     # Each multi-rank layout also loads the checkpoint the previous layout saved (resharding).
-    run_py(WORKERS / "moe_convert_worker.py", d, 1, 1, 1)
-    run_torchrun(WORKERS / "moe_convert_worker.py", 2, d, 2, 1, 1, "tp1pp1ep1")
-    run_torchrun(WORKERS / "moe_convert_worker.py", 2, d, 1, 1, 2, "tp2pp1ep1")
-    run_torchrun(WORKERS / "moe_convert_worker.py", 2, d, 1, 2, 1, "tp1pp1ep2")
+    run_py(WORKERS / "convert_worker.py", d, 1, 1, 1)
+    run_torchrun(WORKERS / "convert_worker.py", 2, d, 2, 1, 1, "tp1pp1ep1")
+    run_torchrun(WORKERS / "convert_worker.py", 2, d, 1, 1, 2, "tp2pp1ep1")
+    run_torchrun(WORKERS / "convert_worker.py", 2, d, 1, 2, 1, "tp1pp1ep2")
     run_py(WORKERS / "export_worker.py", d)
     return d
 

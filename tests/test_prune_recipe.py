@@ -2,13 +2,12 @@
 parameter-budget search, and every validation error (one line, exit code 2, before any compute)."""
 
 import csv
-import importlib.util
 import sys
 
 import pytest
 import yaml
 
-from conftest import ROOT, run_py, run_torchrun
+from conftest import ROOT, load_script, run_py, run_torchrun
 
 sys.path.insert(0, str(ROOT / "tests" / "workers"))
 from prune_common import small_checkpoint  # noqa: E402
@@ -89,13 +88,6 @@ def test_reuse_scores_budget_search(work):
 
 
 # ----------------------------------------------------------------------------- validation
-def _load_recipe():
-    spec = importlib.util.spec_from_file_location("prune_recipe", RECIPE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 ERRORS = [
     (["prune.target_hidden_size=128"], "is larger than the source hidden_size=64"),
     (["prune.target_num_attention_heads=3"], "is not a multiple of num_query_groups=2"),
@@ -132,7 +124,7 @@ ERRORS = [
 def test_validation_errors(work, overrides, message, capsys, monkeypatch):
     """Each error: SystemExit(2) from the entry point, one stderr line, and no compute started."""
     tmp, ckpt = work
-    mod = _load_recipe()
+    mod = load_script(RECIPE, "prune_recipe")
 
     def no_compute(*a, **k):
         raise AssertionError("validation passed: compute would start")
@@ -153,7 +145,7 @@ def test_validation_errors(work, overrides, message, capsys, monkeypatch):
 def test_loaded_scores_without_block_scores(work, pruned, capsys, monkeypatch):
     tmp, ckpt = work
     out1, _ = pruned  # saved scores hold block_loss_k2 only
-    mod = _load_recipe()
+    mod = load_script(RECIPE, "prune_recipe")
     monkeypatch.setattr(mod.runtime, "init_distributed", lambda *a, **k: (_ for _ in ()).throw(AssertionError()))
     monkeypatch.setattr(sys, "argv", ["prune.py", f"checkpoint={ckpt}", f"output={tmp / 'never'}",
                                       f"prune.importance.load={out1 / 'prune'}", "prune.target_num_layers=3"])

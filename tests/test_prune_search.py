@@ -3,17 +3,16 @@ artifacts and winner, resume at candidate granularity and inside a candidate, an
 exit code 2, before any compute)."""
 
 import csv
-import importlib.util
 import json
 import sys
 
 import pytest
 import yaml
 
-from conftest import ROOT, run_py
+from conftest import ROOT, load_script, run_py
 
 sys.path.insert(0, str(ROOT / "tests" / "workers"))
-from prune_common import small_checkpoint  # noqa: E402
+from prune_common import checkpoint_with_valid_text  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "prune.py"
 K = 2
@@ -22,10 +21,7 @@ K = 2
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("search")
-    ckpt = small_checkpoint(tmp, "llama")
-    text = (tmp / "calib.txt").read_text()
-    (tmp / "valid.txt").write_text(text[len(text) // 2: len(text) // 2 + 20000])
-    return tmp, ckpt
+    return checkpoint_with_valid_text(tmp)
 
 
 def args(tmp, ckpt, *extra):
@@ -130,13 +126,6 @@ def test_search_from_a_teacher_cache_matches_online(searched):
 
 
 # ----------------------------------------------------------------------------- bad input
-def _load_recipe():
-    spec = importlib.util.spec_from_file_location("prune_recipe", RECIPE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 ERRORS = [
     (["prune.search.distill_iters=-1"], "prune.search.distill_iters=-1; allowed: an integer >= 0"),
     (["prune.search.top_k=0"], "prune.search.top_k=0; allowed: an integer >= 1"),
@@ -154,7 +143,7 @@ ERRORS = [
 @pytest.mark.parametrize("overrides,message", ERRORS, ids=[" ".join(o) for o, _ in ERRORS])
 def test_bad_input(work, overrides, message, capsys, monkeypatch):
     tmp, ckpt = work
-    mod = _load_recipe()
+    mod = load_script(RECIPE, "prune_recipe")
     monkeypatch.setattr(mod.runtime, "init_distributed",
                         lambda *a, **k: (_ for _ in ()).throw(AssertionError("compute would start")))
     argv = args(tmp, ckpt, *[o.replace("CKPT", str(ckpt)) for o in overrides])

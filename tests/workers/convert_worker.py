@@ -1,7 +1,8 @@
-"""Import every family's HF model at TP x PP, check logits against transformers, save checkpoints.
+"""Import every family's HF model at TP x PP (x EP), check logits against transformers, save checkpoints.
 
-usage: convert_worker.py WORKDIR TP PP [RESHARD_FROM_TAG]
-For each family in WORKDIR/hf_<family>: import at TP x PP -> WORKDIR/ck_<family>_<tag>, compare
+usage: convert_worker.py WORKDIR TP PP [EP] [RESHARD_FROM_TAG]
+For each family in WORKDIR/hf_<family>: import at TP x PP (x EP) -> WORKDIR/ck_<family>_<tag> (tag
+tp<TP>pp<PP>, with EP given tp<TP>pp<PP>ep<EP>), compare
 logits (fp32, tol 1e-4). With RESHARD_FROM_TAG, also load WORKDIR/ck_<family>_<from> (saved at
 another layout) at this layout and compare logits.
 """
@@ -18,8 +19,6 @@ from minitron_nemo.checkpoint import store
 from minitron_nemo.models.builder import build_model
 from minitron_nemo.models.forward import full_logits
 
-FAMILIES = ("llama", "mistral", "qwen2", "nemotron", "qwen3")
-
 
 def check_logits(model, mc, hf_dir, what):
     tokens = torch.randint(0, mc.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -34,12 +33,14 @@ def check_logits(model, mc, hf_dir, what):
 
 def main():
     work, tp, pp = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-    reshard_from = sys.argv[4] if len(sys.argv) > 4 else None
-    tag = f"tp{tp}pp{pp}"
-    for fam in FAMILIES:
-        hf_dir = work / f"hf_{fam}"
+    rest = sys.argv[4:]
+    ep = int(rest.pop(0)) if rest and rest[0].isdigit() else None
+    reshard_from = rest[0] if rest else None
+    tag = f"tp{tp}pp{pp}" + (f"ep{ep}" if ep else "")
+    for hf_dir in sorted(work.glob("hf_*")):
+        fam = hf_dir.name[3:]
         mc = hfconv.model_config_from_hf(hfconv.read_hf_config(hf_dir))
-        runtime.init_distributed(tp, pp)
+        runtime.init_distributed(tp, pp, expert_model_parallel_size=ep or 1)
         model = build_model(mc)
         store.load_hf_into_model(model, hf_dir, mc)
         check_logits(model, mc, hf_dir, f"{fam} import {tag}")

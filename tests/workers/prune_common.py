@@ -56,6 +56,15 @@ def small_checkpoint(tmp: Path, family: str = "llama", tp: int = 1, seed: int = 
     return ckpt
 
 
+def checkpoint_with_valid_text(tmp: Path, family: str = "llama"):
+    """``small_checkpoint`` plus ``tmp/valid.txt``: 20,000 characters from the middle of the calibration
+    text (the held-out text of the short distillation runs). Returns ``(tmp, checkpoint)``."""
+    ckpt = small_checkpoint(tmp, family)
+    text = (tmp / "calib.txt").read_text()
+    (tmp / "valid.txt").write_text(text[len(text) // 2: len(text) // 2 + 20000])
+    return tmp, ckpt
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("tmp")
