@@ -26,6 +26,7 @@ from minitron_nemo.distill import cache, cache_writer, offline
 from minitron_nemo.distill import model as kd
 from minitron_nemo.errors import UserError, user_errors_exit
 from minitron_nemo.eval import perplexity as ppl
+from minitron_nemo.models.builder import grouped_gemm_default
 from minitron_nemo.readers import read_json
 from minitron_nemo.training import data as tdata
 from minitron_nemo.training import optim
@@ -83,7 +84,7 @@ def main():
         outputs.write_text_atomic(root / cache.IDENTITY, json.dumps(want, indent=1))
     runtime.print0(f"[cache] teacher {t_path}{' (corrected)' if corrected else ''} -> {root}: top {topk} of "
                    f"{t_mc.padded_vocab_size} tokens, {c.dtype}")
-    teacher = store.load_model(t_path, t_mc, dtype(cfg.dtype))
+    teacher = store.load_model(t_path, t_mc, dtype(cfg.dtype), grouped_gemm=grouped_gemm_default(t_mc))
     kd.freeze(teacher)
     train_ds, valid_ds = tdata.build(cfg.data, store.tokenizer_dir(t_path), root, train_samples, cfg.seed)
     counts = offline.sample_counts(cfg, train_ds, valid_ds, train_samples)

@@ -34,7 +34,7 @@ from minitron_nemo.distill import offline
 from minitron_nemo.distill.config import DistillationConfig
 from minitron_nemo.errors import UserError, user_errors_exit
 from minitron_nemo.eval import perplexity as ppl
-from minitron_nemo.models.builder import build_model, count_parameters
+from minitron_nemo.models.builder import build_model, count_parameters, grouped_gemm_default
 from minitron_nemo.models.forward import lm_loss_sums
 from minitron_nemo.training import data as tdata
 from minitron_nemo.training import optim
@@ -122,7 +122,9 @@ def main():
                    + (f"; offline, from the cache {tc.root} (top {tc.topk} of {tc.layout.topk} cached tokens)"
                       if cached else ""))
     need_teacher = not cached or (s_path is None and not store.is_checkpoint(cfg.student.init_checkpoint))
-    teacher = store.load_model(t_path, t_mc, params_dtype) if need_teacher else None
+    prunes_in_job = s_path is None and not store.is_checkpoint(cfg.student.init_checkpoint)
+    teacher = store.load_model(t_path, t_mc, params_dtype,  # calibration hooks need the sequential experts
+                               grouped_gemm=grouped_gemm_default(t_mc) and not prunes_in_job) if need_teacher else None
     if teacher is not None:
         kd.freeze(teacher)
     n_acc = optim.batch_layout(int(t.micro_batch_size), int(t.global_batch_size))
@@ -156,7 +158,8 @@ def main():
         kd.check_vocab(t_mc, s_mc)
     if cached:
         teacher = None  # only needed to prune
-    student = build_model(s_mc, params_dtype=params_dtype, sequence_parallel=bool(par.sequence_parallel))
+    student = build_model(s_mc, params_dtype=params_dtype, sequence_parallel=bool(par.sequence_parallel),
+                          grouped_gemm=grouped_gemm_default(s_mc))
     if cfg.student.init == "pruned":
         store.load_weights(student, s_path)
     runtime.print0(f"[distill] student {s_path}{' (architecture only: random init)' if cfg.student.init == 'random' else ''}"

@@ -88,12 +88,18 @@ def main():
            f"{new_mc.num_query_groups}, params {count_parameters(mc)}->{count_parameters(new_mc)}")
     if mc.is_moe:
         msg += (f", experts {mc.num_moe_experts}->{new_mc.num_moe_experts} (expert FFN {mc.moe_ffn_hidden_size}->"
-                f"{new_mc.moe_ffn_hidden_size}), active params {count_parameters(mc, active=True)}->"
+                f"{new_mc.moe_ffn_hidden_size}{_shared(mc, new_mc)}), active params {count_parameters(mc, active=True)}->"
                 f"{count_parameters(new_mc, active=True)}")
     if result.calib_loss is not None:
         msg += f"; zero-shot calibration loss {result.calib_loss:.4f}"
     runtime.print0(msg)
     runtime.shutdown()
+
+
+def _shared(mc, new_mc) -> str:
+    if not mc.moe_shared_expert_intermediate_size:
+        return ""
+    return f", shared expert {mc.moe_shared_expert_intermediate_size}->{new_mc.moe_shared_expert_intermediate_size}"
 
 
 if __name__ == "__main__":

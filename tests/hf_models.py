@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 FAMILIES = ("llama", "mistral", "qwen2", "nemotron", "qwen3")
-MOE_FAMILIES = ("qwen3_moe", "mixtral")
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "qwen2_moe")
 
 
 def hf_config(family: str):
@@ -38,6 +38,11 @@ def hf_config(family: str):
         return tf.MixtralConfig(**{**common, "intermediate_size": 48}, tie_word_embeddings=False,
                                 rope_theta=1e6, num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
                                 router_aux_loss_coef=0.02)
+    # Qwen2-MoE: QKV bias, a gated shared expert beside four routed experts, top-2 renormalised.
+    if family == "qwen2_moe":
+        return tf.Qwen2MoeConfig(**common, tie_word_embeddings=False, rope_theta=1e6, num_experts=4,
+                                 num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                                 norm_topk_prob=True, router_aux_loss_coef=0.01)
     raise ValueError(family)
 
 

@@ -21,9 +21,10 @@ JOBS = {
 
 # Model cards: total parameters, active parameters (MoE), parameters without the embeddings (where given).
 # Qwen3-8B: 8.2B, non-embedding 6.95B; Qwen3-30B-A3B: 30.5B, 3.3B activated, non-embedding 29.9B;
-# Mixtral-8x7B: 46.7B, 12.9B active per token.
+# Mixtral-8x7B: 46.7B, 12.9B active per token; Qwen1.5-MoE-A2.7B: 14.3B, 2.7B activated (shared expert
+# included).
 MODEL_CARDS = {"qwen3_8b": (8.2e9, 8.2e9, 6.95e9), "qwen3_30b_a3b": (30.5e9, 3.3e9, 29.9e9),
-               "mixtral_8x7b": (46.7e9, 12.9e9, None)}
+               "mixtral_8x7b": (46.7e9, 12.9e9, None), "qwen15_moe_a2_7b": (14.3e9, 2.7e9, None)}
 
 
 @pytest.mark.parametrize("name", sorted(MODEL_CARDS))

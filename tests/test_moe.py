@@ -1,4 +1,4 @@
-"""Mixture-of-experts families (Qwen3-MoE, Mixtral): HF -> Megatron -> HF at TP=1, TP=2, EP=2 and PP=2,
+"""Mixture-of-experts families (Qwen3-MoE, Mixtral, Qwen2-MoE with its shared expert): HF -> Megatron -> HF at TP=1, TP=2, EP=2 and PP=2,
 logits against transformers, resharding between the layouts, parameter counts, bad layouts."""
 
 import json
@@ -46,7 +46,7 @@ def test_exported_config_is_the_source_config(work, family):
     src = json.loads((work / f"hf_{family}" / "config.json").read_text())
     out = json.loads((work / f"rt_{family}_tp1pp1ep2" / "config.json").read_text())
     for k in ("num_experts_per_tok", "router_aux_loss_coef", "intermediate_size", "moe_intermediate_size",
-              "norm_topk_prob", "num_key_value_heads", "head_dim"):
+              "norm_topk_prob", "num_key_value_heads", "head_dim", "shared_expert_intermediate_size", "qkv_bias"):
         assert src.get(k) == out.get(k), k
     assert src.get("num_experts", src.get("num_local_experts")) == out.get("num_experts",
                                                                            out.get("num_local_experts"))
@@ -56,8 +56,8 @@ def test_exported_config_is_the_source_config(work, family):
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_parameter_counts_match_transformers(work, family):
-    """Total = every parameter of the transformers model; active = total minus the experts a token
-    does not use (num_experts - top_k of them per layer)."""
+    """Total = every parameter of the transformers model; active = total minus the routed experts a token
+    does not use (num_experts - top_k of them per layer; a shared expert is always used)."""
     import transformers
 
     from minitron_nemo.checkpoint import hf as hfconv
@@ -90,7 +90,8 @@ def pruned(tmp_path_factory):
         run_py(WORKERS / "moe_prune_worker.py", d, fam)
         run_torchrun(WORKERS / "moe_prune_worker.py", 2, d, fam)
         run_torchrun(WORKERS / "moe_prune_worker.py", 2, d, fam, "tp2")
-    run_torchrun(WORKERS / "moe_prune_worker.py", 4, d, "mixtral", "tp2")  # TP=2 x EP=2 on 4 ranks
+    for fam in ("mixtral", "qwen2_moe"):
+        run_torchrun(WORKERS / "moe_prune_worker.py", 4, d, fam, "tp2")  # TP=2 x EP=2 on 4 ranks
     return d
 
 
@@ -98,16 +99,19 @@ def pruned(tmp_path_factory):
 def test_expert_pruning_is_masking_and_layout_invariant(pruned, family):
     """The worker asserts, at EP=1, EP=2, TP=2 and (Mixtral) TP=2 x EP=2: expert scores recomputed
     independently (EP=1), frequency sums, pruned logits == masked-model logits. Here: every layout's scores
-    and pruned logits equal EP=1's."""
+    and pruned logits equal EP=1's. Qwen2-MoE also prunes its shared expert's neurons (scores recomputed
+    independently, masking equivalence with the dropped neurons zeroed)."""
     one = torch.load(pruned / f"{family}_ep1.pt")
-    for layout in ("ep2", "tp2") + (("tp2ep2",) if family == "mixtral" else ()):
+    assert ("shared_ffn" in one["scores"]) == (family == "qwen2_moe")
+    assert ("experts+shared" in one["logits"]) == (family == "qwen2_moe")
+    for layout in ("ep2", "tp2") + (("tp2ep2",) if family != "qwen3_moe" else ()):
         _same(one, torch.load(pruned / f"{family}_{layout}.pt"))
 
 
 def _same(one, two):
     assert sorted(one["scores"]) == sorted(two["scores"])
     for k in ("expert_routed_l2", "expert_output_l2", "expert_router_mass", "expert_frequency", "expert_ffn",
-              "hidden", "heads", "layer_bi"):
+              "hidden", "heads", "layer_bi") + (("shared_ffn",) if "shared_ffn" in one["scores"] else ()):
         a, b = one["scores"][k], two["scores"][k]
         assert a.shape == b.shape, k
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (k, (a - b).abs().max())
@@ -122,6 +126,8 @@ def test_moe_targets_bad_input():
 
     moe = ModelConfig(family="mixtral", num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=32).validate()
     dense = ModelConfig(family="qwen3", qk_layernorm=True).validate()
+    shared = ModelConfig(family="qwen2_moe", num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=32,
+                         moe_shared_expert_intermediate_size=64, moe_shared_expert_gate=True).validate()
     cases = [
         (moe, Targets(target_num_moe_experts=1), 1,
          "prune.target_num_moe_experts=1 is fewer than the experts each token uses (moe_router_topk=2); "
@@ -135,6 +141,15 @@ def test_moe_targets_bad_input():
         (dense, Targets(target_num_moe_experts=4), 1,
          "prune.target_num_moe_experts=4 but the source model (qwen3) has no experts; allowed: unset for a "
          "dense model"),
+        (moe, Targets(target_moe_shared_expert_intermediate_size=16), 1,
+         "prune.target_moe_shared_expert_intermediate_size=16 but the source model (mixtral) has no shared "
+         "expert; allowed: unset"),
+        (shared, Targets(target_moe_shared_expert_intermediate_size=128), 1,
+         "prune.target_moe_shared_expert_intermediate_size=128 is larger than the source "
+         "moe_shared_expert_intermediate_size=64; allowed: 1..64"),
+        (shared, Targets(target_moe_shared_expert_intermediate_size=20, grid=8), 1,
+         "target moe_shared_expert_intermediate_size=20 is off the grid; allowed: a multiple of prune.grid=8 "
+         "(e.g. 16), or set prune.grid"),
     ]
     for mc, t, ep, msg in cases:
         with pytest.raises(UserError) as e:
@@ -142,6 +157,8 @@ def test_moe_targets_bad_input():
         assert str(e.value) == msg
     assert validate(moe, Targets(target_num_moe_experts=4, target_moe_ffn_hidden_size=16, grid=8), 1, 1, 2) \
         .num_moe_experts == 4
+    assert validate(shared, Targets(target_moe_shared_expert_intermediate_size=16, grid=8), 2, 1) \
+        .moe_shared_expert_intermediate_size == 16
 
 
 # ----------------------------------------------------------------------------- distillation
@@ -163,9 +180,19 @@ def test_moe_student_distils_logs_aux_loss_and_resumes_bitwise(tmp_path):
     assert full[-1]["logits"] != zero[-1]["logits"]
 
 
-def test_prune_recipe_tp2_then_export_matches_transformers(tmp_path):
-    """The README's MoE pruning command at TP=2 (each expert split over both ranks): experts 4 -> 3 and
-    expert FFN 32 -> 16 on Qwen3-MoE; the HF export loads in transformers with our logits."""
+RECIPE_CASES = {  # family: (extra targets, expected message, expected HF config values)
+    "qwen3_moe": ((), "experts 4->3 (expert FFN 32->16)", {"num_experts": 3, "moe_intermediate_size": 16}),
+    "qwen2_moe": (("prune.target_moe_shared_expert_intermediate_size=16",),
+                  "experts 4->3 (expert FFN 32->16, shared expert 48->16)",
+                  {"num_experts": 3, "moe_intermediate_size": 16, "shared_expert_intermediate_size": 16}),
+}
+
+
+@pytest.mark.parametrize("family", sorted(RECIPE_CASES))
+def test_prune_recipe_tp2_then_export_matches_transformers(tmp_path, family):
+    """The README's MoE pruning command at TP=2 (each expert, and the shared expert, split over both ranks):
+    experts 4 -> 3 and expert FFN 32 -> 16 on Qwen3-MoE and Qwen2-MoE, the shared expert 48 -> 16 too; the
+    HF export loads in transformers with our logits."""
     import sys
 
     import yaml
@@ -173,20 +200,21 @@ def test_prune_recipe_tp2_then_export_matches_transformers(tmp_path):
     sys.path.insert(0, str(ROOT / "tests" / "workers"))
     from prune_common import small_checkpoint
 
-    ckpt = small_checkpoint(tmp_path, "qwen3_moe")
+    extra, message, want = RECIPE_CASES[family]
+    ckpt = small_checkpoint(tmp_path, family)
     out, hf = tmp_path / "pruned", tmp_path / "pruned_hf"
     p = run_torchrun(ROOT / "recipes" / "prune.py", 2, f"checkpoint={ckpt}", f"output={out}",
                      f"prune.calibration.data={tmp_path / 'calib.txt'}", "prune.calibration.num_samples=8",
                      "prune.calibration.seq_length=32", "prune.calibration.micro_batch_size=4", "prune.grid=8",
                      "prune.target_num_moe_experts=3", "prune.target_moe_ffn_hidden_size=16",
-                     "parallel.tensor_model_parallel_size=2")
-    assert "experts 4->3 (expert FFN 32->16)" in p.stdout
+                     "parallel.tensor_model_parallel_size=2", *extra)
+    assert message in p.stdout, p.stdout
     mc = yaml.safe_load((out / "model.yaml").read_text())
     assert (mc["num_moe_experts"], mc["moe_ffn_hidden_size"], mc["moe_router_topk"]) == (3, 16, 2)
     assert (out / "prune" / "importance.png").is_file()
     run_py(ROOT / "recipes" / "export_hf.py", f"checkpoint={out}", f"output={hf}")
     cfg = json.loads((hf / "config.json").read_text())
-    assert (cfg["num_experts"], cfg["moe_intermediate_size"]) == (3, 16)
+    assert {k: cfg[k] for k in want} == want
     p = run_py(WORKERS / "logits_worker.py", out, hf, 1, 1, "1e-4")
     assert "max|logits diff|" in p.stdout
 

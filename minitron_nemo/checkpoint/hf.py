@@ -1,11 +1,12 @@
 """Hugging Face <-> Megatron-Core conversion for Llama, Mistral, Qwen2, Qwen3, Nemotron, and the
-mixture-of-experts Qwen3-MoE and Mixtral.
+mixture-of-experts Qwen3-MoE, Mixtral and Qwen2-MoE (a gated shared expert beside the routed ones).
 
 Weights move through one *canonical* layout: Megatron-Core's local-spec names at TP=1 with global
 layer numbers (``decoder.layers.{i}.self_attention.linear_qkv.weight``, ...).
 * ``hf_to_canonical`` / ``canonical_to_hf`` are pure renames and re-packs (fused QKV per query group
   ``[q_1..q_h, k, v]``, SwiGLU ``linear_fc1 = [gate; up]``, vocab padding; experts as
-  ``mlp.experts.local_experts.{e}`` with global ``e``, the router as ``mlp.router.weight``).
+  ``mlp.experts.local_experts.{e}`` with global ``e``, the router as ``mlp.router.weight``, the shared
+  expert as ``mlp.shared_experts.linear_fc1/linear_fc2`` and its gate as ``mlp.shared_experts.gate_weight``).
 * ``hf_to_local_state_dict`` cuts a canonical layer set into one rank's tensor/pipeline/expert shard, so
   import runs at any TP x PP x EP without any rank reading more than its own shard.
 """
@@ -30,6 +31,7 @@ ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
 }
 FAMILY_TO_ARCH = {v: k for k, v in ARCHITECTURES.items()}
 _LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -70,7 +72,7 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         raise UserError("attention_bias/mlp_bias=true is not supported for Llama/Mistral; allowed: false")
     if family == "nemotron" and (hf.get("attention_bias") or hf.get("mlp_bias")):
         raise UserError("attention_bias/mlp_bias=true is not supported for Nemotron; allowed: false")
-    if family in ("qwen2", "qwen3", "qwen3_moe") and hf.get("use_sliding_window"):
+    if family in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe") and hf.get("use_sliding_window"):
         raise UserError(f"use_sliding_window=true is not supported for {arch}; allowed: false")
     if family in ("qwen3", "qwen3_moe", "mixtral") and hf.get("attention_bias"):
         raise UserError(f"attention_bias=true is not supported for {arch}; allowed: false")
@@ -97,7 +99,7 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         norm_epsilon=float(hf.get("norm_eps" if nemotron else "rms_norm_eps", 1e-5)),
         layernorm_zero_centered_gamma=nemotron,
         activation="squared_relu" if nemotron else "swiglu",
-        add_qkv_bias=family == "qwen2",
+        add_qkv_bias=family == "qwen2" or (family == "qwen2_moe" and bool(hf.get("qkv_bias", True))),
         add_bias_linear=False,
         rotary_base=float(rope.get("rope_theta", 10000.0)),
         rotary_percent=float(rope.get("partial_rotary_factor", 1.0)),
@@ -109,14 +111,22 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
 
 
 def _moe_from_hf(hf: dict, family: str, arch: str) -> dict:
-    """The MoE fields of ``ModelConfig`` from a Qwen3-MoE or Mixtral ``config.json`` ({} otherwise).
+    """The MoE fields of ``ModelConfig`` from a Qwen3-MoE, Qwen2-MoE or Mixtral ``config.json`` ({} otherwise).
 
-    Routing: Mixtral takes the softmax over the top-k router logits; Qwen3-MoE the softmax over all
-    experts, then the top-k, renormalised only with ``norm_topk_prob`` (the same as Mixtral's then)."""
-    if family not in ("qwen3_moe", "mixtral"):
+    Routing: Mixtral takes the softmax over the top-k router logits; Qwen3-MoE and Qwen2-MoE the softmax
+    over all experts, then the top-k, renormalised only with ``norm_topk_prob`` (the same as Mixtral's
+    then). Qwen2-MoE adds a shared expert whose output is scaled by ``sigmoid(shared_expert_gate . x)``."""
+    if family not in ("qwen3_moe", "mixtral", "qwen2_moe"):
         return {}
     experts = hf.get("num_experts", hf.get("num_local_experts"))
-    if family == "qwen3_moe":
+    shared = {}
+    if family == "qwen2_moe":
+        width = hf.get("shared_expert_intermediate_size")
+        if not isinstance(width, int) or width < 1:
+            raise UserError(f"shared_expert_intermediate_size={width!r} is not supported for {arch}; allowed: "
+                            f"an integer >= 1")
+        shared = dict(moe_shared_expert_intermediate_size=width, moe_shared_expert_gate=True)
+    if family in ("qwen3_moe", "qwen2_moe"):
         if int(hf.get("decoder_sparse_step", 1)) != 1 or hf.get("mlp_only_layers"):
             raise UserError(f"decoder_sparse_step={hf.get('decoder_sparse_step')} / mlp_only_layers="
                             f"{hf.get('mlp_only_layers')} (dense layers between MoE layers) are not supported; "
@@ -129,7 +139,7 @@ def _moe_from_hf(hf: dict, family: str, arch: str) -> dict:
         width, pre_softmax = hf["intermediate_size"], False
     return dict(num_moe_experts=int(experts), moe_router_topk=int(hf["num_experts_per_tok"]),
                 moe_ffn_hidden_size=int(width), moe_router_pre_softmax=bool(pre_softmax),
-                moe_aux_loss_coeff=float(hf.get("router_aux_loss_coef") or 0.0))
+                moe_aux_loss_coeff=float(hf.get("router_aux_loss_coef") or 0.0), **shared)
 
 
 def hf_config_from_model_config(mc: ModelConfig, tokenizer_ids: dict | None = None) -> dict:
@@ -176,14 +186,16 @@ def hf_config_from_model_config(mc: ModelConfig, tokenizer_ids: dict | None = No
         cfg.update(attention_bias=False, mlp_bias=False)
     if family == "mistral":
         cfg["sliding_window"] = None  # full attention, as in Megatron (MistralConfig defaults to 4096)
-    if family in ("qwen2", "qwen3", "qwen3_moe"):
+    if family in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe"):
         cfg.update(use_sliding_window=False, sliding_window=None)
     if family in ("qwen3", "qwen3_moe", "mixtral"):
         cfg.update(attention_bias=False)
-    if family == "qwen3_moe":
+    if family in ("qwen3_moe", "qwen2_moe"):
         cfg.update(num_experts=mc.num_moe_experts, num_experts_per_tok=mc.moe_router_topk,
                    moe_intermediate_size=mc.moe_ffn_hidden_size, norm_topk_prob=not mc.moe_router_pre_softmax,
                    decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=mc.moe_aux_loss_coeff)
+    if family == "qwen2_moe":
+        cfg.update(shared_expert_intermediate_size=mc.moe_shared_expert_intermediate_size, qkv_bias=mc.add_qkv_bias)
     if family == "mixtral":
         cfg.update(num_local_experts=mc.num_moe_experts, num_experts_per_tok=mc.moe_router_topk,
                    intermediate_size=mc.moe_ffn_hidden_size, sliding_window=None, router_jitter_noise=0.0,
@@ -230,10 +242,14 @@ def hf_layer_names(mc: ModelConfig, i: int) -> dict:
         names.update(q_norm=p + "self_attn.q_norm.weight", k_norm=p + "self_attn.k_norm.weight")
     if mc.is_moe:
         names["router"] = p + ("block_sparse_moe.gate.weight" if mc.family == "mixtral" else "mlp.gate.weight")
-        return names
-    names.update(up=p + "mlp.up_proj.weight", down=p + "mlp.down_proj.weight")
-    if mc.activation == "swiglu":
-        names["gate"] = p + "mlp.gate_proj.weight"
+        if mc.moe_shared_expert_intermediate_size:
+            s = p + "mlp.shared_expert."
+            names.update(shared_gate_proj=s + "gate_proj.weight", shared_up=s + "up_proj.weight",
+                         shared_down=s + "down_proj.weight", shared_gate=p + "mlp.shared_expert_gate.weight")
+    else:
+        names.update(up=p + "mlp.up_proj.weight", down=p + "mlp.down_proj.weight")
+        if mc.activation == "swiglu":
+            names["gate"] = p + "mlp.gate_proj.weight"
     if mc.add_qkv_bias:
         names.update(qb=p + "self_attn.q_proj.bias", kb=p + "self_attn.k_proj.bias",
                      vb=p + "self_attn.v_proj.bias")
@@ -298,6 +314,10 @@ def hf_layer_to_canonical(mc: ModelConfig, get: Callable[[str], torch.Tensor], i
             x = hf_expert_names(mc, i, e)
             sd[moe.expert_name(p, e - experts.start, "linear_fc1.weight")] = torch.cat([get(x["gate"]), get(x["up"])])
             sd[moe.expert_name(p, e - experts.start, "linear_fc2.weight")] = get(x["down"])
+        if "shared_gate" in n:
+            sd[p + "mlp.shared_experts.linear_fc1.weight"] = torch.cat([get(n["shared_gate_proj"]), get(n["shared_up"])])
+            sd[p + "mlp.shared_experts.linear_fc2.weight"] = get(n["shared_down"])
+            sd[p + "mlp.shared_experts.gate_weight"] = get(n["shared_gate"])
     else:
         up = get(n["up"])
         sd[p + "mlp.linear_fc2.weight"] = get(n["down"])
@@ -325,6 +345,11 @@ def canonical_layer_to_hf(mc: ModelConfig, sd: dict, i: int) -> dict:
             x = hf_expert_names(mc, i, e)
             out[x["gate"]], out[x["up"]] = torch.chunk(sd[moe.expert_name(p, e, "linear_fc1.weight")], 2, dim=0)
             out[x["down"]] = sd[moe.expert_name(p, e, "linear_fc2.weight")]
+        if "shared_gate" in n:
+            out[n["shared_gate_proj"]], out[n["shared_up"]] = torch.chunk(
+                sd[p + "mlp.shared_experts.linear_fc1.weight"], 2, dim=0)
+            out[n["shared_down"]] = sd[p + "mlp.shared_experts.linear_fc2.weight"]
+            out[n["shared_gate"]] = sd[p + "mlp.shared_experts.gate_weight"]
     else:
         out[n["down"]] = sd[p + "mlp.linear_fc2.weight"]
         fc1 = sd[p + "mlp.linear_fc1.weight"]

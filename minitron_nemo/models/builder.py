@@ -25,23 +25,26 @@ def te_available() -> bool:
         return False
 
 
-def layer_spec(use_te: bool | None = None, mc: ModelConfig | None = None):
+def layer_spec(use_te: bool | None = None, mc: ModelConfig | None = None, grouped_gemm: bool = False):
     """The transformer layer ``ModuleSpec`` and the final-norm class used by this process.
 
-    Experts: TE's grouped GEMM with Transformer Engine, else Megatron-Core's ``SequentialMLP`` (one
-    MLP per expert). Query/key norms (Qwen3) are ``TorchNorm`` over ``head_dim`` in the local spec."""
+    Experts: Megatron-Core's ``SequentialMLP`` (one MLP per expert, TE or local linears), or with
+    ``grouped_gemm`` one grouped GEMM over the local experts: TE's ``TEGroupedMLP``; without TE,
+    Megatron-Core 0.16's ``GroupedMLP`` (needs the CUDA ``grouped_gemm`` package and bf16), while 0.19 builds
+    the sequential MLP. Query/key norms (Qwen3) are ``TorchNorm`` over ``head_dim`` in the local spec."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if use_te is None:
         use_te = te_available()
     experts = mc.num_moe_experts if mc is not None else None
     qk_norm = bool(mc is not None and mc.qk_layernorm)
+    grouped = bool(experts) and grouped_gemm
     if experts:
         moe.megatron_without_te()
     if use_te:
         return specs.get_gpt_layer_with_transformer_engine_spec(
-            num_experts=experts, moe_grouped_gemm=bool(experts), qk_layernorm=qk_norm), None
-    spec = specs.get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False, qk_layernorm=qk_norm)
+            num_experts=experts, moe_grouped_gemm=grouped, qk_layernorm=qk_norm), None
+    spec = specs.get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=grouped, qk_layernorm=qk_norm)
     sub = spec.submodules
     sub.input_layernorm = TorchNorm
     sub.pre_mlp_layernorm = TorchNorm
@@ -54,8 +57,13 @@ def layer_spec(use_te: bool | None = None, mc: ModelConfig | None = None):
 
 
 def build_model(mc: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
-                use_te: bool | None = None, sequence_parallel: bool = False):
-    """Build this rank's ``GPTModel`` chunk (its TP shard of its PP stage's layers)."""
+                use_te: bool | None = None, sequence_parallel: bool = False, grouped_gemm: bool = False):
+    """Build this rank's ``GPTModel`` chunk (its TP shard of its PP stage's layers).
+
+    MoE experts are the sequential expert MLP unless ``grouped_gemm``: calibration hooks each expert, and
+    import, export and pruning name tensors per expert. Training and inference may take the grouped GEMM
+    (``grouped_gemm_default()``); a checkpoint saved by either layout loads into the other, because
+    Megatron-Core gives both the same sharded state dict (one tensor per global expert)."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
                                                              get_num_layers_to_build)
@@ -66,8 +74,8 @@ def build_model(mc: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
     if use_te is None:
         use_te = te_available()
     cfg = transformer_config(mc, tp=tp, pp=pp, ep=ep, params_dtype=params_dtype, cpu=runtime.cpu_mode(),
-                             sequence_parallel=sequence_parallel, moe_grouped_gemm=use_te)
-    spec, final_norm = layer_spec(use_te, mc)
+                             sequence_parallel=sequence_parallel, moe_grouped_gemm=grouped_gemm and mc.is_moe)
+    spec, final_norm = layer_spec(use_te, mc, grouped_gemm)
     if final_norm is not None:
         spec = TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(cfg),
                                           layer_norm=final_norm)
@@ -90,6 +98,12 @@ def build_model(mc: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
     return model
 
 
+def grouped_gemm_default(mc: ModelConfig) -> bool:
+    """The expert layout training and inference use: TE's grouped GEMM when Transformer Engine is here
+    (GPU), else the sequential MLP."""
+    return mc.is_moe and te_available()
+
+
 def layer_offset(mc: ModelConfig) -> int:
     """Global index of this PP stage's first layer (0-indexed)."""
     pp = parallel_state.get_pipeline_model_parallel_world_size()
@@ -99,8 +113,8 @@ def layer_offset(mc: ModelConfig) -> int:
 def count_parameters(mc: ModelConfig, active: bool = False) -> int:
     """Parameter count of the unpadded model, computed analytically from the config.
 
-    ``active=True``: the parameters one token uses (the router and ``moe_router_topk`` experts of each
-    MoE layer instead of all experts); the same as the total for a dense model."""
+    ``active=True``: the parameters one token uses (the router, ``moe_router_topk`` experts and the shared
+    expert of each MoE layer instead of all experts); the same as the total for a dense model."""
     h, f, L = mc.hidden_size, mc.ffn_hidden_size, mc.num_layers
     q = mc.num_attention_heads * mc.head_dim
     kv = 2 * mc.num_query_groups * mc.head_dim
@@ -117,6 +131,9 @@ def count_parameters(mc: ModelConfig, active: bool = False) -> int:
         fe = mc.moe_ffn_hidden_size
         experts = mc.moe_router_topk if active else mc.num_moe_experts
         mlp = mc.num_moe_experts * h + experts * (h * gate * fe + fe * h)
+        if mc.moe_shared_expert_intermediate_size:  # every token uses the shared expert (and its gate)
+            fs = mc.moe_shared_expert_intermediate_size
+            mlp += h * gate * fs + fs * h + (h if mc.moe_shared_expert_gate else 0)
     else:
         mlp = h * gate * f + f * h + ((gate * f + h) if mc.add_bias_linear else 0)
     emb = mc.vocab_size * h

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 
 from minitron_nemo.errors import UserError, check
 
-FAMILIES = ("llama", "mistral", "qwen2", "nemotron", "qwen3", "qwen3_moe", "mixtral")
-MOE_FAMILIES = ("qwen3_moe", "mixtral")
+FAMILIES = ("llama", "mistral", "qwen2", "nemotron", "qwen3", "qwen3_moe", "mixtral", "qwen2_moe")
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "qwen2_moe")
+SHARED_EXPERT_FAMILIES = ("qwen2_moe",)  # families whose HF layout has a shared expert (always, with its gate)
 ACTIVATIONS = ("swiglu", "squared_relu", "gelu")
 NORMS = ("RMSNorm", "LayerNorm")
 
@@ -51,6 +52,8 @@ class ModelConfig:
     moe_router_score_function: str = "softmax"
     moe_router_pre_softmax: bool = False  # softmax over all experts, then top-k without renormalising
     moe_aux_loss_coeff: float = 0.0  # load-balancing loss weight (HF router_aux_loss_coef)
+    moe_shared_expert_intermediate_size: Optional[int] = None  # shared expert's FFN width (every token uses it)
+    moe_shared_expert_gate: bool = False  # shared expert output times sigmoid(gate . x) (Qwen2-MoE)
 
     @property
     def is_moe(self) -> bool:
@@ -85,9 +88,25 @@ class ModelConfig:
             check(self.moe_router_score_function in ("softmax", "sigmoid"),
                   f"model.moe_router_score_function={self.moe_router_score_function!r}; allowed: softmax, sigmoid")
             check(not self.add_bias_linear, "model.add_bias_linear=true is not supported with experts; allowed: false")
+            shared = self.moe_shared_expert_intermediate_size
+            check(shared is None or shared >= 1,
+                  f"model.moe_shared_expert_intermediate_size={shared} must be >= 1; allowed: null (no shared "
+                  f"expert) or a width")
+            if self.family in SHARED_EXPERT_FAMILIES:
+                check(shared is not None and self.moe_shared_expert_gate,
+                      f"model.family={self.family!r} has a gated shared expert; allowed: "
+                      f"model.moe_shared_expert_intermediate_size >= 1 with model.moe_shared_expert_gate=true")
+            else:
+                check(shared is None and not self.moe_shared_expert_gate,
+                      f"model.moe_shared_expert_intermediate_size={shared} / moe_shared_expert_gate="
+                      f"{self.moe_shared_expert_gate}: model.family={self.family!r} has no shared expert; allowed: "
+                      f"null / false, or family {' or '.join(SHARED_EXPERT_FAMILIES)}")
         else:
             check(self.family not in MOE_FAMILIES,
                   f"model.family={self.family!r} needs model.num_moe_experts; allowed: a number of experts")
+            check(self.moe_shared_expert_intermediate_size is None,
+                  f"model.moe_shared_expert_intermediate_size={self.moe_shared_expert_intermediate_size} needs "
+                  f"experts; allowed: null for a dense model")
         return self
 
     def check_parallel(self, tp: int, pp: int, ep: int = 1) -> None:
@@ -106,9 +125,11 @@ class ModelConfig:
             if self.num_moe_experts % ep:
                 raise UserError(f"expert_model_parallel_size={ep} does not divide num_moe_experts="
                                 f"{self.num_moe_experts}; allowed: a divisor of {self.num_moe_experts}")
-            if self.moe_ffn_hidden_size % tp:
-                raise UserError(f"tensor_model_parallel_size={tp} does not divide moe_ffn_hidden_size="
-                                f"{self.moe_ffn_hidden_size}; allowed: a divisor of {self.moe_ffn_hidden_size}")
+            for name in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
+                value = getattr(self, name)
+                if value is not None and value % tp:
+                    raise UserError(f"tensor_model_parallel_size={tp} does not divide {name}={value}; "
+                                    f"allowed: a divisor of {value}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -136,7 +157,7 @@ def _activation(name: str):
 
 def moe_fields(mc: ModelConfig, ep: int, grouped_gemm: bool = False) -> dict:
     """``TransformerConfig`` fields of an MoE model: dropless top-k routing in fp32, the all-to-all token
-    dispatcher, the sequential expert MLP (grouped GEMM only with Transformer Engine, on GPU)."""
+    dispatcher, the sequential expert MLP or the grouped GEMM, the shared expert and its gate if any."""
     if not mc.is_moe:
         return {}
     return dict(
@@ -152,6 +173,8 @@ def moe_fields(mc: ModelConfig, ep: int, grouped_gemm: bool = False) -> dict:
         moe_grouped_gemm=grouped_gemm,
         moe_permute_fusion=False,
         expert_model_parallel_size=ep,
+        moe_shared_expert_intermediate_size=mc.moe_shared_expert_intermediate_size,
+        moe_shared_expert_gate=mc.moe_shared_expert_gate,
     )
 
 

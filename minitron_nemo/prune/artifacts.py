@@ -50,6 +50,8 @@ def load_scores(path, mc: ModelConfig) -> tuple[dict, dict]:
 
         want.update({f"expert_{k}": (mc.num_layers, mc.num_moe_experts) for k in EXPERT_SCORES})
         want["expert_ffn"] = (mc.num_layers, mc.num_moe_experts, mc.moe_ffn_hidden_size)
+        if mc.moe_shared_expert_intermediate_size:
+            want["shared_ffn"] = (mc.num_layers, mc.moe_shared_expert_intermediate_size)
     for k, shape in want.items():
         if k not in scores or tuple(scores[k].shape) != shape:
             got = tuple(scores[k].shape) if k in scores else "missing"

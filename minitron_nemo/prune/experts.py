@@ -162,6 +162,20 @@ def slice_expert_tensor(mc, suffix: str, t: torch.Tensor, hidden: torch.Tensor, 
     raise NotImplementedError(f"pruning does not know how to slice expert tensor {suffix}")
 
 
+def slice_shared_expert_tensor(mc, name: str, t: torch.Tensor, hidden: torch.Tensor, neurons: torch.Tensor):
+    """A shared expert's full (TP-unsharded) tensor: its kept neurons like a dense MLP's (SwiGLU: the same
+    neurons in the gate and the up half), its gate's kept hidden channels."""
+    if name.endswith("linear_fc1.weight"):
+        f = mc.moe_shared_expert_intermediate_size
+        rows = torch.cat([neurons, neurons + f]) if mc.activation == "swiglu" else neurons
+        return t[rows][:, hidden]
+    if name.endswith("linear_fc2.weight"):
+        return t[hidden][:, neurons]
+    if name.endswith("gate_weight"):  # [1, H]
+        return t[:, hidden]
+    raise NotImplementedError(f"pruning does not know how to slice shared-expert tensor {name}")
+
+
 # ----------------------------------------------------------------------------- moving experts
 def _rank_table() -> dict:
     """(pp stage, ep rank, expert-tp rank, expert-dp rank) -> global rank, for every rank."""

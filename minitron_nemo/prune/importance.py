@@ -21,6 +21,8 @@ batches, by hooks that read Megatron activations (layout ``[seq, batch, channel]
   layers (c)        LM loss with a contiguous block of k layers skipped  loss of the block-removed model
   experts, expert   router and expert MLPs of MoE layers                 see ``prune/experts.py``
   FFN neurons
+  shared-expert     input of ``mlp.shared_experts.linear_fc2`` (before   agg(x) per neuron, as MLP
+  neurons           the shared-expert gate scales the output)            neurons
 
 ``agg`` = sequence reduction, then batch reduction (``Aggregation``). Per sample b and channel c the
 sequence reduction gives ``v[b, c]``: mean -> mean_s |x|, l2 -> sqrt(sum_s x^2), var -> var_s x
@@ -117,6 +119,8 @@ class Collector:
         self.hidden = z(2, cfg.hidden_size)  # [s1|s2, layer, norm, H]
         self.proj = z(cfg.num_attention_heads // tp * cfg.kv_channels)
         self.ffn = z(cfg.ffn_hidden_size // tp)
+        shared = getattr(cfg, "moe_shared_expert_intermediate_size", None)
+        self.shared = z(shared // tp) if shared else None
         self.bi = torch.zeros(2, n, dtype=torch.float64, device=runtime.device())  # [sum cos, tokens]
         self.handles = []
         # MoE layers: the experts' own collector; their pre-MLP norm is hooked below like a dense one
@@ -133,6 +137,9 @@ class Collector:
             self.handles.append(attn.linear_proj.register_forward_pre_hook(self._input_hook(self.proj, i)))
             if self.experts is None:
                 self.handles.append(mlp.linear_fc2.register_forward_pre_hook(self._input_hook(self.ffn, i)))
+            elif self.shared is not None:
+                fc2 = mlp.shared_experts.linear_fc2
+                self.handles.append(fc2.register_forward_pre_hook(self._input_hook(self.shared, i)))
             self.handles.append(layer.register_forward_hook(self._bi_hook(i), with_kwargs=True))
 
     def _add(self, acc, idx, x):
@@ -187,7 +194,7 @@ def _finalize(c: Collector, n: float, cfg) -> dict:
     dp, tp_g, pp_g = (parallel_state.get_data_parallel_group(), parallel_state.get_tensor_model_parallel_group(),
                       parallel_state.get_pipeline_model_parallel_group())
     how = c.agg.batch
-    for acc in (c.hidden, c.proj, c.ffn, c.bi):
+    for acc in (c.hidden, c.proj, c.ffn, c.bi) + ((c.shared,) if c.shared is not None else ()):
         all_reduce_over(acc, dp)
     hidden = batch_finalize(c.hidden[0], c.hidden[1], n, how)  # [Ll, 2, H]
     proj = batch_finalize(c.proj[0], c.proj[1], n, how)  # [Ll, heads_local * d]
@@ -199,6 +206,8 @@ def _finalize(c: Collector, n: float, cfg) -> dict:
     heads, groups, ffn = (all_gather_along(t, tp_g, dim=1) for t in (heads, groups, ffn))
     bi = 1.0 - c.bi[0] / c.bi[1].clamp_min(1)
     per_layer = {"hidden_per_layer": hidden.sum(1), "heads": heads, "groups": groups, "ffn": ffn, "layer_bi": bi}
+    if c.shared is not None:
+        per_layer["shared_ffn"] = all_gather_along(batch_finalize(c.shared[0], c.shared[1], n, how), tp_g, dim=1)
     out = {k: all_gather_along(v, pp_g, dim=0).float().cpu() for k, v in per_layer.items()}
     out["hidden"] = all_reduce_over(hidden.sum((0, 1)), pp_g).float().cpu()
     if c.experts is not None:
@@ -239,7 +248,8 @@ def estimate(model, batches, agg: Aggregation | None = None, *, progress=True) -
 
     Returns fp32 CPU tensors: ``hidden [H]``, ``hidden_per_layer [L, H]``, ``heads [L, heads]``,
     ``groups [L, groups]``, ``ffn [L, ffn]``, ``layer_bi [L]`` (global layer order); MoE models also
-    ``expert_<score> [L, E]`` for each of ``experts.EXPERT_SCORES`` and ``expert_ffn [L, E, F]``.
+    ``expert_<score> [L, E]`` for each of ``experts.EXPERT_SCORES`` and ``expert_ffn [L, E, F]``, and
+    with a shared expert ``shared_ffn [L, F_shared]``.
     """
     agg = agg or Aggregation()
     c = Collector(model, agg)

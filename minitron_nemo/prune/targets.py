@@ -3,8 +3,9 @@
 Targets (names as in NeMo 2 / modelopt): ``target_hidden_size``, ``target_ffn_hidden_size``,
 ``target_num_attention_heads``, ``target_num_query_groups``, ``target_num_layers`` or
 ``drop_layers`` (1-INDEXED layer numbers, as in NeMo), or a budget ``target_params`` /
-``target_params_ratio``; MoE models also ``target_num_moe_experts`` (experts kept in every layer)
-and ``target_moe_ffn_hidden_size`` (each expert's FFN width). Unset targets keep the source value, except: with only
+``target_params_ratio``; MoE models also ``target_num_moe_experts`` (experts kept in every layer),
+``target_moe_ffn_hidden_size`` (each expert's FFN width) and ``target_moe_shared_expert_intermediate_size``
+(the shared expert's width). Unset targets keep the source value, except: with only
 ``target_num_query_groups`` set, the heads per group are kept (heads = groups' x heads/group); with
 only ``target_num_attention_heads`` set on an MHA model (groups == heads), groups follow the heads.
 ``kv_channels`` (head_dim) is always preserved.
@@ -23,8 +24,9 @@ from minitron_nemo.models.config import ModelConfig
 WIDTH_KEYS = {"target_hidden_size": "hidden_size", "target_ffn_hidden_size": "ffn_hidden_size",
               "target_num_attention_heads": "num_attention_heads",
               "target_num_query_groups": "num_query_groups", "target_num_layers": "num_layers",
-              "target_num_moe_experts": "num_moe_experts", "target_moe_ffn_hidden_size": "moe_ffn_hidden_size"}
-MOE_KEYS = ("target_num_moe_experts", "target_moe_ffn_hidden_size")
+              "target_num_moe_experts": "num_moe_experts", "target_moe_ffn_hidden_size": "moe_ffn_hidden_size",
+              "target_moe_shared_expert_intermediate_size": "moe_shared_expert_intermediate_size"}
+MOE_KEYS = ("target_num_moe_experts", "target_moe_ffn_hidden_size", "target_moe_shared_expert_intermediate_size")
 
 
 @dataclass
@@ -36,6 +38,7 @@ class Targets:
     target_num_layers: Optional[int] = None
     target_num_moe_experts: Optional[int] = None
     target_moe_ffn_hidden_size: Optional[int] = None
+    target_moe_shared_expert_intermediate_size: Optional[int] = None
     drop_layers: Optional[List[int]] = None  # 1-indexed
     target_params: Optional[float] = None
     target_params_ratio: Optional[float] = None
@@ -88,6 +91,8 @@ def new_config(mc: ModelConfig, t: Targets) -> ModelConfig:
                           "num_layers": mc.num_layers if layers is None else layers,
                           "num_moe_experts": t.target_num_moe_experts or mc.num_moe_experts,
                           "moe_ffn_hidden_size": t.target_moe_ffn_hidden_size or mc.moe_ffn_hidden_size,
+                          "moe_shared_expert_intermediate_size": (t.target_moe_shared_expert_intermediate_size
+                                                                  or mc.moe_shared_expert_intermediate_size),
                           "kv_channels": mc.head_dim})
 
 
@@ -99,6 +104,10 @@ def validate(mc: ModelConfig, t: Targets, tp: int, pp: int, ep: int = 1) -> Mode
         if getattr(t, key) is not None and not mc.is_moe:
             _fail(f"prune.{key}={getattr(t, key)} but the source model ({mc.family}) has no experts; allowed: "
                   f"unset for a dense model")
+    shared = t.target_moe_shared_expert_intermediate_size
+    if shared is not None and mc.is_moe and not mc.moe_shared_expert_intermediate_size:
+        _fail(f"prune.target_moe_shared_expert_intermediate_size={shared} but the source model ({mc.family}) has "
+              f"no shared expert; allowed: unset")
     if mc.is_moe and t.target_ffn_hidden_size is not None:
         _fail(f"prune.target_ffn_hidden_size={t.target_ffn_hidden_size}: every MLP of this model is a mixture "
               f"of experts; allowed: prune.target_moe_ffn_hidden_size (each expert's width)")
@@ -108,6 +117,8 @@ def validate(mc: ModelConfig, t: Targets, tp: int, pp: int, ep: int = 1) -> Mode
             continue
         if not isinstance(v, int) or v < 1:
             _fail(f"prune.{key}={v}; allowed: an integer from 1 to the source {attr}={getattr(mc, attr)}")
+        if getattr(mc, attr) is None:
+            continue  # refused above: a target for an axis the model lacks
         if v > getattr(mc, attr):
             _fail(f"prune.{key}={v} is larger than the source {attr}={getattr(mc, attr)}; "
                   f"allowed: 1..{getattr(mc, attr)}")
@@ -138,15 +149,15 @@ def validate(mc: ModelConfig, t: Targets, tp: int, pp: int, ep: int = 1) -> Mode
     if new.is_moe and new.num_moe_experts % ep:
         _fail(f"target num_moe_experts={new.num_moe_experts} is not divisible by expert_model_parallel_size="
               f"{ep}; allowed: a multiple of {ep}")
-    for attr in ("hidden_size", "ffn_hidden_size", "moe_ffn_hidden_size"):
+    for attr in ("hidden_size", "ffn_hidden_size", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
         v = getattr(new, attr)
-        if v != getattr(mc, attr) and v % t.grid:
+        if v is not None and v != getattr(mc, attr) and v % t.grid:
             _fail(f"target {attr}={v} is off the grid; allowed: a multiple of prune.grid={t.grid} "
                   f"(e.g. {max(t.grid, v // t.grid * t.grid)}), or set prune.grid")
-    for attr in ("num_attention_heads", "num_query_groups", "ffn_hidden_size") + (
-            ("moe_ffn_hidden_size",) if new.is_moe else ()):
+    for attr in ("num_attention_heads", "num_query_groups", "ffn_hidden_size", "moe_ffn_hidden_size",
+                 "moe_shared_expert_intermediate_size"):
         v = getattr(new, attr)
-        if v % tp:
+        if v is not None and v % tp:
             _fail(f"target {attr}={v} is not divisible by tensor_model_parallel_size={tp}; "
                   f"allowed: a multiple of {tp}")
     if new.num_layers % pp:

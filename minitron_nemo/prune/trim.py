@@ -11,7 +11,8 @@ pruned model equals the source with the dropped units masked to zero (tests chec
 * MLP: top ``F'`` neurons of each layer; both SwiGLU halves (gate, up) use the same indices.
 * layers: the kept old layers, in order.
 * experts (MoE): top ``E'`` experts of each layer by the chosen expert score, and within each kept expert
-  its top ``F'`` neurons; the router keeps the kept experts' rows (``prune/experts.py``).
+  its top ``F'`` neurons; the router keeps the kept experts' rows (``prune/experts.py``). A shared expert
+  keeps the top ``F_shared'`` neurons of its layer like a dense MLP; its gate keeps the hidden channels.
 
 ``trim_model`` fills a freshly built smaller model on every rank from this rank's old shard without
 gathering the model: hidden slicing is local (hidden is never TP-sharded); for head / group / neuron
@@ -44,6 +45,7 @@ class Plan:
     heads: List[torch.Tensor]  # per new layer: [G', h'] kept heads (index within their group)
     experts: List[torch.Tensor] = field(default_factory=list)  # MoE, per new layer: kept experts [E']
     expert_ffn: List[torch.Tensor] = field(default_factory=list)  # MoE, per new layer: [E', F'] kept neurons
+    shared_ffn: List[torch.Tensor] = field(default_factory=list)  # shared expert, per new layer: kept neurons
 
 
 def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -70,6 +72,9 @@ def make_plan(mc: ModelConfig, new_mc: ModelConfig, scores: dict, layers: List[i
     if mc.is_moe:
         plan.experts, plan.expert_ffn = moe_prune.plan_experts(scores, layers, new_mc.num_moe_experts,
                                                                new_mc.moe_ffn_hidden_size, expert_score)
+    if mc.moe_shared_expert_intermediate_size:
+        plan.shared_ffn = [top_k(scores["shared_ffn"][i], new_mc.moe_shared_expert_intermediate_size)
+                           for i in layers]
     return plan
 
 
@@ -108,6 +113,8 @@ NORM_SUFFIXES = ("layernorm.weight", "layernorm.bias", "layer_norm_weight", "lay
 def slice_layer_tensor(mc: ModelConfig, name: str, t: torch.Tensor, plan: Plan, j: int) -> torch.Tensor:
     """Slice one full (TP-unsharded) tensor of old layer ``plan.layers[j]`` for new layer ``j``."""
     hid = plan.hidden
+    if ".shared_experts." in f".{name}":
+        return moe_prune.slice_shared_expert_tensor(mc, name, t, hid, plan.shared_ffn[j])
     if name.endswith(QK_NORMS):
         # Qwen3's query/key RMSNorm: one [head_dim] weight that every head of the layer shares. Head and
         # group pruning drop whole heads and hidden pruning never touches head_dim, so the kept heads

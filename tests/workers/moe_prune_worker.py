@@ -6,9 +6,9 @@ usage: moe_prune_worker.py WORKDIR FAMILY [tp2]  (python: EP=1; torchrun --nproc
 
 1. Scores: ``expert_frequency`` of each layer sums to tokens x top-k; each expert score is recomputed
    independently from captured router inputs and expert outputs (EP=1).
-2. Masking equivalence: pruning experts (and expert neurons, and layers) gives the same logits as the
-   unpruned model whose router logits of the dropped experts are -inf and whose dropped neurons' fc2
-   columns are zero (dropped layers skipped). At EP=2 each rank masks its own experts.
+2. Masking equivalence: pruning experts (and expert neurons, shared-expert neurons, and layers) gives the
+   same logits as the unpruned model whose router logits of the dropped experts are -inf and whose
+   dropped neurons' fc2 columns are zero (dropped layers skipped). At EP=2 each rank masks its own experts.
 3. Layout invariance: WORKDIR/ep{EP}.pt holds the scores and the pruned logits; the test compares EP=2
    with EP=1.
 """
@@ -33,6 +33,8 @@ from minitron_nemo.prune.trim import make_plan, trim_model
 FAMILIES = {
     "mixtral": dict(family="mixtral", moe_router_pre_softmax=False),
     "qwen3_moe": dict(family="qwen3_moe", moe_router_pre_softmax=True, qk_layernorm=True),
+    "qwen2_moe": dict(family="qwen2_moe", moe_router_pre_softmax=False, add_qkv_bias=True,
+                      moe_shared_expert_intermediate_size=48, moe_shared_expert_gate=True),
 }
 MC = None
 CASES = {
@@ -40,6 +42,10 @@ CASES = {
     "expert_ffn": Targets(target_moe_ffn_hidden_size=16, grid=8),
     "experts+ffn+depth": Targets(target_num_moe_experts=4, target_moe_ffn_hidden_size=24, target_num_layers=2,
                                  grid=8),
+}
+SHARED_CASES = {  # families with a shared expert
+    "shared": Targets(target_moe_shared_expert_intermediate_size=16, grid=8),
+    "experts+shared": Targets(target_num_moe_experts=4, target_moe_shared_expert_intermediate_size=24, grid=8),
 }
 
 
@@ -108,6 +114,9 @@ def check_scores(model, mc, scores, batches):
                 lambda m, a, o, i=i, e=e: acts.setdefault(("y", i, e), []).append((o[0].detach(), a[1].detach()))))
             handles.append(expert.linear_fc2.register_forward_pre_hook(
                 lambda m, a, i=i, e=e: acts.setdefault(("h", i, e), []).append(a[0].detach())))
+        if mc.moe_shared_expert_intermediate_size:
+            handles.append(layer.mlp.shared_experts.linear_fc2.register_forward_pre_hook(
+                lambda m, a, i=i: acts.setdefault(("s", i), []).append(a[0].detach())))
     imp.run_with_progress(model, batches, progress=False)
     for h in handles:
         h.remove()
@@ -122,6 +131,10 @@ def check_scores(model, mc, scores, batches):
             close(scores["expert_output_l2"][i, e], (y / p[:, None]).pow(2).sum().sqrt(), f"output_l2 [{i},{e}]")
             h = torch.cat(acts[("h", i, e)]).double()
             close(scores["expert_ffn"][i, e], h.pow(2).sum(0).sqrt(), f"expert_ffn [{i},{e}]")
+        if mc.moe_shared_expert_intermediate_size:  # l2 over samples of mean_s |x| (the dense MLP's default)
+            h = torch.stack(acts[("s", i)]).double()  # [batches, s, b, F]
+            want = h.abs().mean(1).pow(2).sum((0, 1)).sqrt()
+            close(scores["shared_ffn"][i], want, f"shared_ffn [{i}]")
     runtime.print0("OK expert scores recomputed independently")
 
 
@@ -147,6 +160,11 @@ def masked_reference(model, mc, plan):
                 kept[plan.expert_ffn[j][n]] = True
                 tp, r = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
                 fc2[:, ~torch.chunk(kept, tp)[r]] = 0  # this TP rank's columns
+            if mc.moe_shared_expert_intermediate_size:
+                kept = torch.zeros(mc.moe_shared_expert_intermediate_size, dtype=torch.bool)
+                kept[plan.shared_ffn[j]] = True
+                tp, r = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+                mlp.shared_experts.linear_fc2.weight[:, ~torch.chunk(kept, tp)[r]] = 0
     return ref
 
 
@@ -154,7 +172,7 @@ def check_masking(model, mc, scores, tokens, family):
     base = full_logits(model, tokens)
     ep = ps.get_expert_model_parallel_world_size()
     out = {}
-    for name, t in CASES.items():
+    for name, t in {**CASES, **(SHARED_CASES if mc.moe_shared_expert_intermediate_size else {})}.items():
         new_mc = validate(mc, t, ps.get_tensor_model_parallel_world_size(), 1, ep)
         kept = select_layers(mc, new_mc.num_layers, scores, "bi")
         plan = make_plan(mc, new_mc, scores, kept)
