@@ -280,3 +280,43 @@ def test_distill_recipe_prunes_an_moe_teacher_in_job(tmp_path):
     assert [r["moe_aux"] for r in rec if r["kind"] == "train"] and any(r["kind"] == "valid" for r in rec)
     mc = yaml.safe_load((work / "checkpoints" / "iter_0000003" / "model.yaml").read_text())
     assert (mc["num_moe_experts"], mc["moe_ffn_hidden_size"]) == (2, 16)
+
+
+def test_search_ranked_by_distillation_covers_moe(tmp_path):
+    """prune.search.distill_iters on a Qwen3-MoE source: candidates that differ in experts per layer and
+    expert width are each distilled K=2 iterations (the load-balancing loss in their logs) and ranked by
+    validation loss; the winner, with its MoE shape, is the pruned checkpoint."""
+    import csv
+    import sys
+
+    import yaml
+
+    sys.path.insert(0, str(ROOT / "tests" / "workers"))
+    from prune_common import checkpoint_with_valid_text
+
+    tmp, ckpt = checkpoint_with_valid_text(tmp_path, "qwen3_moe")
+    out = tmp / "out"
+    p = run_py(ROOT / "recipes" / "prune.py", f"checkpoint={ckpt}", f"output={out}",
+               f"prune.calibration.data={tmp / 'calib.txt'}", "prune.grid=8", "prune.calibration.num_samples=8",
+               "prune.calibration.seq_length=32", "prune.calibration.micro_batch_size=4",
+               "prune.calibration.loss_samples=4", "prune.target_params_ratio=0.7", "prune.layer_criterion=bi",
+               "prune.search.eval_samples=4", "prune.search.distill_iters=2", "prune.search.top_k=2",
+               "prune.search.axes=[experts,ffn]", "prune.search.tolerance=0.15",
+               "data=text", f"data.train_text={tmp / 'calib.txt'}", f"data.valid_text={tmp / 'valid.txt'}",
+               "data.seq_length=32", "data.valid_samples=4", "trainer.micro_batch_size=2",
+               "trainer.global_batch_size=2", "trainer.tensorboard=false", env={"OMP_NUM_THREADS": "1"})
+    rows = list(csv.DictReader(open(out / "prune" / "candidates.csv")))
+    ranked = [r for r in rows if r["rank"]]
+    assert len(ranked) == 2, rows
+    assert {"num_moe_experts", "moe_ffn_hidden_size", "active_params"} <= set(rows[0])
+    mc = yaml.safe_load((out / "model.yaml").read_text())
+    for k in ("num_layers", "hidden_size", "num_moe_experts", "moe_ffn_hidden_size"):
+        assert mc[k] == int(ranked[0][k]), (k, mc, ranked[0])
+    for r in ranked:
+        name = ("L{num_layers}_H{hidden_size}_F{ffn_hidden_size}_A{num_attention_heads}_G{num_query_groups}"
+                "_E{num_moe_experts}_Fe{moe_ffn_hidden_size}").format(**r)
+        recs = [json.loads(x) for x in (tmp / "out_search" / name / "metrics.jsonl").read_text().splitlines()]
+        assert [x["moe_aux"] for x in recs if x["kind"] == "train"], name
+        assert json.loads((tmp / "out_search" / name / "result.json").read_text())["valid_loss_end"] == \
+            pytest.approx(float(r["valid_loss_end"]))
+    assert "[search] rank 1 (zero-shot" in p.stdout

@@ -11,12 +11,14 @@ the winner, as pruned (not the short-distilled weights), is the recipe's output.
 
     SEARCH/search.json          the settings the search started with (a re-run with others stops)
     SEARCH/zero_shot/           importance scores and the zero-shot table (a re-run skips that phase)
-    SEARCH/L<l>_H<h>_F<f>_A<a>_G<g>/
-                                one candidate's run: checkpoints/, metrics.jsonl, loss.png, and
+    SEARCH/L<l>_H<h>_F<f>_A<a>_G<g>[_E<e>_Fe<fe>]/
+                                one candidate's run (MoE: experts per layer, each expert's width): checkpoints/, metrics.jsonl, loss.png, and
                                 result.json once finished (a re-run skips it; an unfinished run resumes)
     OUTPUT/prune/candidates.md|csv, search.png   both rankings; validation loss over the K iterations
 
-SEARCH is ``prune.search.workdir`` (default: ``OUTPUT_search``).
+SEARCH is ``prune.search.workdir`` (default: ``OUTPUT_search``). MoE sources (budget
+``target_params`` or ``target_active_params``) rank candidates that differ in experts per layer and expert
+width too; each short run adds the student's load-balancing loss as a distillation job does.
 """
 
 from __future__ import annotations
@@ -39,6 +41,12 @@ from minitron_nemo.prune.artifacts import load_scores, save_scores
 from minitron_nemo.prune.targets import Targets, budget, new_config
 
 SHAPE = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
+MOE_SHAPE = ("num_moe_experts", "moe_ffn_hidden_size", "active_params")  # in the rows of MoE candidates
+
+
+def shape_of(row: dict) -> dict:
+    """A table row's architecture columns (and active parameters for MoE)."""
+    return {k: row[k] for k in SHAPE + MOE_SHAPE if k in row}
 
 
 def enabled(p) -> bool:
@@ -66,9 +74,6 @@ def check(cfg, targets: Targets, src, mc: ModelConfig) -> Plan:
                         f"prune.target_params=N or prune.target_params_ratio=R")
     if p.importance_only:
         raise UserError(f"{at} and prune.importance_only=true; allowed: one of them")
-    if mc.is_moe:
-        raise UserError(f"{at}: the search ranked by distillation does not cover mixture-of-experts models yet; "
-                        f"allowed: 0 (candidates ranked by zero-shot loss)")
     if int(t.global_batch_size) % int(t.micro_batch_size):
         raise UserError(f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "
                         f"trainer.micro_batch_size={t.micro_batch_size}")
@@ -137,11 +142,12 @@ def zero_shot(cfg, model, mc: ModelConfig, tok, sdir: Path) -> tuple[dict, dict,
         runtime.print0(f"[search] zero-shot ranking and importance read from {cache}")
         return scores, meta, json.loads((cache / "table.json").read_text())
     t, _, agg, loaded = api.check_config(mc, p, ps.get_tensor_model_parallel_world_size(),
-                                         ps.get_pipeline_model_parallel_world_size(), ranked_search=True)
+                                         ps.get_pipeline_model_parallel_world_size(), ranked_search=True,
+                                         ep=ps.get_expert_model_parallel_world_size())
     batches, loss_batches, eval_batches = api.calibration_batches(mc, p, tok, True)
     scores, meta = api.config_scores(model, mc, p, batches, agg, loaded)
     r = api.prune_model(model, mc, t, scores=scores, layer_criterion=p.layer_criterion, loss_batches=loss_batches,
-                        eval_batches=eval_batches, search=api.search_space(p))
+                        eval_batches=eval_batches, search=api.search_space(p), expert_score=expert_score(cfg))
     table = r.candidates
     del r
     gc.collect()
@@ -152,15 +158,23 @@ def zero_shot(cfg, model, mc: ModelConfig, tok, sdir: Path) -> tuple[dict, dict,
     return scores, meta, table
 
 
+def expert_score(cfg) -> str:
+    """The expert score that ranks experts (MoE), as recipes/prune.py passes it."""
+    return cfg.prune.importance.get("expert_score", "routed_l2")
+
+
 def candidate_config(mc: ModelConfig, row: dict) -> ModelConfig:
     return new_config(mc, Targets(target_num_layers=row["num_layers"], target_hidden_size=row["hidden_size"],
                                   target_ffn_hidden_size=row["ffn_hidden_size"],
                                   target_num_attention_heads=row["num_attention_heads"],
-                                  target_num_query_groups=row["num_query_groups"])).validate()
+                                  target_num_query_groups=row["num_query_groups"],
+                                  target_num_moe_experts=row.get("num_moe_experts"),
+                                  target_moe_ffn_hidden_size=row.get("moe_ffn_hidden_size"))).validate()
 
 
 def candidate_name(row: dict) -> str:
-    return "L{num_layers}_H{hidden_size}_F{ffn_hidden_size}_A{num_attention_heads}_G{num_query_groups}".format(**row)
+    name = "L{num_layers}_H{hidden_size}_F{ffn_hidden_size}_A{num_attention_heads}_G{num_query_groups}".format(**row)
+    return name + ("_E{num_moe_experts}_Fe{moe_ffn_hidden_size}".format(**row) if "num_moe_experts" in row else "")
 
 
 # ----------------------------------------------------------------------------- one short run
@@ -271,13 +285,13 @@ def run_candidate(cfg, teacher, mc: ModelConfig, row: dict, scores: dict, data: 
     runtime.print0(f"[search] {work.name}: zero-shot rank {row['rank']}, {row['params']:,} params; distilling "
                    f"{cfg.prune.search.distill_iters} iterations")
     student, _ = api.prune_to(teacher, mc, c_mc, scores, layer_criterion=cfg.prune.layer_criterion,
-                              progress=False)
+                              progress=False, expert_score=expert_score(cfg))
     distill_candidate(cfg, teacher, mc, student, c_mc, data, work, src)
     del student
     gc.collect()
     if runtime.is_rank0():
         curve = valid_curve(work)
-        res = {"name": work.name, **{k: row[k] for k in (*SHAPE, "params")}, "zero_shot_rank": row["rank"],
+        res = {"name": work.name, **shape_of(row), "params": row["params"], "zero_shot_rank": row["rank"],
                "zero_shot_loss": row["loss"], "distill_iters": int(cfg.prune.search.distill_iters),
                "valid_curve": curve, "valid_loss_start": curve[0][1] if curve and curve[0][0] == 0 else None,
                "valid_loss_end": curve[-1][1]}
@@ -323,7 +337,7 @@ def ranked_rows(table: list, results: list) -> list:
     for z in table:
         r = by_name.get(candidate_name(z), {})
         rows.append({"rank": final.get(candidate_name(z), ""), "zero_shot_rank": z["rank"],
-                     **{k: z[k] for k in SHAPE}, "params": z["params"], "zero_shot_loss": z["loss"],
+                     **shape_of(z), "params": z["params"], "zero_shot_loss": z["loss"],
                      "valid_loss_start": r.get("valid_loss_start", ""), "valid_loss_end": r.get("valid_loss_end", "")})
     return sorted(rows, key=lambda x: (x["rank"] == "", x["rank"] or 0, x["zero_shot_rank"]))
 
@@ -348,7 +362,8 @@ def search(cfg, model, mc: ModelConfig, src, plan: Plan) -> tuple[api.PruneResul
                        f"params={r['params']} zero-shot loss {r['zero_shot_loss']:.4f}, validation loss "
                        f"{r['valid_loss_start']:.4f} -> {r['valid_loss_end']:.4f} after {k} iterations")
     win_mc = candidate_config(mc, outcome.winner)
-    new_model, kept = api.prune_to(model, mc, win_mc, scores, layer_criterion=p.layer_criterion, progress=False)
+    new_model, kept = api.prune_to(model, mc, win_mc, scores, layer_criterion=p.layer_criterion, progress=False,
+                                   expert_score=expert_score(cfg))
     meta = {**meta, "search": {"distill_iters": k, "top_k": len(top), "workdir": str(sdir.resolve()),
                                "winner": candidate_name(outcome.winner),
                                "winner_zero_shot_rank": outcome.winner["zero_shot_rank"]}}
