@@ -18,7 +18,7 @@ from minitron_nemo import outputs, runtime, schemas
 from minitron_nemo.checkpoint import store
 from minitron_nemo.config import compose, dtype, require
 from minitron_nemo.errors import UserError, user_errors_exit
-from minitron_nemo.models.builder import build_model, grouped_gemm_default
+from minitron_nemo.models.builder import grouped_gemm_default
 from minitron_nemo.models.forward import lm_loss_sums
 from minitron_nemo.training import data as tdata
 from minitron_nemo.training import optim
@@ -55,12 +55,8 @@ def main():
 
     runtime.init_parallel(par, cfg.seed)
     t0 = time.time()
-    model = build_model(mc, params_dtype=params_dtype, sequence_parallel=bool(par.sequence_parallel),
-                        grouped_gemm=grouped_gemm_default(mc) and store.is_checkpoint(src))
-    if store.is_checkpoint(src):
-        store.load_weights(model, src)
-    else:
-        store.load_hf_into_model(model, src, mc)
+    model = store.load_model(src, mc, params_dtype, grouped_gemm=grouped_gemm_default(mc),
+                             sequence_parallel=bool(par.sequence_parallel))
     n_acc = optim.batch_layout(int(t.micro_batch_size), int(t.global_batch_size))
     seq = int(cfg.data.seq_length)
     iters = optim.train_iterations(t, seq)

@@ -105,7 +105,8 @@ def main():
     tc = offline.open_for_job(cfg, kd_cfg, t_path, t_mc) if cached else None
     outputs.claim_workdir(work, sources={"teacher": t_path, "student.checkpoint": s_path,
                                          "distill.teacher_cache": kd_cfg.teacher_cache})
-    if s_path is None and not store.is_checkpoint(cfg.student.init_checkpoint):
+    prunes_in_job = s_path is None and not store.is_checkpoint(cfg.student.init_checkpoint)
+    if prunes_in_job:
         from minitron_nemo.prune import api
 
         api.check_config(t_mc, prune_config(cfg), par.tensor_model_parallel_size,  # targets: before any compute
@@ -121,8 +122,7 @@ def main():
                    + (f" ({count_parameters(t_mc, active=True):,} active)" if t_mc.is_moe else "")
                    + (f"; offline, from the cache {tc.root} (top {tc.topk} of {tc.layout.topk} cached tokens)"
                       if cached else ""))
-    need_teacher = not cached or (s_path is None and not store.is_checkpoint(cfg.student.init_checkpoint))
-    prunes_in_job = s_path is None and not store.is_checkpoint(cfg.student.init_checkpoint)
+    need_teacher = not cached or prunes_in_job
     teacher = store.load_model(t_path, t_mc, params_dtype,  # calibration hooks need the sequential experts
                                grouped_gemm=grouped_gemm_default(t_mc) and not prunes_in_job) if need_teacher else None
     if teacher is not None:
@@ -151,7 +151,7 @@ def main():
     # student: given, or pruned in-job once
     if s_path is None:
         s_path = str(cfg.student.init_checkpoint)
-        if not store.is_checkpoint(s_path):
+        if prunes_in_job:
             runtime.print0(f"[distill] pruning the teacher in-job -> {s_path}")
             prune_student(cfg, teacher, t_mc, t_path)
         s_mc = store.load_model_config(s_path)

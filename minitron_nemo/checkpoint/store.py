@@ -283,12 +283,14 @@ def model_config_of(path) -> ModelConfig:
     return hfconv.hf_model_config(p)
 
 
-def load_model(path, mc: ModelConfig, params_dtype: torch.dtype = torch.float32, grouped_gemm: bool = False):
+def load_model(path, mc: ModelConfig, params_dtype: torch.dtype = torch.float32, grouped_gemm: bool = False,
+               sequence_parallel: bool = False):
     """Build this rank's model shard and load it from a checkpoint or an HF directory (MoE: the grouped
     expert GEMM only from a checkpoint; HF tensors are named per expert, so they fill the sequential MLP)."""
     from minitron_nemo.models.builder import build_model
 
-    model = build_model(mc, params_dtype=params_dtype, grouped_gemm=grouped_gemm and is_checkpoint(path))
+    model = build_model(mc, params_dtype=params_dtype, sequence_parallel=sequence_parallel,
+                        grouped_gemm=grouped_gemm and is_checkpoint(path))
     if is_checkpoint(path):
         load_weights(model, path)
     else:

@@ -74,7 +74,7 @@ def build_model(mc: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
     if use_te is None:
         use_te = te_available()
     cfg = transformer_config(mc, tp=tp, pp=pp, ep=ep, params_dtype=params_dtype, cpu=runtime.cpu_mode(),
-                             sequence_parallel=sequence_parallel, moe_grouped_gemm=grouped_gemm and mc.is_moe)
+                             sequence_parallel=sequence_parallel, moe_grouped_gemm=grouped_gemm)
     spec, final_norm = layer_spec(use_te, mc, grouped_gemm)
     if final_norm is not None:
         spec = TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(cfg),

@@ -265,6 +265,11 @@ def config_scores(model, mc: ModelConfig, p, batches, agg, loaded=None, progress
     return imp.estimate(model, batches, agg, progress=progress), meta
 
 
+def expert_score(p) -> str:
+    """The expert score that ranks experts (MoE) in a ``prune`` config node."""
+    return p.importance.get("expert_score", "routed_l2")
+
+
 def prune_from_config(model, mc: ModelConfig, p, tokenizer_dir, progress: bool = True) -> PruneResult:
     """In-job pruning driven by a ``prune`` config node (what ``recipes/prune.py`` does between loading
     and saving; ``recipes/distill.py`` can call it on a loaded teacher). Collective: call on every rank."""
@@ -275,7 +280,7 @@ def prune_from_config(model, mc: ModelConfig, p, tokenizer_dir, progress: bool =
     scores, meta = config_scores(model, mc, p, batches, agg, loaded, progress)
     result = prune_model(model, mc, t, scores=scores, layer_criterion=p.layer_criterion,
                          loss_batches=loss_batches, eval_batches=eval_batches, search=search_space(p),
-                         progress=progress, expert_score=p.importance.get("expert_score", "routed_l2"))
+                         progress=progress, expert_score=expert_score(p))
     result.meta = meta
     if loss_batches:
         result.calib_loss = imp.mean_loss(result.model, loss_batches)

@@ -119,7 +119,7 @@ class Collector:
         self.hidden = z(2, cfg.hidden_size)  # [s1|s2, layer, norm, H]
         self.proj = z(cfg.num_attention_heads // tp * cfg.kv_channels)
         self.ffn = z(cfg.ffn_hidden_size // tp)
-        shared = getattr(cfg, "moe_shared_expert_intermediate_size", None)
+        shared = cfg.moe_shared_expert_intermediate_size
         self.shared = z(shared // tp) if shared else None
         self.bi = torch.zeros(2, n, dtype=torch.float64, device=runtime.device())  # [sum cos, tokens]
         self.handles = []
@@ -194,7 +194,7 @@ def _finalize(c: Collector, n: float, cfg) -> dict:
     dp, tp_g, pp_g = (parallel_state.get_data_parallel_group(), parallel_state.get_tensor_model_parallel_group(),
                       parallel_state.get_pipeline_model_parallel_group())
     how = c.agg.batch
-    for acc in (c.hidden, c.proj, c.ffn, c.bi) + ((c.shared,) if c.shared is not None else ()):
+    for acc in (c.hidden, c.proj, c.ffn, c.bi):
         all_reduce_over(acc, dp)
     hidden = batch_finalize(c.hidden[0], c.hidden[1], n, how)  # [Ll, 2, H]
     proj = batch_finalize(c.proj[0], c.proj[1], n, how)  # [Ll, heads_local * d]
@@ -207,6 +207,7 @@ def _finalize(c: Collector, n: float, cfg) -> dict:
     bi = 1.0 - c.bi[0] / c.bi[1].clamp_min(1)
     per_layer = {"hidden_per_layer": hidden.sum(1), "heads": heads, "groups": groups, "ffn": ffn, "layer_bi": bi}
     if c.shared is not None:
+        all_reduce_over(c.shared, dp)
         per_layer["shared_ffn"] = all_gather_along(batch_finalize(c.shared[0], c.shared[1], n, how), tp_g, dim=1)
     out = {k: all_gather_along(v, pp_g, dim=0).float().cpu() for k, v in per_layer.items()}
     out["hidden"] = all_reduce_over(hidden.sum((0, 1)), pp_g).float().cpu()

@@ -147,7 +147,7 @@ def zero_shot(cfg, model, mc: ModelConfig, tok, sdir: Path) -> tuple[dict, dict,
     batches, loss_batches, eval_batches = api.calibration_batches(mc, p, tok, True)
     scores, meta = api.config_scores(model, mc, p, batches, agg, loaded)
     r = api.prune_model(model, mc, t, scores=scores, layer_criterion=p.layer_criterion, loss_batches=loss_batches,
-                        eval_batches=eval_batches, search=api.search_space(p), expert_score=expert_score(cfg))
+                        eval_batches=eval_batches, search=api.search_space(p), expert_score=api.expert_score(cfg.prune))
     table = r.candidates
     del r
     gc.collect()
@@ -156,11 +156,6 @@ def zero_shot(cfg, model, mc: ModelConfig, tok, sdir: Path) -> tuple[dict, dict,
         outputs.write_text_atomic(cache / "table.json", json.dumps(table, indent=1))
     _barrier()
     return scores, meta, table
-
-
-def expert_score(cfg) -> str:
-    """The expert score that ranks experts (MoE), as recipes/prune.py passes it."""
-    return cfg.prune.importance.get("expert_score", "routed_l2")
 
 
 def candidate_config(mc: ModelConfig, row: dict) -> ModelConfig:
@@ -285,7 +280,7 @@ def run_candidate(cfg, teacher, mc: ModelConfig, row: dict, scores: dict, data: 
     runtime.print0(f"[search] {work.name}: zero-shot rank {row['rank']}, {row['params']:,} params; distilling "
                    f"{cfg.prune.search.distill_iters} iterations")
     student, _ = api.prune_to(teacher, mc, c_mc, scores, layer_criterion=cfg.prune.layer_criterion,
-                              progress=False, expert_score=expert_score(cfg))
+                              progress=False, expert_score=api.expert_score(cfg.prune))
     distill_candidate(cfg, teacher, mc, student, c_mc, data, work, src)
     del student
     gc.collect()
@@ -363,7 +358,7 @@ def search(cfg, model, mc: ModelConfig, src, plan: Plan) -> tuple[api.PruneResul
                        f"{r['valid_loss_start']:.4f} -> {r['valid_loss_end']:.4f} after {k} iterations")
     win_mc = candidate_config(mc, outcome.winner)
     new_model, kept = api.prune_to(model, mc, win_mc, scores, layer_criterion=p.layer_criterion, progress=False,
-                                   expert_score=expert_score(cfg))
+                                   expert_score=api.expert_score(cfg.prune))
     meta = {**meta, "search": {"distill_iters": k, "top_k": len(top), "workdir": str(sdir.resolve()),
                                "winner": candidate_name(outcome.winner),
                                "winner_zero_shot_rank": outcome.winner["zero_shot_rank"]}}

@@ -117,8 +117,6 @@ def validate(mc: ModelConfig, t: Targets, tp: int, pp: int, ep: int = 1) -> Mode
             continue
         if not isinstance(v, int) or v < 1:
             _fail(f"prune.{key}={v}; allowed: an integer from 1 to the source {attr}={getattr(mc, attr)}")
-        if getattr(mc, attr) is None:
-            continue  # refused above: a target for an axis the model lacks
         if v > getattr(mc, attr):
             _fail(f"prune.{key}={v} is larger than the source {attr}={getattr(mc, attr)}; "
                   f"allowed: 1..{getattr(mc, attr)}")

@@ -177,6 +177,29 @@ def load_into(model, ckpt, what):
     return moved, len([k for k in before if not k.endswith("_extra_state")])
 
 
+def transfer(src, mc, tokens, ck, what):
+    """(a) / (b): save ``src``, load the checkpoint into a fresh model of the other layout. Checks the same
+    logits, the expert weights bitwise where each layout reads them, and (c) that the load changed the model.
+    Returns (loaded model, ``src``'s logits, logits summary, tensors changed, tensors, logits moved)."""
+    grouped = not hasattr(src.decoder.layers[0].mlp.experts, "local_experts")
+    want = full_logits(src, tokens)
+    store.save_checkpoint(src, ck, mc)
+    dst = build(mc, grouped=not grouped)
+    fresh = full_logits(dst, tokens)
+    moved, total = load_into(dst, ck, what)
+    GMM_CALLS[0] = 0
+    msg = same_logits(full_logits(dst, tokens), want, what)
+    if not grouped:
+        assert GMM_CALLS[0] == 2 * mc.num_layers, f"grouped GEMM ran {GMM_CALLS[0]} times, expected fc1+fc2 per layer"
+    seq, grp = (dst, src) if grouped else (src, dst)
+    ws, wg = seq_expert_weights(seq, mc), grouped_expert_weights(grp, mc)
+    assert ws.keys() == wg.keys() and all(torch.equal(ws[k], wg[k]) for k in ws), \
+        [k for k in ws if not torch.equal(ws[k], wg[k])][:4]
+    change = (fresh - want).abs().max().item()
+    assert change > 1e-2, f"(c) the fresh model already gave these logits ({change}); test is vacuous"
+    return dst, want, msg, moved, total, change
+
+
 def same_format(cks, what):
     """The checkpoints hold the same tensors: keys, global shapes, dtypes (dist-checkpoint metadata)."""
     from megatron.core import dist_checkpointing
@@ -260,21 +283,9 @@ def main():
     # (a) sequential -> grouped.
     seq = build(mc, grouped=False)
     mpw.randomize(seq, seed=1)
-    want = full_logits(seq, tokens)
     ck_seq = work / f"ck_seq_ep{ep}"
-    store.save_checkpoint(seq, ck_seq, mc)
-    grp = build(mc, grouped=True)
-    fresh = full_logits(grp, tokens)
-    moved, total = load_into(grp, ck_seq, "sequential -> grouped")
-    GMM_CALLS[0] = 0
-    got = full_logits(grp, tokens)
-    assert GMM_CALLS[0] == 2 * mc.num_layers, f"grouped GEMM ran {GMM_CALLS[0]} times, expected fc1+fc2 per layer"
-    msg = same_logits(got, want, f"{tag} sequential checkpoint -> grouped model")
-    ws, wg = seq_expert_weights(seq, mc), grouped_expert_weights(grp, mc)
-    assert ws.keys() == wg.keys() and all(torch.equal(ws[k], wg[k]) for k in ws), \
-        [k for k in ws if not torch.equal(ws[k], wg[k])][:4]
-    change = (fresh - want).abs().max().item()
-    assert change > 1e-2, f"(c) the fresh grouped model already gave these logits ({change}); test is vacuous"
+    grp, want, msg, moved, total, change = transfer(seq, mc, tokens, ck_seq,
+                                                    f"{tag} sequential checkpoint -> grouped model")
     runtime.print0(f"OK {tag} sequential checkpoint -> grouped model: logits {msg}; every expert block of "
                    f"weight1/weight2 bitwise equal to the sequential expert it came from")
     runtime.print0(f"OK {tag} the load changed the grouped model: {moved}/{total} tensors (all expert tensors), "
@@ -283,17 +294,9 @@ def main():
     # (b) grouped -> sequential (the grouped model has its own random weights, not from a sequential one).
     grp2 = build(mc, grouped=True)
     randomize_grouped(grp2, mc, seed=2)
-    want2 = full_logits(grp2, tokens)
     ck_grp = work / f"ck_grp_ep{ep}"
-    store.save_checkpoint(grp2, ck_grp, mc)
-    seq2 = build(mc, grouped=False)
-    fresh2 = full_logits(seq2, tokens)
-    moved2, total2 = load_into(seq2, ck_grp, "grouped -> sequential")
-    msg2 = same_logits(full_logits(seq2, tokens), want2, f"{tag} grouped checkpoint -> sequential model")
-    change2 = (fresh2 - want2).abs().max().item()
-    assert change2 > 1e-2, change2
-    ws2, wg2 = seq_expert_weights(seq2, mc), grouped_expert_weights(grp2, mc)
-    assert all(torch.equal(ws2[k], wg2[k]) for k in ws2), [k for k in ws2 if not torch.equal(ws2[k], wg2[k])][:4]
+    _, want2, msg2, moved2, total2, change2 = transfer(grp2, mc, tokens, ck_grp,
+                                                       f"{tag} grouped checkpoint -> sequential model")
     runtime.print0(f"OK {tag} grouped checkpoint -> sequential model: logits {msg2}; expert weights bitwise; "
                    f"the load changed {moved2}/{total2} tensors, logits moved by {change2:.2f}")
 
