@@ -24,17 +24,22 @@ RERAISED = {"megatron.core.dist_checkpointing.strategies.filesystem_async": "enc
 THIRD_PARTY_INTERNALS = r"(megatron|torch|hydra|omegaconf|transformers|lm_eval|datasets)(\.|$)"
 
 
-def quiet() -> None:
-    """Install the filters (idempotent). Called when ``minitron_nemo`` is imported."""
-    global _DONE
-    if _DONE:
-        return
+def install_filters() -> None:
+    """Add the warning filters to the current ``warnings`` state (``quiet`` does it once per process)."""
     for msg in HARMLESS_MESSAGES:
         warnings.filterwarnings("ignore", message=msg)
     for cat in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
         warnings.filterwarnings("ignore", category=cat, module=THIRD_PARTY_INTERNALS)
     # Megatron-Core announces its own deprecations as UserWarnings (e.g. "full scope is deprecated")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron(\.|$)", message=r".*deprecat")
+
+
+def quiet() -> None:
+    """Install the filters (idempotent). Called when ``minitron_nemo`` is imported."""
+    global _DONE
+    if _DONE:
+        return
+    install_filters()
     for name, text in RERAISED.items():
         logging.getLogger(name).addFilter(lambda record, text=text: text not in record.getMessage())
     _DONE = True

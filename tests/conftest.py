@@ -18,6 +18,96 @@ def load_script(path, name: str):
     return mod
 
 
+# Python's own warning filters, as a user's terminal has them (no -W, no PYTHONWARNINGS)
+PYTHON_DEFAULT_WARNINGS = (("default", DeprecationWarning, "__main__"), ("ignore", DeprecationWarning, None),
+                           ("ignore", PendingDeprecationWarning, None), ("ignore", ImportWarning, None),
+                           ("ignore", ResourceWarning, None))
+
+
+def run_main(script, *args, cwd=ROOT, env=None, timeout=None) -> subprocess.CompletedProcess:
+    """``python SCRIPT ARGS`` run in this process: the script's ``main()`` with ``sys.argv``, the working
+    directory, the environment and the warning filters set as in a user's terminal; file descriptors 1 and 2
+    captured (so output of child processes counts too). Returns what ``subprocess.run`` would: the exit code
+    (1 and the traceback on stderr for an uncaught exception), stdout and stderr. Afterwards the process is as
+    before: locks released, parallel state and the process group destroyed, signal handlers, ``sys.argv``,
+    the working directory and the environment restored. About 30x cheaper than a subprocess after the first
+    call (the imports are shared); the few cases about exit codes, signals or stray processes stay real
+    processes (``run_py``)."""
+    import contextlib
+    import io
+    import runpy
+    import signal
+    import tempfile
+    import traceback
+    import warnings
+
+    path = Path(script) if Path(script).is_absolute() else ROOT / script
+    saved = dict(argv=list(sys.argv), cwd=os.getcwd(), env=dict(os.environ), path=list(sys.path),
+                 signals={s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)})
+    code = 0
+    with tempfile.TemporaryFile("w+b") as out, tempfile.TemporaryFile("w+b") as err:
+        sys.stdout.flush(), sys.stderr.flush()
+        fds = os.dup(1), os.dup(2)
+        streams = sys.stdout, sys.stderr
+        os.dup2(out.fileno(), 1), os.dup2(err.fileno(), 2)
+        sys.stdout = io.TextIOWrapper(open(1, "wb", closefd=False), write_through=True)
+        sys.stderr = io.TextIOWrapper(open(2, "wb", closefd=False), write_through=True)
+        try:
+            os.chdir(cwd)
+            os.environ.update({k: str(v) for k, v in (env or {}).items()})
+            sys.argv = [str(path), *map(str, args)]
+            with warnings.catch_warnings():
+                warnings.resetwarnings()
+                for action, category, module in reversed(PYTHON_DEFAULT_WARNINGS):
+                    warnings.filterwarnings(action, category=category, module=module or "")
+                from minitron_nemo import console
+
+                console.install_filters()
+                try:
+                    sys.path.insert(0, str(path.parent))  # as `python SCRIPT` puts the script's folder first
+                    runpy.run_path(str(path), run_name="__main__")
+                except SystemExit as e:
+                    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                    if isinstance(e.code, str):
+                        print(e.code, file=sys.stderr)
+                except BaseException:  # what an uncaught exception prints
+                    traceback.print_exc()
+                    code = 1
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+            sys.stdout, sys.stderr = streams
+            os.dup2(fds[0], 1), os.dup2(fds[1], 2)
+            os.close(fds[0]), os.close(fds[1])
+            _reset_process(saved)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+    return subprocess.CompletedProcess([sys.executable, str(path), *map(str, args)], code, stdout, stderr)
+
+
+def _reset_process(saved: dict) -> None:
+    """Undo what a recipe's ``main()`` leaves in the process (see ``run_main``)."""
+    import signal
+
+    from minitron_nemo import outputs
+
+    outputs.release_locks()
+    if "megatron.core" in sys.modules:
+        from megatron.core import parallel_state
+
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for s, h in saved["signals"].items():
+        signal.signal(s, h)
+    sys.argv, sys.path[:] = saved["argv"], saved["path"]
+    os.chdir(saved["cwd"])
+    os.environ.clear()
+    os.environ.update(saved["env"])
+
+
 def run_torchrun(script, nproc: int, *args, timeout: int = 900, env=None) -> subprocess.CompletedProcess:
     """Run ``script`` under torchrun with ``nproc`` gloo ranks; fail the test with its output on error."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",

@@ -1,11 +1,13 @@
-"""Bad input: one line on stderr, exit code 2, no traceback, existing outputs untouched."""
+"""Bad input: one line on stderr, exit code 2, no traceback, existing outputs untouched.
+
+The recipes run in this process (``conftest.run_main``); ``test_missing_paths`` runs them as real processes."""
 
 import json
 
 import pytest
 import torch
 
-from conftest import ROOT, run_py
+from conftest import ROOT, run_main, run_py
 from hf_models import make_hf_model
 
 
@@ -23,14 +25,17 @@ def hf_llama(tmp_path_factory):
     return make_hf_model("llama", tmp_path_factory.mktemp("bad") / "hf_llama")
 
 
-def recipe(name, *args):
-    return run_py(ROOT / "recipes" / name, *args, check=False, timeout=300)
+def recipe(name, *args, real_process=False):
+    if real_process:
+        return run_py(ROOT / "recipes" / name, *args, check=False, timeout=300)
+    return run_main(ROOT / "recipes" / name, *args)
 
 
 def test_missing_paths(tmp_path):
-    assert_user_error(recipe("import_hf.py", f"source={tmp_path}/nope", f"output={tmp_path}/o"), "nope")
-    assert_user_error(recipe("export_hf.py", f"checkpoint={tmp_path}/nope", f"output={tmp_path}/o"), "nope")
-    assert_user_error(recipe("evaluate.py", f"checkpoint={tmp_path}/nope", "eval.text_file=x"), "nope")
+    for script, args in (("import_hf.py", [f"source={tmp_path}/nope", f"output={tmp_path}/o"]),
+                         ("export_hf.py", [f"checkpoint={tmp_path}/nope", f"output={tmp_path}/o"]),
+                         ("evaluate.py", [f"checkpoint={tmp_path}/nope", "eval.text_file=x"])):
+        assert_user_error(recipe(script, *args, real_process=True), "nope")
     assert not (tmp_path / "o").exists()
 
 

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_py, run_torchrun, earlier_dataset
+from conftest import ROOT, earlier_dataset, run_main, run_py, run_torchrun
 
 from minitron_nemo.data import assets
 from minitron_nemo.data.indexed import HFTokenizer, batches, build_gpt_datasets
@@ -177,8 +177,9 @@ def test_build_under_torchrun(data, hf_dir, tmp_path):
     assert hashlib.md5(b"".join(tr[i]["tokens"].numpy().tobytes() for i in range(len(tr)))).hexdigest() == r0[3]
 
 
-def _fails(*args, env=None):
-    p = run_py("recipes/preprocess_data.py", *args, check=False, env=env)
+def _fails(*args, real_process=False):
+    p = (run_py("recipes/preprocess_data.py", *args, check=False) if real_process
+         else run_main("recipes/preprocess_data.py", *args))
     assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
     assert "Traceback" not in p.stderr
     err = [x for x in p.stderr.splitlines() if x.strip()]
@@ -198,7 +199,7 @@ def test_preprocess_bad_input(case, data, hf_dir, tmp_path):
         "bad_tokenizer": [good[0], f"tokenizer={tmp_path}", good[2]],
         "missing_arg": good[:2],
     }[case]
-    msg = _fails(*args)
+    msg = _fails(*args, real_process=case == "missing_input")
     expect = {"missing_input": "input not found", "unknown_option": "frobnicate", "bad_key": "'body'",
               "bad_tokenizer": "tokenizer=", "missing_arg": "output_prefix is required"}[case]
     assert expect in msg

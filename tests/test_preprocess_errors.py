@@ -1,7 +1,8 @@
 """recipes/preprocess_data.py and the dataset readers on bad input: exit code 2, one ``error: `` line naming
 the bad file / line / value, no traceback, no temp files left, existing outputs untouched.
 
-The recipe runs as a user runs it: a subprocess without the suite's ``PYTHONWARNINGS=ignore``.
+The recipe runs as a user runs it, warnings on: its ``main()`` in this process (``conftest.run_main``), and as
+a real subprocess for the cases in REAL_PROCESS.
 """
 
 import json
@@ -10,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, earlier_dataset
+from conftest import ROOT, earlier_dataset, run_main
 
 from minitron_nemo.data import assets
 
@@ -27,9 +28,9 @@ def _user_run(*args, timeout=300):
                           env=env, cwd=ROOT)
 
 
-def _fails(*args) -> str:
+def _fails(*args, real_process=False) -> str:
     """Run ``python *args``; assert it is refused the user-error way; return the error line."""
-    p = _user_run(*args)
+    p = _user_run(*args) if real_process else run_main(*args)
     assert p.returncode == 2, (p.returncode, p.stderr[-3000:])
     assert "Traceback" not in p.stderr, p.stderr[-3000:]
     lines = [x for x in p.stderr.splitlines() if x.strip()]
@@ -100,9 +101,10 @@ def _case(case, d):
     raise AssertionError(case)
 
 
-# one subprocess per kind of mistake (each costs a few seconds of imports); the variants run in-process below
+# the recipe's command line for each kind of mistake; the variants (and these) through the library below
 CLI_CASES = ["empty_jsonl", "eod_too_big", "eod_negative", "invalid_json", "non_string_value", "latin1_jsonl",
              "latin1_text"]
+REAL_PROCESS = {"empty_jsonl", "invalid_json"}  # a real process: exit code and stderr as a terminal shows them
 IN_PROCESS_CASES = ["blank_text", "blank_jsonl_lines", "eod_unknown_token", "missing_key", "null_value",
                     "not_an_object", "lone_surrogate"]
 
@@ -116,7 +118,7 @@ def test_preprocess_refuses(case, hf_dir, tmp_path):
     old = earlier_dataset(out / "keep", hf_dir)
     f, extra, expect = _case(case, d)
     msg = _fails("recipes/preprocess_data.py", f"input={f}", f"tokenizer={hf_dir}", f"output_prefix={out}/keep",
-                 *extra)
+                 *extra, real_process=case in REAL_PROCESS)
     for s in expect:
         assert s in msg, (s, msg)
     assert sorted(os.listdir(out)) == ["keep.bin", "keep.idx"]  # no temp files, old outputs untouched

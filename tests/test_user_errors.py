@@ -1,8 +1,10 @@
-"""A user's mistakes and a hostile environment, each run as the user would run it (a subprocess, warnings
-on): exit code 2 (130 for Ctrl-C), no traceback, stderr exactly one line naming the bad value or file,
-and every file that existed before byte-identical afterwards.
+"""A user's mistakes and a hostile environment, each run as the user would run it (warnings on): exit code
+2 (130 for Ctrl-C), no traceback, stderr exactly one line naming the bad value or file, and every file
+that existed before byte-identical afterwards.
 
-Add a case to CASES for every new recipe option or input file.
+CASES run the recipe's ``main()`` in this process (``conftest.run_main``: argv, cwd, warnings and fds 1/2
+as in a terminal); the cases in REAL_PROCESS, one or more per recipe, and the lock, disk, signal and
+resume tests run real processes. Add a case to CASES for every new recipe option or input file.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_main
 
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}  # what a user's terminal shows
 
@@ -259,13 +261,22 @@ def smollm2():
     return assets.smollm2_hf_dir()
 
 
+# One case per recipe (and the ones where a child process or the working directory matter) runs as a real
+# process too: the exit code, stderr as a terminal shows it, and no stray process.
+REAL_PROCESS = {"export onto its source", "prune onto its source", "import into a dir of user files",
+                "export to the current directory", "distill workdir of user files",
+                "corrected teacher into a dir of user files", "eval.output is a user's file",
+                "submit without data.blend", "compress stage target larger than its source",
+                "import_nemo of an HF directory", "preprocess onto a user's .bin", "tp=abc"}
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_input_is_one_line_and_harmless(tmp_path, fx, name):
     build, needles = CASES[name]
     got = build(tmp_path, fx)
     script, args, cwd = (*got, ROOT) if len(got) == 2 else got
     before = snapshot(tmp_path, fx.hf, fx.ckpt, fx.text)
-    p = run(script, *args, cwd=cwd)
+    p = (run if name in REAL_PROCESS else run_main)(script, *args, cwd=cwd)
     assert_one_line(p, 2, *needles)
     after = snapshot(tmp_path, fx.hf, fx.ckpt, fx.text)
     assert {k: after.get(k) for k in before} == before  # nothing the user had was touched
