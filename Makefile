@@ -18,7 +18,7 @@ MCORE019_TESTS ?= tests/test_checkpoint.py tests/test_prune_importance.py tests/
 PYTEST_ARGS ?=
 EXPERIMENT_ARGS ?=
 
-.PHONY: venv venv-mcore019 test test-mcore019 demo experiment clean-venv
+.PHONY: venv venv-mcore019 test test-fast test-mcore019 demo experiment clean-venv
 
 venv: $(STAMP)
 
@@ -29,8 +29,14 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
+# Every run writes runs/test_timings/<leg>.tsv (each test's and each file's wall time, slowest first).
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	TEST_TIMINGS_NAME=leg1 $(PY) -m pytest -q --durations=15 $(PYTEST_ARGS) tests
+
+# The developer loop: everything but the end-to-end recipe runs (marker e2e: the experiment, the stage
+# chains and the ranked search, the real SmolLM2 checkpoint, jobs on a real Slurm). CI runs them all.
+test-fast: $(STAMP)
+	TEST_TIMINGS_NAME=fast $(PY) -m pytest -q --durations=15 -m "not e2e" $(PYTEST_ARGS) tests
 
 venv-mcore019: $(STAMP_MCORE019)
 
@@ -46,7 +52,7 @@ $(STAMP_MCORE019): requirements.lock requirements-mcore019.txt pyproject.toml
 
 test-mcore019: $(STAMP_MCORE019)
 	$(PY_MCORE019) -W ignore -c "import sys, megatron.core as m; print('megatron-core', m.__version__, 'on Python', sys.version.split()[0])"
-	$(PY_MCORE019) -m pytest -q $(PYTEST_ARGS) $(MCORE019_TESTS)
+	TEST_TIMINGS_NAME=leg2 $(PY_MCORE019) -m pytest -q --durations=15 $(PYTEST_ARGS) $(MCORE019_TESTS)
 
 demo: $(STAMP)
 	$(PY) recipes/demo.py

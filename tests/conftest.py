@@ -129,6 +129,30 @@ def run_py(*args, timeout: int = 900, env=None, check=True) -> subprocess.Comple
     return p
 
 
+@pytest.fixture(scope="session")
+def small_llama(tmp_path_factory):
+    """The small random Llama of tests/workers/prune_common.py (its own trained tokenizer) as HF
+    (``hf_llama``) and imported (``ckpt_llama``), with ``calib.txt`` and ``valid.txt``, built once per
+    session: ``(dir, checkpoint)``. Read-only for the tests (recipes refuse to write into a source); a
+    module takes its own copy of the texts with ``module_dir``."""
+    sys.path.insert(0, str(ROOT / "tests" / "workers"))
+    from prune_common import checkpoint_with_valid_text
+
+    return checkpoint_with_valid_text(tmp_path_factory.mktemp("small_llama"))
+
+
+def module_dir(small: tuple, tmp: Path) -> tuple:
+    """``(tmp, checkpoint)``: a module's own directory holding copies of the session model's texts (and a
+    link to its HF directory), beside the shared checkpoint."""
+    import shutil
+
+    src, ckpt = small
+    for name in ("calib.txt", "valid.txt"):
+        shutil.copy(src / name, tmp / name)
+    (tmp / "hf_llama").symlink_to(src / "hf_llama", target_is_directory=True)
+    return tmp, ckpt
+
+
 def earlier_dataset(prefix, tokenizer_dir) -> dict:
     """A real ``PREFIX.bin/.idx`` from an earlier preprocessing run (which a re-run may replace, a failed run
     must leave as it was); returns ``{file name: bytes}`` to compare with afterwards."""
@@ -136,3 +160,32 @@ def earlier_dataset(prefix, tokenizer_dir) -> dict:
 
     write_indexed_dataset(["an earlier corpus", "of two documents"], HFTokenizer(tokenizer_dir), prefix)
     return {Path(f"{prefix}{s}").name: Path(f"{prefix}{s}").read_bytes() for s in (".bin", ".idx")}
+
+
+# ----------------------------------------------------------------------------- markers and the timings report
+def pytest_configure(config):
+    config.addinivalue_line("markers", "e2e: end-to-end recipe runs (the experiment, the stage chains, the real "
+                                       "SmolLM2 checkpoint); `make test-fast` skips them")
+
+
+_TIMES: dict = {}
+
+
+def pytest_runtest_logreport(report):
+    _TIMES[report.nodeid] = _TIMES.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """``runs/test_timings/<TEST_TIMINGS_NAME or pytest>.tsv``: every test's wall time (setup + call +
+    teardown, slowest first) and the per-file totals, written on every run (CI prints its head)."""
+    if not _TIMES or hasattr(session.config, "workerinput"):
+        return
+    out = ROOT / "runs" / "test_timings"
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict = {}
+    for nodeid, t in _TIMES.items():
+        files[nodeid.split("::")[0]] = files.get(nodeid.split("::")[0], 0.0) + t
+    lines = [f"# {len(_TIMES)} tests, {sum(_TIMES.values()):.1f} s in tests (exit {int(exitstatus)})",
+             "# per file"] + [f"{t:8.1f}\t{f}" for f, t in sorted(files.items(), key=lambda x: -x[1])]
+    lines += ["# per test"] + [f"{t:8.1f}\t{n}" for n, t in sorted(_TIMES.items(), key=lambda x: -x[1])]
+    (out / f"{os.environ.get('TEST_TIMINGS_NAME', 'pytest')}.tsv").write_text("\n".join(lines) + "\n")

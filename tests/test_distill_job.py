@@ -3,7 +3,11 @@ few steps through recipes/distill.py; the held-out perplexity must drop clearly.
 
 import json
 
+import pytest
+
 from conftest import ROOT, run_py
+
+pytestmark = pytest.mark.e2e  # end to end (make test-fast skips it)
 
 
 def test_distilling_real_pruned_smollm2_lowers_heldout_loss(tmp_path):

@@ -10,6 +10,8 @@ import torch
 
 from conftest import ROOT, run_py
 
+pytestmark = pytest.mark.e2e  # end to end (make test-fast skips it)
+
 
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory):

@@ -7,10 +7,8 @@ import sys
 import pytest
 import yaml
 
-from conftest import ROOT, load_script, run_py, run_torchrun
+from conftest import ROOT, load_script, module_dir, run_py, run_torchrun
 
-sys.path.insert(0, str(ROOT / "tests" / "workers"))
-from prune_common import small_checkpoint  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "prune.py"
 SMALL = ["prune.grid=16", "prune.calibration.num_samples=16", "prune.calibration.seq_length=32",
@@ -18,9 +16,8 @@ SMALL = ["prune.grid=16", "prune.calibration.num_samples=16", "prune.calibration
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("prune")
-    return tmp, small_checkpoint(tmp, "llama")
+def work(small_llama, tmp_path_factory):
+    return module_dir(small_llama, tmp_path_factory.mktemp("prune"))
 
 
 @pytest.fixture(scope="module")

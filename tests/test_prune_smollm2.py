@@ -6,6 +6,8 @@ import pytest
 
 from conftest import ROOT, run_py
 
+pytestmark = pytest.mark.e2e  # end to end (make test-fast skips it)
+
 
 def _assets():
     try:

@@ -220,11 +220,13 @@ def uninterrupted(cluster, tiny_teacher, tmp_path_factory):
     return check_completed(cluster, job, work, cluster.wait(job), t0, "uninterrupted")
 
 
+@pytest.mark.e2e
 def test_distill_job(uninterrupted):
     log, _, _ = uninterrupted
     assert "restart 0" in log and "pruning the teacher in-job" in log and "requeue" not in log, log[-6000:]
 
 
+@pytest.mark.e2e
 def test_preemption_requeue_resume(cluster, tiny_teacher, uninterrupted, tmp_path):
     """The time-limit signal, as Slurm sends it (--signal=B:USR1): the batch shell forwards it to the ranks,
     which checkpoint and exit 85; the script requeues the job; it resumes and ends with the same losses."""
@@ -256,6 +258,7 @@ def test_preemption_requeue_resume(cluster, tiny_teacher, uninterrupted, tmp_pat
 # ---------------------------------------------------------------------------------------------------
 # two hosts: two slurmd in network namespaces of their own on a private bridge
 
+@pytest.mark.e2e
 def test_two_hosts(tiny_teacher, uninterrupted, tmp_path, monkeypatch):
     """The same job on 2 nodes x 1 task: the gloo rendezvous and all-reduces cross the hosts' veth
     interfaces (each namespace has its own loopback); the losses match the single-host run's."""

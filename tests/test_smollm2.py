@@ -10,6 +10,8 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, run_py, run_torchrun
 
+pytestmark = pytest.mark.e2e  # end to end (make test-fast skips it)
+
 WORKERS = ROOT / "tests" / "workers"
 
 

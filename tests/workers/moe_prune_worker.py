@@ -1,6 +1,6 @@
 """Expert and expert-FFN pruning on a small random MoE model, at EP = world size (1 or 2 ranks).
 
-usage: moe_prune_worker.py WORKDIR FAMILY [tp2]  (python: EP=1; torchrun --nproc_per_node 2: EP=2, or
+usage: moe_prune_worker.py WORKDIR FAMILY[,FAMILY...] [tp2]  (python: EP=1; torchrun --nproc_per_node 2: EP=2, or
                                                 with tp2 TP=2: every expert split over both ranks;
                                                 4 ranks with tp2: TP=2 x EP=2)
 
@@ -196,10 +196,16 @@ def check_masking(model, mc, scores, tokens, family):
 
 
 def main():
-    work, family = Path(sys.argv[1]), sys.argv[2]
+    work = Path(sys.argv[1])
     world = int(os.environ.get("WORLD_SIZE", "1"))
     tp = 2 if sys.argv[3:] == ["tp2"] else 1  # 4 ranks with tp2: TP=2 x EP=2
     runtime.init_distributed(tp, 1, expert_model_parallel_size=world // tp)
+    for family in sys.argv[2].split(","):  # one launch checks every family
+        check_family(work, family, tp)
+    runtime.shutdown()
+
+
+def check_family(work: Path, family: str, tp: int):
     ep = ps.get_expert_model_parallel_world_size()
     global MC
     mc = MC = small_config(family)
@@ -215,7 +221,6 @@ def main():
     if runtime.is_rank0():
         tag = f"ep{ep}" if tp == 1 else ("tp2" if ep == 1 else f"tp{tp}ep{ep}")
         torch.save({"scores": scores, "logits": logits}, work / f"{family}_{tag}.pt")
-    runtime.shutdown()
 
 
 if __name__ == "__main__":
