@@ -4,7 +4,7 @@
 
 STAGE is correct | prune | cache_teacher | distill | export | evaluate, or ``pipeline`` (correct -> prune
 -> cache_teacher (when ``distill.teacher_cache`` is set) -> distill -> export -> evaluate as dependent jobs, ``--dependency=afterok:<previous id>``;
-with ``stages`` in the job config, iterative compression (``minitron_nemo/stages.py``): [correct] -> NAME.prune ->
+with ``stages`` in the job config, iterative compression (``minitron_nemo/workflows/stages.py``): [correct] -> NAME.prune ->
 NAME.distill per stage -> LAST.export [-> LAST.evaluate], each prune reading the previous stage's student). ``launcher.*`` overrides
 pick the launcher (``conf/launcher/*.yaml``, e.g. ``launcher=slurm_bare``) and set its keys; every other
 override is passed through to the recipe. ``--dry-run`` prints the scripts and the sbatch commands.
@@ -22,9 +22,10 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from minitron_nemo import outputs, schemas
-from minitron_nemo import stages as chain
 from minitron_nemo.config import compose, parse_argv, require, split_flags
-from minitron_nemo.errors import UserError, user_errors_exit
+from minitron_nemo.entry import user_errors_exit
+from minitron_nemo.errors import UserError
+from minitron_nemo.workflows import stages
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("correct", "prune", "cache_teacher", "distill", "export", "evaluate")
@@ -99,7 +100,7 @@ def recipe_args(cfg, name: str, stage: str, overrides: list) -> list:
     work = sel(cfg, "workdir")
     if stage != kind(stage):  # a stage of an iterative chain
         require(cfg, "workdir", "teacher.checkpoint")
-        return chain.slurm_args(cfg, name, stage, overrides)
+        return slurm_args(cfg, name, stage, overrides)
     if stage in ("correct", "prune", "distill"):
         require(cfg, "workdir", "teacher.checkpoint")
     if stage in ("correct", "distill"):
@@ -122,7 +123,7 @@ def recipe_args(cfg, name: str, stage: str, overrides: list) -> list:
         par = [f"parallel.{k}={v}" for k, v in OmegaConf.to_container(cfg.parallel, resolve=True).items()
                if v is not None]  # (data_parallel_size is not a key of recipes/prune.py's YAML)
         return [f"checkpoint={teacher}", f"output={cfg.student.init_checkpoint}", f"dtype={cfg.dtype}",
-                *par, *flat, *chain.search_args(cfg, f"{work}/prune_search")]
+                *par, *flat, *stages.search_args(cfg, f"{work}/prune_search")]
     if stage == "export":  # the distilled student named in the distill job's results.json
         return ["checkpoint=$(final_checkpoint)", f"output={work}/hf"]
     text = sel(cfg, "data.test_text")
@@ -130,6 +131,59 @@ def recipe_args(cfg, name: str, stage: str, overrides: list) -> list:
         raise UserError("the evaluate stage needs data.test_text=FILE (held-out text)")
     return [f"checkpoint={work}/hf", f"eval.text_file={text}", f"eval.seq_length={cfg.data.seq_length}",
             f"eval.output={work}/eval.json"]
+
+
+# ----------------------------------------------------------------------------- iterative chains (``stages``)
+_CHAINS: dict = {}
+
+
+def _chain(cfg, name: str, cli: list) -> list:
+    """The chain's stages (``stages.resolve``, without the checks that need local files), once per job."""
+    key = (name, tuple(cli))
+    if key not in _CHAINS:
+        _CHAINS[key] = stages.resolve(cfg, name, cli, local=False)
+    return _CHAINS[key]
+
+
+def slurm_jobs(cfg, name: str, cli: list) -> list:
+    """The chain as Slurm jobs, in dependency order: [correct], NAME.prune, NAME.distill per unfinished
+    stage, then LAST.export [and LAST.evaluate]. Prints why a job is left out."""
+    chain = _chain(cfg, name, cli)
+    jobs = []
+    if sel(cfg, "teacher.corrected_checkpoint"):
+        jobs.append("correct")
+    else:
+        print("# pipeline: skipping correct (teacher.corrected_checkpoint is null)", flush=True)
+    for st in chain:
+        if st.finished:
+            print(f"# pipeline: skipping stage {st.name} (finished: {st.results})", flush=True)
+        else:
+            jobs += [f"{st.name}.prune", f"{st.name}.distill"]
+    jobs.append(f"{chain[-1].name}.export")
+    if sel(cfg, "data.test_text"):
+        jobs.append(f"{chain[-1].name}.evaluate")
+    else:
+        print("# pipeline: skipping evaluate (data.test_text is null: the last stage's results.json has the "
+              "held-out perplexities)", flush=True)
+    return jobs
+
+
+def slurm_args(cfg, name: str, job: str, cli: list) -> list:
+    """The recipe arguments of chain job ``NAME.KIND``; sources that exist only at run time are read from
+    the previous stage's results.json by the script's ``final_checkpoint`` function."""
+    chain = _chain(cfg, name, cli)
+    stage, part = job.rsplit(".", 1)
+    st = next(s for s in chain if s.name == stage)
+    prev = chain[st.index - 1] if st.index else None
+    src = stages.first_source(cfg, False) if prev is None else f"$(final_checkpoint {shlex.quote(str(prev.results))})"
+    if part == "prune":
+        return stages.prune_args(cfg, st, src)
+    if part == "distill":
+        return stages.distill_args(cfg, name, cli, st, src)
+    if part == "export":
+        return [f"checkpoint=$(final_checkpoint {shlex.quote(str(st.results))})", f"output={st.root / 'hf'}"]
+    return [f"checkpoint={st.root / 'hf'}", f"eval.text_file={cfg.data.test_text}",
+            f"eval.seq_length={cfg.data.seq_length}", f"eval.output={st.root / 'eval.json'}"]
 
 
 def flat_items(d: dict, prefix=""):
@@ -219,8 +273,8 @@ def plan(cfg, stage: str, name: str = DEFAULT_CONFIG, overrides=()) -> list:
     if stage != "pipeline":
         return [stage]
     if sel(cfg, "stages"):  # an iterative chain
-        return chain.slurm_jobs(cfg, name, list(overrides))
-    stages = []
+        return slurm_jobs(cfg, name, list(overrides))
+    todo = []
     for s in STAGES:
         why = None
         if s == "correct" and not sel(cfg, "teacher.corrected_checkpoint"):
@@ -236,8 +290,8 @@ def plan(cfg, stage: str, name: str = DEFAULT_CONFIG, overrides=()) -> list:
         if why:
             print(f"# pipeline: skipping {s} ({why})", flush=True)
         else:
-            stages.append(s)
-    return stages
+            todo.append(s)
+    return todo
 
 
 @user_errors_exit

@@ -1,24 +1,27 @@
-"""Hydra config composition for the recipes.
+"""The Hydra app of every recipe: composition, the command-line flags, ``--help`` and ``--cfg job``.
 
 Recipes compose ``conf/<name>.yaml`` with Hydra's compose API and the command line's overrides
 (``key=value``, ``+key=value``, ``group=option``, ``--config-name NAME``), merge the result onto the
-recipe's structured schema (``minitron_nemo/schemas.py``: a wrong type or a mistyped key is an error)
-and run every group's range validator. Every failure becomes a one-line ``UserError``.
+recipe's structured schema (a job root of ``minitron_nemo/schemas.py``: a wrong type or a mistyped key is an
+error) and run every group's range validator (``validate``). Every failure becomes a one-line ``UserError``.
+``compose_job`` returns the validated typed job (built once, as Megatron-Core hands one ``TransformerConfig``
+to every module) with the ``DictConfig`` it came from; ``compose`` only the latter.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from minitron_nemo.errors import UserError
-from minitron_nemo.models.config import ModelConfig
+from minitron_nemo.models.config import ModelConfig, dtype  # noqa: F401  (dtype: the recipes' `dtype` key)
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
 
 
 FLAGS_HELP = "--config-name NAME, --cfg job [--package KEY], --help, and key=value overrides"
@@ -97,8 +100,9 @@ def suggest(bad: str, keys) -> str:
     return f"; did you mean {close[0]}?" if close else ""
 
 
-def compose(default_name: str, argv=None, schema=None) -> DictConfig:
-    """Compose ``conf/<name>.yaml`` with the command-line overrides; typed and validated by ``schema``.
+def compose_job(default_name: str, schema, argv=None) -> tuple[DictConfig, object]:
+    """``(cfg, job)``: ``conf/<name>.yaml`` composed with the command-line overrides (``cfg``, a ``DictConfig``
+    for Hydra-style access) and the typed ``schema`` object it validated to (``job``: pass it down).
     ``--help`` and ``--cfg job [--package KEY]`` print and exit 0, as Hydra apps do."""
     import re
 
@@ -108,8 +112,6 @@ def compose(default_name: str, argv=None, schema=None) -> DictConfig:
     if name not in available:
         raise UserError(f"--config-name {name!r} not found; allowed: {', '.join(available)}")
     if flags["help"]:
-        from minitron_nemo.cli import print_help
-
         print_help(name, _hydra_compose(name, []), available)
         sys.exit(0)
     try:
@@ -119,17 +121,77 @@ def compose(default_name: str, argv=None, schema=None) -> DictConfig:
         m = re.search(r"Could not override '([^']+)'", msg) or re.search(r"Key '([^']+)' is not in struct", msg)
         hint = suggest(m.group(1), all_keys(_hydra_compose(name, []))) if m else ""
         raise UserError(f"config: {msg}{hint}") from None
+    job = None
     if schema is not None:
-        cfg = typed(cfg, schema, check=not flags["cfg"])
+        cfg = on_schema(cfg, schema)
+        if not flags["cfg"]:
+            job = typed(cfg)
     if flags["cfg"]:
-        from minitron_nemo.cli import print_config
-
         print_config(cfg, flags["package"])
         sys.exit(0)
     OmegaConf.set_struct(cfg, True)
-    return cfg
+    return cfg, job
 
 
+def compose(default_name: str, argv=None, schema=None) -> DictConfig:
+    """``compose_job``'s ``DictConfig`` alone (typed and validated by ``schema`` all the same)."""
+    return compose_job(default_name, schema, argv)[0]
+
+
+# ----------------------------------------------------------------------------- --help, --cfg job
+def _choices(name: str) -> dict:
+    """The option each config group got in ``conf/<name>.yaml`` (Hydra's runtime choices)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name=name, overrides=[], return_hydra_config=True)
+    return {k: v for k, v in cfg.hydra.runtime.choices.items() if not k.startswith("hydra") and v is not None}
+
+
+def print_help(name: str, cfg, configs: list) -> None:
+    script = Path(sys.argv[0]).name
+    doc = (sys.modules["__main__"].__doc__ or "").strip()
+    lines = [doc, "", f"Config: conf/{name}.yaml (--config-name NAME picks another: {', '.join(configs)})", ""]
+    groups = {k: v for k, v in _choices(name).items() if (CONF_DIR / k).is_dir()}
+    if groups:
+        lines.append("Groups (group=option), current choice first:")
+        for g, chosen in groups.items():
+            others = sorted(p.stem for p in (CONF_DIR / g).glob("*.yaml") if p.stem != chosen)
+            lines.append(f"  {g}: {chosen}" + (f" (also: {', '.join(others)})" if others else ""))
+        lines.append("")
+    lines.append("Main keys (key=value; `--cfg job` prints every key, resolved):")
+    for k in cfg:
+        node = cfg._get_node(k)
+        if not OmegaConf.is_config(node):
+            lines.append(f"  {k}={node._value()}")
+        elif k not in groups:
+            lines.append(f"  {k}.*  ({', '.join(str(x) for x in list(node)[:6])}{', ...' if len(node) > 6 else ''})")
+    path = Path(sys.argv[0]).resolve()
+    shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else script
+    lines += ["", "Options: --config-name NAME, --cfg job [--package KEY] (print the composed config and exit), --help",
+              f"Example: python {shown} --config-name {name} --cfg job --package {next(iter(groups), 'parallel')}"]
+    print("\n".join(lines), flush=True)
+
+
+def print_config(cfg, package: str | None) -> None:
+    node = cfg
+    if package:
+        node = OmegaConf.select(cfg, package, default=None)
+        if node is None:
+            raise UserError(f"--package {package} is not a key of this config{suggest(package, all_keys(cfg))}")
+    if not OmegaConf.is_config(node):
+        print(f"{package}: {node}", flush=True)
+        return
+    try:
+        text = OmegaConf.to_yaml(node, resolve=True)
+    except Exception:  # an interpolation of a key left ??? : print it unresolved
+        text = OmegaConf.to_yaml(node, resolve=False)
+    print(text, end="", flush=True)
+
+
+# ----------------------------------------------------------------------------- the typed job
 KINDS = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string"}
 
 
@@ -148,28 +210,53 @@ def _omegaconf_error(e) -> UserError:
         return UserError(f"{key} must be a list; allowed: a list such as {key}=[1,2]")
     if "is not a DictConfig" in msg or "is not a subclass" in msg:
         return UserError(f"{key} has the wrong type; allowed: a mapping of keys")
+    m = re.match(r"Key '([^']+)' not in '\w+'", msg)
+    if m and "." in key:  # name the group the user typed, not the schema class behind it
+        msg = f"Key '{m.group(1)}' not in '{key.rsplit('.', 1)[0]}'"
     return UserError(f"config: {key}: {msg}" if key and key not in msg else f"config: {msg}")
 
 
-def typed(cfg: DictConfig, schema, check: bool = True) -> DictConfig:
-    """``cfg`` merged onto the structured ``schema`` (types converted, unknown keys refused), resolved,
-    and (``check``) checked by every group's validator (``schemas.validate``)."""
-    from omegaconf.errors import OmegaConfBaseException
+def _schema_error(e, schema) -> UserError:
+    """One line (``_omegaconf_error``); a mistyped key gets the closest key of ``schema``."""
+    err = _omegaconf_error(e)
+    if type(e).__name__ == "ConfigKeyError" and getattr(e, "full_key", None):
+        err = UserError(f"{err}{suggest(e.full_key, all_keys(OmegaConf.structured(schema)))}")
+    return err
 
-    from minitron_nemo import schemas
 
+def on_schema(cfg: DictConfig, schema) -> DictConfig:
+    """``cfg`` merged onto the structured ``schema``: types converted, unknown keys refused."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
-        if not check:
-            return merged
-        obj = OmegaConf.to_object(merged)  # resolves interpolations, converts types, finds ??? keys
+        return OmegaConf.merge(OmegaConf.structured(schema), cfg)
     except OmegaConfBaseException as e:
-        err = _omegaconf_error(e)
-        if type(e).__name__ == "ConfigKeyError" and getattr(e, "full_key", None):
-            err = UserError(f"{err}{suggest(e.full_key, all_keys(OmegaConf.structured(schema)))}")
-        raise err from None
-    schemas.validate(obj)
-    return merged
+        raise _schema_error(e, schema) from None
+
+
+def typed(merged: DictConfig):
+    """The schema object of ``merged`` (a config ``on_schema``): interpolations resolved, ``???`` keys found,
+    and every group's ``check`` run (``validate``)."""
+    try:
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise _schema_error(e, OmegaConf.get_type(merged)) from None
+    validate(obj)
+    return obj
+
+
+def validate(obj, at: str = "") -> None:
+    """Call ``check(path)`` on ``obj`` and every nested schema object (depth first, parents last)."""
+    if isinstance(obj, list):  # e.g. the stages of a chain
+        for i, x in enumerate(obj):
+            validate(x, f"{at}[{i}]")
+        return
+    if not dataclasses.is_dataclass(obj):
+        return
+    for f in dataclasses.fields(obj):
+        validate(getattr(obj, f.name), f"{at}.{f.name}" if at else f.name)
+    if isinstance(obj, ModelConfig):
+        obj.validate()
+    elif hasattr(obj, "check"):
+        obj.check(at)
 
 
 def require(cfg: DictConfig, *keys: str) -> None:
@@ -177,12 +264,6 @@ def require(cfg: DictConfig, *keys: str) -> None:
     for k in keys:
         if OmegaConf.is_missing(cfg, k) or OmegaConf.select(cfg, k) is None:
             raise UserError(f"{k} is required; pass {k}=...")
-
-
-def dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise UserError(f"dtype={name!r}; allowed: {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 def model_config(node) -> ModelConfig:

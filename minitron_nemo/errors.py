@@ -1,20 +1,9 @@
-"""User-facing errors: one line, exit code 2, no traceback.
-
-``user_errors_exit`` wraps every entry point. It is the one place where failures the user can act on
-become one line on stderr:
-
-* ``UserError`` (bad value, bad file, refused output): ``error: <message>``, exit 2;
-* a full disk, a read-only file system or a permission error met while writing: ``error: cannot write
-  PATH: <why>``, exit 2 (the writers have already removed their temporary output);
-* Ctrl-C / SIGTERM outside the training loop: ``interrupted by SIGINT ...``, exit 130 / 143 (the
-  training loop handles them itself: ``launch_signals``).
+"""User-facing errors: ``UserError`` is a problem the user can act on (a bad value, a bad file, a refused
+output). Entry points (``minitron_nemo.entry.user_errors_exit``) print it as one line, exit code 2, no
+traceback. This module imports nothing from the package, so every module can raise it.
 """
 
 from __future__ import annotations
-
-import functools
-import signal
-import sys
 
 
 class UserError(Exception):
@@ -24,34 +13,3 @@ class UserError(Exception):
 def check(cond: bool, message: str) -> None:
     if not cond:
         raise UserError(message)
-
-
-def _say(line: str, code: int):
-    print(line, file=sys.stderr, flush=True)
-    sys.exit(code)
-
-
-def user_errors_exit(fn):
-    """Decorator for entry points: user-actionable failures become one line and an exit code."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from minitron_nemo import launch_signals
-        from minitron_nemo.outputs import write_error
-
-        launch_signals.entry()
-        try:
-            return fn(*args, **kwargs)
-        except UserError as e:
-            _say(f"error: {e}", 2)
-        except (KeyboardInterrupt, launch_signals.Interrupted) as e:
-            signum = getattr(e, "signum", signal.SIGINT)
-            _say(f"interrupted by {signal.Signals(signum).name}; outputs are written atomically, so none was "
-                 f"left half-written; re-run the same command to continue", 128 + signum)
-        except OSError as e:
-            err = write_error(e, getattr(e, "filename", None) or "the output")
-            if err is None:
-                raise
-            _say(f"error: {err}", 2)
-
-    return wrapper

@@ -28,6 +28,9 @@ import os
 import signal
 import sys
 
+from minitron_nemo import runtime
+from minitron_nemo.outputs import release_locks
+
 REQUEUE_EXIT = 85
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _received: list[int] = []
@@ -110,8 +113,6 @@ def stop_requested() -> int:
 def _leave(code: int, line: str | None = None) -> None:
     import torch.distributed as dist
 
-    from minitron_nemo.outputs import release_locks
-
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -119,7 +120,7 @@ def _leave(code: int, line: str | None = None) -> None:
         child.kill()
     release_locks()
     sys.stdout.flush()
-    if line and int(os.environ.get("RANK", "0")) == 0:
+    if line and runtime.rank() == 0:
         print(line, file=sys.stderr, flush=True)
     os._exit(code)
 

@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+from minitron_nemo import runtime
 from minitron_nemo.errors import UserError
 
 MANIFEST = ".minitron_output.json"
@@ -43,11 +44,6 @@ _LOCKS: dict = {}
 def recipe_name() -> str:
     """The running recipe (its script name), recorded in manifests."""
     return Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "python"
-
-
-def _rank() -> int:
-    """This process's global rank before torch.distributed starts (torchrun's RANK, srun's SLURM_PROCID)."""
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
 # ----------------------------------------------------------------------------- path checks
@@ -179,7 +175,7 @@ def claim_workdir(path, *, key: str = "workdir", sources: dict | None = None, lo
         raise UserError(f"{key}={p} holds files this project did not write ({names}); allowed: a new or "
                         f"empty directory, or the workdir of an earlier run")
     _writable_parent(p, key)
-    if _rank() == 0:
+    if runtime.rank() == 0:
         try:
             p.mkdir(parents=True, exist_ok=True)
             if not (p / WORKDIR_MARK).is_file():
@@ -194,7 +190,7 @@ def claim_workdir(path, *, key: str = "workdir", sources: dict | None = None, lo
 # ----------------------------------------------------------------------------- locks
 def take_lock(lock_path: Path, key: str, what: Path) -> None:
     """Hold an exclusive ``flock`` on ``lock_path`` until this process ends (rank 0 only)."""
-    if _rank() != 0 or str(lock_path) in _LOCKS:
+    if runtime.rank() != 0 or str(lock_path) in _LOCKS:
         return
     while True:
         try:
@@ -291,17 +287,32 @@ def write_error(exc: BaseException, where) -> UserError | None:
 
 
 @contextlib.contextmanager
-def atomic_dir(final, recipe: str | None = None):
-    """Single-process atomic directory write: ``with atomic_dir(out) as tmp: ...write into tmp...``."""
+def atomic_dir(final, recipe: str | None = None, *, collective: bool = False):
+    """Atomic directory write: ``with atomic_dir(out) as tmp: ...write into tmp...``; ``tmp`` is renamed
+    into place when the block ends, and removed when it raises (the previous output stays).
+    ``collective=True``: every rank of torch.distributed enters and writes into the same ``tmp`` (e.g.
+    its checkpoint shard); rank 0 creates, commits or removes it, between barriers."""
     final = Path(final).resolve()
     tmp = temp_of(final)
-    discard(tmp)
+    lead, sync = True, (lambda: None)
+    if collective:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            lead, sync = dist.get_rank() == 0, dist.barrier
     try:
-        tmp.mkdir(parents=True)
+        if lead:
+            discard(tmp)
+            tmp.mkdir(parents=True)
+        sync()
         yield tmp
-        commit(tmp, final, recipe)
+        sync()
+        if lead:
+            commit(tmp, final, recipe)
+        sync()
     except BaseException as exc:
-        discard(tmp)
+        if lead:
+            discard(tmp)
         err = write_error(exc, final)
         if err is not None:
             raise err from None
@@ -323,3 +334,32 @@ def write_text_atomic(path, text: str) -> Path:
             raise err from None
         raise
     return p
+
+
+# ----------------------------------------------------------------------------- settings records
+def first_difference(a, b, at="") -> str | None:
+    """``key.path: old -> new`` at the first key (in sorted order) where ``a`` and ``b`` differ, or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            d = first_difference(a.get(k), b.get(k), f"{at}.{k}" if at else k)
+            if d:
+                return d
+        return None
+    return None if a == b else f"{at}: {a!r} -> {b!r}"
+
+
+def settings_difference(path, settings: dict) -> str | None:
+    """The first difference between the settings recorded in ``path`` and ``settings``; None when they
+    agree or nothing is recorded yet. The caller words the refusal ("a re-run with other settings stops")."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    return first_difference(json.loads(p.read_text()), json.loads(json.dumps(settings)))
+
+
+def record_settings(path, settings: dict) -> None:
+    """Record ``settings`` in ``path`` on the first run (rank 0); later runs compare with
+    ``settings_difference``."""
+    p = Path(path)
+    if not p.is_file() and runtime.rank() == 0:
+        write_text_atomic(p, json.dumps(settings, indent=1))

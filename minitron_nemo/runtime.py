@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
+from minitron_nemo.errors import UserError
+
 _CPU_MODE: bool | None = None
 _MODE_STACK = None
 
@@ -239,13 +241,9 @@ def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_paralle
     world = dist.get_world_size()
     mp = tensor_model_parallel_size * pipeline_model_parallel_size
     if world % mp != 0:
-        from minitron_nemo.errors import UserError
-
         raise UserError(f"world size {world} is not divisible by tensor x pipeline parallel "
                         f"{tensor_model_parallel_size}x{pipeline_model_parallel_size}")
     if world % (mp * expert_model_parallel_size) != 0:
-        from minitron_nemo.errors import UserError
-
         raise UserError(f"world size {world} is not divisible by tensor x pipeline x expert parallel "
                         f"{tensor_model_parallel_size}x{pipeline_model_parallel_size}x{expert_model_parallel_size}")
     if parallel_state.model_parallel_is_initialized():
@@ -273,6 +271,20 @@ def shutdown() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def rank() -> int:
+    """This process's global rank: torch.distributed's once it is initialised; before that the launcher's
+    (torchrun's ``RANK``, srun's ``SLURM_PROCID``), 0 for a plain single process."""
+    if dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op without torch.distributed)."""
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def is_rank0() -> bool:

@@ -21,10 +21,11 @@ from pathlib import Path
 
 from minitron_nemo import outputs, runtime, schemas
 from minitron_nemo.checkpoint import store
-from minitron_nemo.config import compose, dtype
+from minitron_nemo.config import compose_job, dtype
 from minitron_nemo.distill import cache, cache_writer, offline
 from minitron_nemo.distill import model as kd
-from minitron_nemo.errors import UserError, user_errors_exit
+from minitron_nemo.entry import user_errors_exit
+from minitron_nemo.errors import UserError
 from minitron_nemo.eval import perplexity as ppl
 from minitron_nemo.models.builder import grouped_gemm_default
 from minitron_nemo.readers import read_json
@@ -54,7 +55,7 @@ def existing_identity(root: Path, want: dict, overwrite: bool) -> None:
 
 @user_errors_exit
 def main():
-    cfg = compose("smollm2_demo", schema=schemas.TrainingJob)
+    cfg, job = compose_job("smollm2_demo", schemas.TrainingJob)
     par, t, c = cfg.parallel, cfg.trainer, cfg.cache
     if not c.dir:
         raise UserError("cache.dir=DIR is required: where the teacher cache goes")
@@ -70,7 +71,7 @@ def main():
     seq, gbs = int(cfg.data.seq_length), int(t.global_batch_size)
     train_samples = optim.train_iterations(t, seq) * gbs
     root = outputs.claim_workdir(c.dir, key="cache.dir", sources={"teacher": t_path})
-    want = {**offline.identity(cfg, t_path, t_mc), "topk": topk, "dtype": c.dtype,
+    want = {**offline.identity(cfg, job.distill, t_path, t_mc), "topk": topk, "dtype": c.dtype,
             "shard_samples": int(c.shard_samples), "requested_train_samples": train_samples}
     existing_identity(root, want, bool(cfg.overwrite))
     if (root / cache.MANIFEST).is_file():
@@ -122,7 +123,8 @@ def main():
         size = sum(f.stat().st_size for split in cache.SPLITS if (root / split).is_dir()
                    for f in (root / split).rglob("*.bin"))
         tokens = seq * sum(counts.values())
-        manifest = {"identity": {**offline.identity(cfg, t_path, t_mc), **counts}, "topk": topk, "dtype": c.dtype,
+        manifest = {"identity": {**offline.identity(cfg, job.distill, t_path, t_mc), **counts}, "topk": topk,
+                    "dtype": c.dtype,
                     "shard_samples": shard, "bytes_per_token": layout.bytes_per_token, "bytes": size,
                     "splits": {s: {"samples": counts[f"{s}_samples"], "shards": stats[s]["shards"]}
                                for s in cache.SPLITS},

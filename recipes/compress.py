@@ -5,7 +5,7 @@ job config's ``stages`` list: prune the stage's source (recipes/prune.py), disti
     python recipes/compress.py --config-name smollm2_iterative            # SmolLM2-135M -> ~90M -> ~45M, CPU
     python recipes/compress.py --config-name minitron_8b_4b_iterative teacher.checkpoint=... data.blend=...
 
-The stages format and folders: ``minitron_nemo/stages.py`` (WORKDIR/stages/NAME/{pruned,distill,search}).
+The stages format and folders: ``minitron_nemo/workflows/stages.py`` (WORKDIR/stages/NAME/{pruned,distill,search}).
 A re-run skips the finished stages (their distill/results.json exists) and resumes the unfinished one.
 The recipes run as subprocesses, under ``torchrun --nproc_per_node=N`` when the parallel layout needs
 N = TP x PP x DP > 1 processes (DP: ``parallel.data_parallel_size``, default 1). Command-line overrides
@@ -19,10 +19,10 @@ import sys
 from pathlib import Path
 
 from minitron_nemo import outputs, schemas
-from minitron_nemo import stages as chain
 from minitron_nemo.checkpoint import store
 from minitron_nemo.config import compose, parse_argv, split_flags
-from minitron_nemo.errors import user_errors_exit
+from minitron_nemo.entry import user_errors_exit
+from minitron_nemo.workflows import stages
 
 RECIPES = Path(__file__).resolve().parent
 DEFAULT_CONFIG = "smollm2_iterative"
@@ -50,25 +50,25 @@ def print_summary(rows: list) -> None:
 def main():
     cfg = compose(DEFAULT_CONFIG, schema=schemas.TrainingJob)
     name, cli = parse_argv(split_flags(sys.argv[1:])[1], DEFAULT_CONFIG)
-    stages = chain.plan(cfg, name, cli)                      # every check, before anything runs
+    chain = stages.resolve(cfg, name, cli)                   # every check, before anything runs
     work = Path(cfg.workdir).resolve()
     outputs.claim_workdir(work, sources={"teacher.checkpoint": cfg.teacher.checkpoint}, lock=False)
     outputs.claim_workdir(work / "stages", key="the stages folder")  # locked: one chain at a time
-    n = chain.nproc(cfg)
+    n = stages.nproc(cfg)
     corrected = cfg.teacher.corrected_checkpoint
     if corrected and not store.is_checkpoint(corrected):
         run("correct_teacher.py", ["--config-name", name, *cli], n)
-    for st in stages:
+    for st in chain:
         if st.finished:
             print(f"[compress] stage {st.name}: finished ({st.results}); skipped", flush=True)
             continue
-        chain.record(st)
-        src = chain.source(cfg, stages, st)
-        print(f"[compress] stage {st.index + 1}/{len(stages)} {st.name}: prune {src}, teacher {st.teacher}", flush=True)
+        stages.record(st)
+        src = stages.source(cfg, chain, st)
+        print(f"[compress] stage {st.index + 1}/{len(chain)} {st.name}: prune {src}, teacher {st.teacher}", flush=True)
         if not store.is_checkpoint(st.pruned):
-            run("prune.py", chain.prune_args(cfg, st, src), n)
-        run("distill.py", chain.distill_args(cfg, name, cli, st, src), n)
-    rows = chain.summary(stages)
+            run("prune.py", stages.prune_args(cfg, st, src), n)
+        run("distill.py", stages.distill_args(cfg, name, cli, st, src), n)
+    rows = stages.summary(chain)
     outputs.write_text_atomic(work / "stages" / "summary.json", json.dumps(rows, indent=1))
     print_summary(rows)
     print(f"[compress] done; the last stage's student: {rows[-1]['final_checkpoint']}", flush=True)

@@ -17,14 +17,14 @@ from omegaconf import OmegaConf, open_dict
 from minitron_nemo import outputs, runtime, schemas
 from minitron_nemo.checkpoint import store
 from minitron_nemo.config import compose, dtype, require
-from minitron_nemo.errors import UserError, user_errors_exit
+from minitron_nemo.entry import user_errors_exit
+from minitron_nemo.errors import UserError
 from minitron_nemo.models.builder import grouped_gemm_default
 from minitron_nemo.models.forward import lm_loss_sums
 from minitron_nemo.training import data as tdata
 from minitron_nemo.training import optim
-from minitron_nemo.training.loop import Trainer, lm_forward, lm_loss
-from minitron_nemo.training.metrics import flops_per_token
-from minitron_nemo.training.setup import check_model_shape, resolve_source
+from minitron_nemo.training.loop import lm_forward, lm_loss
+from minitron_nemo.training.setup import Step, build_trainer, check_model_shape, resolve_source
 
 
 @user_errors_exit
@@ -57,7 +57,7 @@ def main():
     t0 = time.time()
     model = store.load_model(src, mc, params_dtype, grouped_gemm=grouped_gemm_default(mc),
                              sequence_parallel=bool(par.sequence_parallel))
-    n_acc = optim.batch_layout(int(t.micro_batch_size), int(t.global_batch_size))
+    optim.batch_layout(int(t.micro_batch_size), int(t.global_batch_size))  # checked before the data is built
     seq = int(cfg.data.seq_length)
     iters = optim.train_iterations(t, seq)
     train_ds, valid_ds = tdata.build(cfg.data, store.tokenizer_dir(src), cfg.workdir, iters * int(t.global_batch_size),
@@ -70,16 +70,10 @@ def main():
     runtime.print0(f"[correct] teacher {src}: validation loss before {before:.4f}; peak LR {t.optim.lr:.2e}, "
                    f"{t.warmup_iters} warm-up, {iters} iterations")
 
-    dist_opt = optim.use_distributed_optimizer(bool(t.optim.use_distributed_optimizer))
-    ddp = optim.wrap_ddp(model, distributed_optimizer=dist_opt)
-    optimizer = optim.build_optimizer(ddp, t.optim, params_dtype, dist_opt)
-    scheduler = optim.build_scheduler(optimizer, t.optim, iters, int(t.warmup_iters))
-    trainer = Trainer(chunk=ddp, ddp=ddp, optimizer=optimizer, scheduler=scheduler, mc=mc,
-                      train_batches=tdata.train_iterator(train_ds, int(t.micro_batch_size)), valid_batches=valid,
-                      forward=lm_forward, loss=lm_loss, valid_loss=lm_loss, tcfg=t, ccfg=cfg.checkpointing, workdir=work,
-                      train_iters=iters, num_microbatches=n_acc, global_batch_size=int(t.global_batch_size),
-                      seq_length=seq, flops_per_step=flops_per_token(mc, seq, True) * int(t.global_batch_size) * seq,
-                      tokenizer_src=src, meta={"corrected_from": src})
+    trainer = build_trainer(model, mc, Step(lm_forward, lm_loss, lm_loss), tcfg=t, ccfg=cfg.checkpointing,
+                            params_dtype=params_dtype, workdir=work,
+                            train_batches=tdata.train_iterator(train_ds, int(t.micro_batch_size)), valid_batches=valid,
+                            train_iters=iters, seq_length=seq, tokenizer_src=src, meta={"corrected_from": src})
     trainer.resume()
     trainer.fit()
 

@@ -28,49 +28,39 @@ import torch
 
 from minitron_nemo import outputs, runtime, schemas
 from minitron_nemo.checkpoint import store
-from minitron_nemo.config import compose, dtype, require
+from minitron_nemo.config import compose_job, dtype, require
 from minitron_nemo.distill import model as kd
 from minitron_nemo.distill import offline
-from minitron_nemo.distill.config import DistillationConfig
-from minitron_nemo.errors import UserError, user_errors_exit
+from minitron_nemo.distill import step as kd_step
+from minitron_nemo.entry import user_errors_exit
+from minitron_nemo.errors import UserError
 from minitron_nemo.eval import perplexity as ppl
 from minitron_nemo.models.builder import build_model, count_parameters, grouped_gemm_default
 from minitron_nemo.models.forward import lm_loss_sums
 from minitron_nemo.training import data as tdata
 from minitron_nemo.training import optim
-from minitron_nemo.training.loop import Trainer, lm_forward, lm_loss
-from minitron_nemo.training.metrics import flops_per_token
-from minitron_nemo.training.setup import check_model_shape, teacher_source, to_dict
+from minitron_nemo.training.setup import build_trainer, check_model_shape, teacher_source
 
 
-def prune_config(cfg):
-    """The ``prune`` node of in-job pruning: calibration on the training text unless
+def prune_config(cfg, job):
+    """The typed ``prune`` group of in-job pruning: calibration on the training text unless
     ``prune.calibration.data`` is set."""
-    from omegaconf import OmegaConf
-
-    p = OmegaConf.create(to_dict(cfg.prune))
-    p.calibration.data = p.calibration.data or tdata.text_files(cfg.data).get("train")
+    p = job.prune.with_calibration_data(job.prune.calibration.data or tdata.text_files(cfg.data).get("train"))
     if not p.calibration.data:
         raise UserError("in-job pruning needs prune.calibration.data=TEXT_OR_PREFIX (or a text data source)")
     return p
 
 
-def prune_student(cfg, teacher, t_mc, t_path):
+def prune_student(cfg, job, teacher, t_mc, t_path):
     """Prune the teacher in-job to ``cfg.prune`` targets, as recipes/prune.py does, and save the student
     (once)."""
     from minitron_nemo.prune import api
 
-    result = api.prune_from_config(teacher, t_mc, prune_config(cfg), store.tokenizer_dir(t_path))
+    result = api.prune_from_config(teacher, t_mc, prune_config(cfg, job), store.tokenizer_dir(t_path))
     meta = {"pruned_from": t_path, "prune": {"kept_layers_1indexed": [i + 1 for i in result.kept_layers]},
             "dtype": cfg.dtype}
     store.save_checkpoint(result.model, cfg.student.init_checkpoint, result.config, tokenizer_src=t_path, meta=meta)
     return result.config
-
-
-def student_lm_loss(batch, output):
-    """LM-loss training, reported under the same validation key as distillation's student LM loss."""
-    value, metrics = lm_loss(batch, output)
-    return value, {"student_lm": metrics["lm"]}
 
 
 def perplexity(model, windows, mbs) -> float:
@@ -79,12 +69,12 @@ def perplexity(model, windows, mbs) -> float:
 
 @user_errors_exit
 def main():
-    cfg = compose("smollm2_demo", schema=schemas.TrainingJob)
+    cfg, job = compose_job("smollm2_demo", schemas.TrainingJob)
     use_kd = cfg.student.loss == "kd"
     cached = use_kd and cfg.distill.teacher_cache is not None
     par, t = cfg.parallel, cfg.trainer
     kd.check_virtual_pipeline(par)
-    kd_cfg = DistillationConfig.from_dict(to_dict(cfg.distill))
+    kd_cfg = job.distill
     params_dtype = dtype(cfg.dtype)
     work = Path(cfg.workdir)
     t_path, corrected = teacher_source(cfg)
@@ -109,7 +99,7 @@ def main():
     if prunes_in_job:
         from minitron_nemo.prune import api
 
-        api.check_config(t_mc, prune_config(cfg), par.tensor_model_parallel_size,  # targets: before any compute
+        api.check_config(t_mc, prune_config(cfg, job), par.tensor_model_parallel_size,  # targets: before any compute
                          par.pipeline_model_parallel_size, ep=par.expert_model_parallel_size)
         outputs.claim_dir(cfg.student.init_checkpoint, key="student.init_checkpoint", overwrite=cfg.overwrite,
                           sources={"teacher": t_path}, within={"workdir": work})
@@ -153,7 +143,7 @@ def main():
         s_path = str(cfg.student.init_checkpoint)
         if prunes_in_job:
             runtime.print0(f"[distill] pruning the teacher in-job -> {s_path}")
-            prune_student(cfg, teacher, t_mc, t_path)
+            prune_student(cfg, job, teacher, t_mc, t_path)
         s_mc = store.load_model_config(s_path)
         kd.check_vocab(t_mc, s_mc)
     if cached:
@@ -178,30 +168,13 @@ def main():
         if runtime.is_rank0():
             outputs.write_text_atomic(zs_file, json.dumps({"student_zero_shot": zero_shot}))
 
-    if use_kd:
-        kd.attach_projection(student, s_mc, t_mc, kd_cfg, params_dtype)
-    dist_opt = optim.use_distributed_optimizer(bool(t.optim.use_distributed_optimizer))
-    ddp = optim.wrap_ddp(student, distributed_optimizer=dist_opt)
-    optimizer = optim.build_optimizer(ddp, t.optim, params_dtype, dist_opt)
-    scheduler = optim.build_scheduler(optimizer, t.optim, train_iters, int(t.warmup_iters))
-    flops = (flops_per_token(s_mc, seq, True) + (use_kd and not cached) * flops_per_token(t_mc, seq, False)) \
-        * int(t.global_batch_size) * seq
-    if cached:
-        chunk, fwd = ddp, offline.make_forward(tc)
-        loss, valid_loss = (lambda b, o: offline.loss(kd_cfg, b, o)), (lambda b, o: offline.valid_loss(kd_cfg, b, o))
-    elif use_kd:
-        chunk, fwd = kd.KDStage(ddp, teacher, s_mc, t_mc, kd_cfg), kd.kd_forward
-        loss, valid_loss = (lambda b, o: kd.kd_loss(kd_cfg, b, o)), (lambda b, o: kd.kd_valid_loss(kd_cfg, b, o))
-    else:
-        chunk, fwd, loss, valid_loss = ddp, lm_forward, student_lm_loss, student_lm_loss
-    trainer = Trainer(chunk=chunk, ddp=ddp, optimizer=optimizer, scheduler=scheduler, mc=s_mc,
-                      train_batches=tdata.train_iterator(train_ds, int(t.micro_batch_size)), valid_batches=valid,
-                      forward=fwd, loss=loss, valid_loss=valid_loss, tcfg=t, ccfg=cfg.checkpointing,
-                      workdir=work, train_iters=train_iters, num_microbatches=n_acc,
-                      global_batch_size=int(t.global_batch_size), seq_length=seq, flops_per_step=flops,
-                      tokenizer_src=t_path, meta={"distilled_from": t_path, "student_init": s_path,
-                                                                  "init": cfg.student.init, "loss": cfg.student.loss,
-                                                                  "teacher_cache": kd_cfg.teacher_cache})
+    # step (online KD, offline KD from the cache, or the LM loss alone) -> trainer
+    step = kd_step.build(kd_cfg, student, s_mc, params_dtype, teacher=teacher, t_mc=t_mc, cache=tc, kd=use_kd)
+    trainer = build_trainer(student, s_mc, step, tcfg=t, ccfg=cfg.checkpointing, params_dtype=params_dtype,
+                            workdir=work, train_batches=tdata.train_iterator(train_ds, int(t.micro_batch_size)),
+                            valid_batches=valid, train_iters=train_iters, seq_length=seq, tokenizer_src=t_path,
+                            meta={"distilled_from": t_path, "student_init": s_path, "init": cfg.student.init,
+                                  "loss": cfg.student.loss, "teacher_cache": kd_cfg.teacher_cache})
     trainer.resume()
     runtime.print0(f"[distill] {train_iters} iterations x {t.global_batch_size} samples x {seq} tokens "
                    f"(micro-batch {t.micro_batch_size}, accumulation {n_acc}, DP {ps.get_data_parallel_world_size()})")

@@ -19,7 +19,8 @@ from pathlib import Path
 from minitron_nemo import outputs, runtime, schemas
 from minitron_nemo.checkpoint import store
 from minitron_nemo.config import compose, dtype
-from minitron_nemo.errors import UserError, user_errors_exit
+from minitron_nemo.entry import user_errors_exit
+from minitron_nemo.errors import UserError
 from minitron_nemo.eval import perplexity as ppl
 
 
@@ -72,16 +73,6 @@ def hf_results(cfg) -> dict:
     return out
 
 
-def check_generation(ev) -> None:
-    from minitron_nemo.eval.generate import check_counts
-
-    if ev.generate.prompts:
-        check_counts("eval.generate", {"max_new_tokens": ev.generate.max_new_tokens})
-    if ev.throughput.enabled:
-        check_counts("eval.throughput", {k: ev.throughput[k] for k in
-                                         ("batch_size", "prompt_length", "generation_length", "repeats")})
-
-
 @user_errors_exit
 def main():
     cfg = compose("evaluate", schema=schemas.EvaluateJob)
@@ -89,7 +80,6 @@ def main():
     par, ev = cfg.parallel, cfg.eval
     mc.check_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
                        par.expert_model_parallel_size)
-    check_generation(ev)  # before any compute
     if not Path(ev.text_file).is_file():
         raise UserError(f"eval.text_file={ev.text_file} does not exist; allowed: a UTF-8 text file")
     if ev.output:

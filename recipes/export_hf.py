@@ -9,7 +9,7 @@ explicitly, so pruned models whose head_dim differs from hidden/heads convert to
 from minitron_nemo import outputs, runtime, schemas
 from minitron_nemo.checkpoint import export, store
 from minitron_nemo.config import compose, dtype
-from minitron_nemo.errors import user_errors_exit
+from minitron_nemo.entry import user_errors_exit
 
 
 @user_errors_exit

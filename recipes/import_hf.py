@@ -14,7 +14,8 @@ from minitron_nemo import outputs, runtime, schemas
 from minitron_nemo.checkpoint import hf as hfconv
 from minitron_nemo.checkpoint import store
 from minitron_nemo.config import compose, dtype
-from minitron_nemo.errors import UserError, user_errors_exit
+from minitron_nemo.entry import user_errors_exit
+from minitron_nemo.errors import UserError
 from minitron_nemo.models.builder import build_model
 
 

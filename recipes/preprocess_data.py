@@ -22,7 +22,8 @@ from pathlib import Path
 from minitron_nemo import outputs
 from minitron_nemo.data.indexed import (HFTokenizer, check_indexed_prefix, expand_inputs, iter_documents,
                                           write_indexed_dataset)
-from minitron_nemo.errors import UserError, user_errors_exit
+from minitron_nemo.entry import user_errors_exit
+from minitron_nemo.errors import UserError
 
 REQUIRED = ("input", "tokenizer", "output_prefix")
 DEFAULTS = {"doc": "file", "json_key": "text", "eod": None}

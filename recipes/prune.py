@@ -11,7 +11,7 @@ scores without a calibration pass; prune.importance_only=true writes only the sc
 
 Budget search ranked by short distillation (P1): prune.search.distill_iters=K prune.search.top_k=M distils
 the M zero-shot best K iterations each from the source, with the trainer / data / distill groups, and
-keeps the best after K (minitron_nemo/prune/rank.py; resumable in prune.search.workdir).
+keeps the best after K (minitron_nemo/workflows/search.py; resumable in prune.search.workdir).
 
 DST is a self-describing checkpoint; DST/prune/ holds importance.safetensors, importance.json,
 importance.png (and candidates.md/csv for a budget search). Every input error is reported before any
@@ -22,26 +22,27 @@ from pathlib import Path
 
 from minitron_nemo import outputs, runtime, schemas
 from minitron_nemo.checkpoint import store
-from minitron_nemo.config import compose, dtype
-from minitron_nemo.errors import user_errors_exit
+from minitron_nemo.config import compose_job, dtype
+from minitron_nemo.entry import user_errors_exit
 from minitron_nemo.models.builder import build_model, count_parameters
-from minitron_nemo.prune import api, artifacts, rank
+from minitron_nemo.prune import api, artifacts
+from minitron_nemo.workflows import search
 
 
 @user_errors_exit
 def main():
-    cfg = compose("prune", schema=schemas.PruneJob)
-    p, par, src = cfg.prune, cfg.parallel, cfg.checkpoint
+    cfg, job = compose_job("prune", schemas.PruneJob)
+    p, par, src = job.prune, cfg.parallel, cfg.checkpoint
     mc = store.load_model_config(src)
     targets, _, agg, loaded = api.check_config(mc, p, par.tensor_model_parallel_size,  # before any compute
-                                               par.pipeline_model_parallel_size, ranked_search=rank.enabled(p),
+                                               par.pipeline_model_parallel_size, ranked_search=search.enabled(p),
                                                ep=par.expert_model_parallel_size)
-    plan = rank.check(cfg, targets, src, mc) if rank.enabled(p) else None
-    outputs.claim_dir(cfg.output, overwrite=cfg.overwrite, sources={
+    setup = search.check(cfg, job, targets, src, mc) if search.enabled(p) else None
+    out = outputs.claim_dir(cfg.output, overwrite=cfg.overwrite, sources={  # every writer below writes `out`
         "checkpoint": src, "prune.importance.load": p.importance.load, "prune.calibration.data": p.calibration.data,
-        "prune.search.workdir": plan and plan.dir})
-    if plan:
-        rank.claim(cfg, src, plan)
+        "prune.search.workdir": setup and setup.dir})
+    if setup:
+        search.claim(cfg, src, setup)
     params_dtype = dtype(cfg.dtype)
     runtime.init_parallel(par, cfg.seed)
     model = build_model(mc, params_dtype=params_dtype)
@@ -54,15 +55,15 @@ def main():
         result = api.PruneResult(None, mc, scores, list(range(mc.num_layers)),
                                  meta={**meta, "checkpoint": str(Path(src).resolve())})
         if runtime.is_rank0():
-            with outputs.atomic_dir(cfg.output) as tmp:
+            with outputs.atomic_dir(out) as tmp:
                 artifacts.save_artifacts(tmp, mc, result, targets, f"importance of {src}")
         runtime.print0(f"importance of {src} -> {cfg.output}")
         runtime.shutdown()
         return
 
-    search = None
-    if plan:
-        result, search = rank.search(cfg, model, mc, src, plan)
+    outcome = None
+    if setup:
+        result, outcome = search.search(cfg, model, mc, src, setup)
     else:
         result = api.prune_from_config(model, mc, p, tok)
     new_mc = result.config
@@ -72,16 +73,15 @@ def main():
                "prune": {"targets": {k: v for k, v in vars(targets).items() if v is not None},
                          "kept_layers_1indexed": [i + 1 for i in result.kept_layers],
                          "layer_criterion": p.layer_criterion, "aggregation": result.meta.get("aggregation")}}
-    if search:
+    if outcome:
         ck_meta["prune"]["search"] = result.meta["search"]
 
-    def write_artifacts(tmp):
-        artifacts.save_artifacts(tmp / "prune", mc, result, targets, f"importance of {src}")
-        if search:
-            search.save(tmp / "prune")
-
-    out = store.save_checkpoint(result.model, cfg.output, new_mc, tokenizer_src=src, meta=ck_meta,
-                                before_commit=write_artifacts)
+    with outputs.atomic_dir(out, collective=True) as tmp:  # the checkpoint and DST/prune/, renamed into place at once
+        store.write_checkpoint(tmp, result.model, new_mc, tokenizer_src=src, meta=ck_meta)
+        if runtime.is_rank0():
+            artifacts.save_artifacts(tmp / "prune", mc, result, targets, f"importance of {src}")
+            if outcome:
+                outcome.save(tmp / "prune")
     msg = (f"pruned {src} -> {out}: layers {mc.num_layers}->{new_mc.num_layers}, hidden {mc.hidden_size}->"
            f"{new_mc.hidden_size}, ffn {mc.ffn_hidden_size}->{new_mc.ffn_hidden_size}, heads/groups "
            f"{mc.num_attention_heads}/{mc.num_query_groups}->{new_mc.num_attention_heads}/"

@@ -1,4 +1,4 @@
-"""Iterative compression (minitron_nemo/stages.py): recipes/compress.py runs a two-stage chain on a tiny
+"""Iterative compression (minitron_nemo/workflows/stages.py): recipes/compress.py runs a two-stage chain on a tiny
 random Llama and restarts it (finished stages skipped); the shipped chain configs have the papers'
 shapes; launchers/submit.py renders a chain as dependent Slurm jobs; bad input is one line, exit code 2,
 before anything runs."""
@@ -11,10 +11,8 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from conftest import ROOT, load_script, run_py
+from conftest import ROOT, load_script, module_dir, run_py
 
-sys.path.insert(0, str(ROOT / "tests" / "workers"))
-from prune_common import checkpoint_with_valid_text  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "compress.py"
 STAGE_A = "{name:a,prune:{target_hidden_size:48}}"
@@ -22,9 +20,8 @@ STAGE_B = "{name:b,prune:{target_ffn_hidden_size:64},teacher:source,overrides:['
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("compress")
-    return checkpoint_with_valid_text(tmp)
+def work(small_llama, tmp_path_factory):
+    return module_dir(small_llama, tmp_path_factory.mktemp("compress"))
 
 
 def job(tmp, ckpt, *extra):
@@ -51,6 +48,7 @@ def chain(work):
     return tmp, ckpt, (p1.stdout, p2.stdout, p3.stdout), before
 
 
+@pytest.mark.e2e
 def test_two_stage_chain(chain):
     tmp, ckpt, (out1, out2, _), _ = chain
     stages = tmp / "chain" / "stages"
@@ -74,6 +72,7 @@ def test_two_stage_chain(chain):
     assert json.loads((stages / "a" / "stage.json").read_text())["prune"]["target_hidden_size"] == 48
 
 
+@pytest.mark.e2e
 def test_restart_skips_finished_stages(chain):
     tmp, ckpt, (_, out2, out3), before = chain
     a = tmp / "chain" / "stages" / "a"
@@ -83,6 +82,7 @@ def test_restart_skips_finished_stages(chain):
     assert "stage a: finished" in out3 and "stage b: finished" in out3 and "[compress] prune.py" not in out3
 
 
+@pytest.mark.e2e
 def test_changed_stage_refused(chain):
     tmp, ckpt, _, _ = chain
     p = run_py(RECIPE, *job(tmp, ckpt, "stages=[{name:a,prune:{target_hidden_size:32}}]"), check=False)
@@ -93,16 +93,16 @@ def test_changed_stage_refused(chain):
 
 # ----------------------------------------------------------------------------- shipped chain configs
 def stage_shapes(name, overrides):
-    from minitron_nemo import stages as chain
     from minitron_nemo.config import compose, model_config
     from minitron_nemo.models.builder import count_parameters
     from minitron_nemo.prune.targets import Targets, validate
+    from minitron_nemo.workflows import stages
 
     cfg = compose(name, overrides)
     mc = model_config(cfg.model)
     out = []
     for i, _ in enumerate(cfg.stages):
-        mc = validate(mc, Targets.from_cfg(OmegaConf.create(chain.merged_prune(cfg, i))), 1, 1)
+        mc = validate(mc, Targets.from_cfg(OmegaConf.create(stages.merged_prune(cfg, i))), 1, 1)
         out.append(((mc.num_layers, mc.hidden_size, mc.ffn_hidden_size, mc.num_attention_heads, mc.num_query_groups),
                     count_parameters(mc)))
     return out

@@ -1,4 +1,4 @@
-"""recipes/prune.py's budget search ranked by short distillation (prune/rank.py) on a tiny random Llama:
+"""recipes/prune.py's budget search ranked by short distillation (workflows/search.py) on a tiny random Llama:
 artifacts and winner, resume at candidate granularity and inside a candidate, and bad input (one line,
 exit code 2, before any compute)."""
 
@@ -9,19 +9,16 @@ import sys
 import pytest
 import yaml
 
-from conftest import ROOT, load_script, run_py
+from conftest import ROOT, load_script, module_dir, run_py
 
-sys.path.insert(0, str(ROOT / "tests" / "workers"))
-from prune_common import checkpoint_with_valid_text  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "prune.py"
 K = 2
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("search")
-    return checkpoint_with_valid_text(tmp)
+def work(small_llama, tmp_path_factory):
+    return module_dir(small_llama, tmp_path_factory.mktemp("search"))
 
 
 def args(tmp, ckpt, *extra):
@@ -52,6 +49,7 @@ def searched(work):
     return tmp, ckpt, p1.stdout, p2.stdout, name, before
 
 
+@pytest.mark.e2e
 def test_artifacts_and_winner(searched):
     tmp, ckpt, _, out2, _, _ = searched
     out = tmp / "out"
@@ -84,6 +82,7 @@ def test_artifacts_and_winner(searched):
     assert f"[search] rank 1 (zero-shot {ranked[0]['zero_shot_rank']})" in out2
 
 
+@pytest.mark.e2e
 def test_resume_skips_finished_candidates(searched):
     tmp, ckpt, out1, out2, name, before = searched
     assert out1.count("distilling 2 iterations") == 1 and "[calibration]" in out1
@@ -94,6 +93,7 @@ def test_resume_skips_finished_candidates(searched):
     assert (done.read_bytes(), done.stat().st_mtime_ns) == before
 
 
+@pytest.mark.e2e
 def test_unfinished_candidate_resumes_from_its_checkpoint(searched):
     """A candidate killed after its last checkpoint and before result.json: the re-run resumes the training
     loop (Trainer.resume) instead of starting over, and ends with the same ranking."""
@@ -106,6 +106,7 @@ def test_unfinished_candidate_resumes_from_its_checkpoint(searched):
     assert rows_of(tmp / "out") == rows
 
 
+@pytest.mark.e2e
 def test_search_from_a_teacher_cache_matches_online(searched):
     """distill.teacher_cache passes through to the short runs: a whole-vocabulary fp32 cache of the same
     samples (recipes/cache_teacher.py with K x GBS training samples) gives the online search's ranking and
@@ -156,6 +157,7 @@ def test_bad_input(work, overrides, message, capsys, monkeypatch):
     assert not (tmp / "never").exists() and not (tmp / "never_search").exists()
 
 
+@pytest.mark.e2e
 def test_changed_settings_and_in_job_search_refused(searched):
     """A search workdir reused with other settings, and distill.py's in-job pruning asked for the ranked
     search: one line each, exit code 2, no traceback (real processes, warnings on)."""

@@ -8,20 +8,21 @@ layer numbers (``decoder.layers.{i}.self_attention.linear_qkv.weight``, ...).
   ``mlp.experts.local_experts.{e}`` with global ``e``, the router as ``mlp.router.weight``, the shared
   expert as ``mlp.shared_experts.linear_fc1/linear_fc2`` and its gate as ``mlp.shared_experts.gate_weight``).
 * ``hf_to_local_state_dict`` cuts a canonical layer set into one rank's tensor/pipeline/expert shard, so
-  import runs at any TP x PP x EP without any rank reading more than its own shard.
+  import runs at any TP x PP x EP without any rank reading more than its own shard; the sharding rules,
+  vocab padding and the fused-norm (TE) names are ``models/layout.py``'s.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Dict
 
 import torch
 
 from minitron_nemo.errors import UserError
-from minitron_nemo.models import moe
+from minitron_nemo.models import layout, moe
 from minitron_nemo.models.config import ModelConfig
+from minitron_nemo.readers import read_json, reading, typed_model_config
 
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -210,8 +211,6 @@ def token_ids(hf: dict) -> dict:
 
 
 def read_hf_config(hf_dir: Path) -> dict:
-    from minitron_nemo.readers import read_json
-
     p = Path(hf_dir) / "config.json"
     if not p.is_file():
         raise UserError(f"source={hf_dir} has no config.json; allowed: a Hugging Face model directory")
@@ -220,8 +219,6 @@ def read_hf_config(hf_dir: Path) -> dict:
 
 def hf_model_config(hf_dir: Path) -> ModelConfig:
     """The ``ModelConfig`` of an HF directory; a missing field or a wrong type names config.json."""
-    from minitron_nemo.readers import reading, typed_model_config
-
     p = Path(hf_dir) / "config.json"
     hf = read_hf_config(hf_dir)
     with reading(p, "HF config"):
@@ -285,11 +282,6 @@ def _unpack_qkv(mc: ModelConfig, qkv):
     x = qkv.reshape(g, (hpg + 2) * d, *rest)
     q, k, v = torch.split(x, [hpg * d, d, d], dim=1)
     return (q.reshape(g * hpg * d, *rest), k.reshape(g * d, *rest), v.reshape(g * d, *rest))
-
-
-def _pad_vocab(mc: ModelConfig, w):
-    pad = mc.padded_vocab_size - w.shape[0]
-    return torch.cat([w, w.new_zeros(pad, *w.shape[1:])]) if pad else w
 
 
 def hf_layer_to_canonical(mc: ModelConfig, get: Callable[[str], torch.Tensor], i: int, out_i: int,
@@ -379,42 +371,6 @@ def canonical_to_hf(mc: ModelConfig, sd: Dict[str, torch.Tensor]) -> Dict[str, t
     return {k: v.contiguous() for k, v in out.items()}
 
 
-# ----------------------------------------------------------------------------- sharding
-COLUMN_PARALLEL = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias",
-                   "linear_fc1.weight", "linear_fc1.bias",
-                   "embedding.word_embeddings.weight", "output_layer.weight")
-ROW_PARALLEL = ("self_attention.linear_proj.weight", "linear_fc2.weight")
-FC1 = ("linear_fc1.weight", "linear_fc1.bias")  # of the MLP and of every expert
-
-
-def shard_tensor(mc: ModelConfig, name: str, t: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
-    """This TP rank's slice of a canonical tensor (SwiGLU fc1 shards gate and up separately)."""
-    if tp == 1:
-        return t
-    if name.endswith(FC1) and mc.activation == "swiglu":
-        gate, up = torch.chunk(t, 2, dim=0)
-        return torch.cat([torch.chunk(gate, tp)[tp_rank], torch.chunk(up, tp)[tp_rank]])
-    if name.endswith(COLUMN_PARALLEL):
-        return torch.chunk(t, tp, dim=0)[tp_rank]
-    if name.endswith(ROW_PARALLEL):
-        return torch.chunk(t, tp, dim=1)[tp_rank]
-    return t
-
-
-def unshard_tensor(mc: ModelConfig, name: str, shards: list) -> torch.Tensor:
-    """Inverse of ``shard_tensor`` given every TP rank's shard in rank order."""
-    if len(shards) == 1:
-        return shards[0]
-    if name.endswith(FC1) and mc.activation == "swiglu":
-        halves = [torch.chunk(s, 2, dim=0) for s in shards]
-        return torch.cat([h[0] for h in halves] + [h[1] for h in halves])
-    if name.endswith(COLUMN_PARALLEL):
-        return torch.cat(shards, dim=0)
-    if name.endswith(ROW_PARALLEL):
-        return torch.cat(shards, dim=1)
-    return shards[0]
-
-
 def hf_to_local_state_dict(mc: ModelConfig, get: Callable[[str], torch.Tensor], *, tp_rank: int, tp: int,
                            pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> Dict[str, torch.Tensor]:
     """This rank's model state dict (local layer and expert numbers, local-spec names) read from HF
@@ -426,47 +382,11 @@ def hf_to_local_state_dict(mc: ModelConfig, get: Callable[[str], torch.Tensor], 
     for j in range(per_stage):
         sd.update(hf_layer_to_canonical(mc, get, pp_rank * per_stage + j, j, experts))
     if first:
-        sd["embedding.word_embeddings.weight"] = _pad_vocab(mc, get("model.embed_tokens.weight"))
+        sd["embedding.word_embeddings.weight"] = layout.pad_vocab(mc, get("model.embed_tokens.weight"))
     if last:
         sd["decoder.final_layernorm.weight"] = get("model.norm.weight")
         if mc.normalization == "LayerNorm":
             sd["decoder.final_layernorm.bias"] = get("model.norm.bias")
         head = "model.embed_tokens.weight" if mc.share_embeddings_and_output_weights else "lm_head.weight"
-        sd["output_layer.weight"] = _pad_vocab(mc, get(head))
-    return {k: shard_tensor(mc, k, v, tp_rank, tp) for k, v in sd.items()}
-
-
-# ----------------------------------------------------------------------------- model <-> canonical names
-_TE_NAMES = {
-    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
-    "input_layernorm.bias": "self_attention.linear_qkv.layer_norm_bias",
-    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
-    "pre_mlp_layernorm.bias": "mlp.linear_fc1.layer_norm_bias",
-}
-
-
-def to_model_names(sd: dict, model_keys) -> dict:
-    """Rename canonical (local-spec) keys to the keys of ``model`` (TE fuses norms into linears)."""
-    keys = set(model_keys)
-    out = {}
-    for k, v in sd.items():
-        if k not in keys:
-            for a, b in _TE_NAMES.items():
-                if k.endswith(a) and k[: -len(a)] + b in keys:
-                    k = k[: -len(a)] + b
-                    break
-        out[k] = v
-    return out
-
-
-def to_canonical_names(sd: dict) -> dict:
-    out = {}
-    for k, v in sd.items():
-        if k.endswith("_extra_state"):
-            continue
-        for a, b in _TE_NAMES.items():
-            if k.endswith(b):
-                k = k[: -len(b)] + a
-                break
-        out[k] = v
-    return out
+        sd["output_layer.weight"] = layout.pad_vocab(mc, get(head))
+    return {k: layout.shard_tensor(mc, k, v, tp_rank, tp) for k, v in sd.items()}

@@ -28,8 +28,9 @@ from typing import Dict
 import torch
 
 from minitron_nemo import readers
-from minitron_nemo.checkpoint import hf as hfconv
+from minitron_nemo.checkpoint import store
 from minitron_nemo.errors import UserError
+from minitron_nemo.models import layout
 from minitron_nemo.models.config import ModelConfig
 
 # NeMo 2 model classes -> our family
@@ -43,11 +44,6 @@ _LAYERS = "decoder.layers."
 # Llama-3.1 rope scaling (NeMo's Llama31Config fields) that our ModelConfig supports
 _LLAMA31_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "old_context_len": 8192}
 _ALLOWED = "a NeMo 2 checkpoint directory (context/model.yaml and weights/)"
-
-
-def is_nemo2(path) -> bool:
-    p = Path(path)
-    return (p / "context" / "model.yaml").is_file() and (p / "weights").is_dir()
 
 
 def check_nemo2_dir(path) -> Path:
@@ -251,7 +247,7 @@ class Nemo2Weights:
             if not k.startswith(self.prefix):
                 continue
             name = k[len(self.prefix):]
-            self._stored[hfconv.to_canonical_names({name: None}).popitem()[0]] = k
+            self._stored[layout.to_canonical_names({name: None}).popitem()[0]] = k
         self._meta = tensors
 
     # names -------------------------------------------------------------------------------------
@@ -365,15 +361,15 @@ def nemo2_to_local_state_dict(mc: ModelConfig, w: Nemo2Weights, *, tp_rank: int,
             sd[f"{_LAYERS}{j}.{name[len(_LAYERS):].split('.', 1)[1]}"] = t
     V = mc.vocab_size
     if pp_rank == 0:
-        sd["embedding.word_embeddings.weight"] = hfconv._pad_vocab(mc, w("embedding.word_embeddings.weight")[:V])
+        sd["embedding.word_embeddings.weight"] = layout.pad_vocab(mc, w("embedding.word_embeddings.weight")[:V])
     if pp_rank == pp - 1:
         sd["decoder.final_layernorm.weight"] = w("decoder.final_layernorm.weight")
         if mc.normalization == "LayerNorm":
             sd["decoder.final_layernorm.bias"] = w("decoder.final_layernorm.bias")
         head = "embedding.word_embeddings.weight" if mc.share_embeddings_and_output_weights else "output_layer.weight"
-        sd["output_layer.weight"] = hfconv._pad_vocab(mc, w(head)[:V])
+        sd["output_layer.weight"] = layout.pad_vocab(mc, w(head)[:V])
     _check_shapes(mc, sd, w)
-    return {k: hfconv.shard_tensor(mc, k, v, tp_rank, tp) for k, v in sd.items()}
+    return {k: layout.shard_tensor(mc, k, v, tp_rank, tp) for k, v in sd.items()}
 
 
 def _check_shapes(mc: ModelConfig, sd: dict, w: Nemo2Weights) -> None:
@@ -392,8 +388,6 @@ def _check_shapes(mc: ModelConfig, sd: dict, w: Nemo2Weights) -> None:
 
 def load_nemo2_into_model(model, nemo_dir, mc: ModelConfig, weights: Nemo2Weights | None = None) -> None:
     """Fill this rank's shard of ``model`` from a NeMo 2 checkpoint (any TP x PP)."""
-    from minitron_nemo.checkpoint import store
-
     w = weights or Nemo2Weights(nemo_dir)
     sd = nemo2_to_local_state_dict(mc, w, **store.shard_layout())
     store.load_local_state_dict(model, sd, source=f"{nemo_dir} (weights vs context/model.yaml)")

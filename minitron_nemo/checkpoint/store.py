@@ -27,6 +27,7 @@ from megatron.core import dist_checkpointing, parallel_state
 from minitron_nemo import outputs, readers
 from minitron_nemo.checkpoint import hf as hfconv
 from minitron_nemo.errors import UserError
+from minitron_nemo.models import layout
 from minitron_nemo.models.config import ModelConfig
 
 FORMAT = "minitron_nemo/1"
@@ -106,49 +107,50 @@ def _cpu_write_results_queue() -> None:
         fa._results_queue = multiprocessing.get_context("fork").Manager().Queue()
 
 
-def save_checkpoint(model, ckpt_dir, mc: ModelConfig, *, tokenizer_src=None, meta: dict | None = None,
-                    extra_state: dict | None = None, before_commit=None) -> Path:
-    """Collectively save ``model`` (this rank's shard) as a self-describing checkpoint.
+def write_checkpoint(tmp, model, mc: ModelConfig, *, tokenizer_src=None, meta: dict | None = None,
+                     extra_state: dict | None = None) -> None:
+    """Collectively write ``model`` (this rank's shard) as a self-describing checkpoint into ``tmp``, an
+    existing directory every rank writes into (``outputs.atomic_dir(out, collective=True)``).
 
     ``extra_state`` is an optional sharded state dict merged into the weights checkpoint
-    (e.g. optimizer state) under its own keys. ``before_commit(tmp_dir)`` runs on rank 0 after the
-    weights are written and before the rename, to add files that belong to the output (they are listed
-    in its manifest like the rest).
+    (e.g. optimizer state) under its own keys.
+    """
+    tmp = Path(tmp)
+    if _rank() == 0:
+        (tmp / "weights").mkdir(parents=True)
+        (tmp / "model.yaml").write_text(yaml.safe_dump(mc.to_dict(), sort_keys=False))
+        info = {"format": FORMAT,
+                "saved_tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+                "saved_pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
+                "saved_expert_model_parallel_size": parallel_state.get_expert_model_parallel_world_size(),
+                **(meta or {})}
+        (tmp / "meta.json").write_text(json.dumps(info, indent=2))
+        if tokenizer_src is not None:
+            copy_tokenizer(tokenizer_src, tmp / "tokenizer")
+    _barrier()
+    sharded = model.sharded_state_dict()
+    if extra_state:
+        sharded.update(extra_state)
+    _cpu_write_results_queue()
+    dist_checkpointing.save(sharded, str(tmp / "weights"))
+
+
+def save_checkpoint(model, ckpt_dir, mc: ModelConfig, *, tokenizer_src=None, meta: dict | None = None,
+                    extra_state: dict | None = None, before_commit=None) -> Path:
+    """Collectively save ``model`` (this rank's shard) as a self-describing checkpoint in ``ckpt_dir``
+    (``write_checkpoint`` in a collective ``outputs.atomic_dir``); returns its resolved path.
+
+    ``before_commit(tmp_dir)`` runs on rank 0 after the weights are written and before the rename, to add
+    files that belong to the output (they are listed in its manifest like the rest). A recipe that writes
+    more than the checkpoint can instead open the atomic dir itself and call ``write_checkpoint`` in it.
     """
     final = Path(ckpt_dir).resolve()
-    tmp = outputs.temp_of(final)
-    try:
-        if _rank() == 0:
-            outputs.discard(tmp)
-            (tmp / "weights").mkdir(parents=True)
-            (tmp / "model.yaml").write_text(yaml.safe_dump(mc.to_dict(), sort_keys=False))
-            info = {"format": FORMAT,
-                    "saved_tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
-                    "saved_pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
-                    "saved_expert_model_parallel_size": parallel_state.get_expert_model_parallel_world_size(),
-                    **(meta or {})}
-            (tmp / "meta.json").write_text(json.dumps(info, indent=2))
-            if tokenizer_src is not None:
-                copy_tokenizer(tokenizer_src, tmp / "tokenizer")
-        _barrier()
-        sharded = model.sharded_state_dict()
-        if extra_state:
-            sharded.update(extra_state)
-        _cpu_write_results_queue()
-        dist_checkpointing.save(sharded, str(tmp / "weights"))
-        _barrier()
-        if _rank() == 0:
-            if before_commit is not None:
+    with outputs.atomic_dir(final, collective=True) as tmp:
+        write_checkpoint(tmp, model, mc, tokenizer_src=tokenizer_src, meta=meta, extra_state=extra_state)
+        if before_commit is not None:
+            _barrier()
+            if _rank() == 0:
                 before_commit(tmp)
-            outputs.commit(tmp, final)
-        _barrier()
-    except BaseException as exc:
-        if _rank() == 0:
-            outputs.discard(tmp)
-        err = outputs.write_error(exc, final)
-        if err is not None:
-            raise err from None
-        raise
     return final
 
 
@@ -260,14 +262,14 @@ def expert_layout() -> dict:
 def load_local_state_dict(model, sd: dict, source) -> None:
     """Load a converted (local-spec names) state dict of this rank's shard into ``model``, in its dtype."""
     keys = model.state_dict().keys()
-    sd = {k: v for k, v in hfconv.to_model_names(sd, keys).items() if k in keys}
+    sd = {k: v for k, v in layout.to_model_names(sd, keys).items() if k in keys}
     dtype = next(model.parameters()).dtype
     load_state_dict_checked(model, {k: v.to(dtype) for k, v in sd.items()}, source=source)
 
 
 def canonical_state_dict(model) -> dict:
     """Canonical-name state dict of a TP=1, PP=1 model (fp32 tensors)."""
-    return {k: v.detach().float().cpu() for k, v in hfconv.to_canonical_names(model.state_dict()).items()
+    return {k: v.detach().float().cpu() for k, v in layout.to_canonical_names(model.state_dict()).items()
             if isinstance(v, torch.Tensor)}
 
 

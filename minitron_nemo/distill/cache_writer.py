@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
@@ -60,18 +59,13 @@ def teacher_pass(teacher, samples: list, mbs: int, layout: cache.Layout, tau: fl
             "hashes": torch.tensor([cache.sample_hash(x["tokens"], x["labels"]) for x in samples], dtype=torch.int64)}
 
 
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def write_split(teacher, dataset, split: str, samples: int, root, layout: cache.Layout, shard_samples: int,
                 mbs: int, tau: float) -> dict:
     """Write the missing shards of ``split`` (samples ``0..samples-1`` of ``dataset``); returns
     ``{"shards", "written", "seconds", "samples"}`` (this rank's share)."""
     total = cache.num_shards(samples, shard_samples)
     done = cache.done_shards(root, split)
-    _barrier()  # every rank lists the finished shards before any rank writes one
+    runtime.barrier()  # every rank lists the finished shards before any rank writes one
     dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     todo = [s for s in range(total) if s % dp == r and s not in done]
     if runtime.is_rank0():
@@ -90,7 +84,7 @@ def write_split(teacher, dataset, split: str, samples: int, root, layout: cache.
         left = sum(min(shard_samples, samples - x * shard_samples) for x in todo[i + 1:])
         runtime.print0(f"[cache] {split} shard {s + 1}/{total}: {rate:.2f} samples/s "
                        f"({rate * layout.seq_length * dp:,.0f} tokens/s over {dp} replicas), ETA {left / rate:.0f}s")
-    _barrier()
+    runtime.barrier()
     return {"shards": total, "written": len(todo), "seconds": time.time() - t0, "samples": n_done}
 
 

@@ -14,15 +14,21 @@ loads unchanged. Our additions: ``logit_kl_topk`` (null = full vocabulary), ``kl
 16M logits per chunk), ``teacher_cache`` (offline distillation from a cache written by
 recipes/cache_teacher.py: the teacher is not loaded) and ``teacher_cache_topk`` (use the first K of
 the cached tokens; null = all).
+
+``DistillationConfig`` is the Hydra ``distill`` group's schema (``schemas.py`` roots hold it): composing a job
+builds and validates it once, and the recipes pass that object on. ``CacheConfig`` is the ``cache`` group
+(recipes/cache_teacher.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
+from minitron_nemo.checks import at_least, choice
 from minitron_nemo.errors import UserError, check
+from minitron_nemo.models.config import DTYPES
 
 INTERMEDIATE_LOSSES = ("cosine", "mse")
 KL_DIRECTIONS = ("forward", "reverse")
@@ -30,20 +36,23 @@ KL_DIRECTIONS = ("forward", "reverse")
 
 @dataclass
 class DistillationConfig:
-    logit_layers: tuple = ("output_layer", "output_layer")
+    logit_layers: List[str] = field(default_factory=lambda: ["output_layer", "output_layer"])  # a tuple once validated
     # Entries [student_module, teacher_module] or [student_module, teacher_module, cosine|mse];
     # a two-element entry means cosine (as in modelopt). Normalised to 3-tuples by validate().
-    intermediate_layer_pairs: list = field(default_factory=list)
+    intermediate_layer_pairs: List[List[str]] = field(default_factory=list)
     skip_lm_loss: bool = True
     kd_loss_scale: float = 1.0
     logit_kl_temperature: float = 1.0
     logit_kl_topk: Optional[int] = None
     kl_direction: str = "forward"
     kl_chunk_size: Optional[int] = None
-    teacher_cache: Optional[str] = None
-    teacher_cache_topk: Optional[int] = None
+    teacher_cache: Optional[str] = None       # offline: a cache of recipes/cache_teacher.py (no teacher loaded)
+    teacher_cache_topk: Optional[int] = None  # use the first K cached tokens (null: all of them)
 
     def __post_init__(self):
+        self.validate()
+
+    def check(self, at: str) -> None:  # the job-config walk (config.validate); validate() already ran
         self.validate()
 
     def validate(self) -> "DistillationConfig":
@@ -118,3 +127,17 @@ class DistillationConfig:
         d["logit_layers"] = list(self.logit_layers)
         d["intermediate_layer_pairs"] = [list(p) for p in self.intermediate_layer_pairs]
         return d
+
+
+@dataclass
+class CacheConfig:
+    """recipes/cache_teacher.py: where and how the teacher's top-K distribution is cached."""
+    dir: Optional[str] = None
+    topk: Optional[int] = 64          # null: the whole (padded) vocabulary
+    dtype: str = "bfloat16"           # of the cached log-probabilities
+    shard_samples: int = 256          # samples per shard file (the unit of atomic writes and of resume)
+
+    def check(self, at: str) -> None:
+        at_least(f"{at}.topk", self.topk, 1, optional=True)
+        choice(f"{at}.dtype", self.dtype, tuple(sorted(DTYPES)))
+        at_least(f"{at}.shard_samples", self.shard_samples, 1)

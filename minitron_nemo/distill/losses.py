@@ -33,10 +33,6 @@ from minitron_nemo.errors import UserError
 
 CHUNK_ELEMENTS = 1 << 24  # automatic chunk size: ~16M logits (64 MiB in fp32) per temporary
 
-# Names for the training log (modelopt / Megatron-LM report keys).
-REPORT_NAMES = {"lm": "lm loss", "logits": "logits distillation loss",
-                "intermediate": "intermediate distillation loss", "total": "total loss"}
-
 
 class LossOutput(NamedTuple):
     """A masked loss: ``loss = loss_sum / max(num_tokens, 1)``; ``per_token`` is 0 where masked."""

@@ -27,13 +27,13 @@ from minitron_nemo.distill.topk_kl import bucket_kl
 from minitron_nemo.errors import UserError
 
 
-def identity(cfg, t_path, t_mc) -> dict:
+def identity(cfg, kd_cfg: DistillationConfig, t_path, t_mc) -> dict:
     """What a cache of this job's teacher pass must be (sample counts are added once datasets exist)."""
     d = cfg.data
     return {"format": cache.FORMAT, "teacher": str(t_path), "teacher_fingerprint": cache.teacher_fingerprint(t_path),
             "tokenizer": store.tokenizer_digest(t_path), "data_source": d.source, "seq_length": int(d.seq_length),
             "seed": int(cfg.seed), "split": str(d.split) if d.source == "indexed" else None,
-            "temperature": float(cfg.distill.logit_kl_temperature), "padded_vocab_size": t_mc.padded_vocab_size}
+            "temperature": float(kd_cfg.logit_kl_temperature), "padded_vocab_size": t_mc.padded_vocab_size}
 
 
 def sample_counts(cfg, train_ds, valid_ds, train_samples: int) -> dict:
@@ -47,7 +47,7 @@ def sample_counts(cfg, train_ds, valid_ds, train_samples: int) -> dict:
 def open_for_job(cfg, kd_cfg: DistillationConfig, t_path, t_mc) -> cache.TeacherCache:
     """Open ``distill.teacher_cache`` and check it against the job (before any compute)."""
     tc = cache.TeacherCache(kd_cfg.teacher_cache, kd_cfg.teacher_cache_topk)
-    job = identity(cfg, t_path, t_mc)
+    job = identity(cfg, kd_cfg, t_path, t_mc)
     cache.check_match(tc.identity, {**job, **{k: tc.identity.get(k) for k in ("train_samples", "valid_samples")}},
                       kd_cfg.teacher_cache)
     tc.check_complete()

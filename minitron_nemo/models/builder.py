@@ -104,12 +104,6 @@ def grouped_gemm_default(mc: ModelConfig) -> bool:
     return mc.is_moe and te_available()
 
 
-def layer_offset(mc: ModelConfig) -> int:
-    """Global index of this PP stage's first layer (0-indexed)."""
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
-    return parallel_state.get_pipeline_model_parallel_rank() * (mc.num_layers // pp)
-
-
 def count_parameters(mc: ModelConfig, active: bool = False) -> int:
     """Parameter count of the unpadded model, computed analytically from the config.
 

@@ -20,6 +20,14 @@ MOE_FAMILIES = ("qwen3_moe", "mixtral", "qwen2_moe")
 SHARED_EXPERT_FAMILIES = ("qwen2_moe",)  # families whose HF layout has a shared expert (always, with its gate)
 ACTIVATIONS = ("swiglu", "squared_relu", "gelu")
 NORMS = ("RMSNorm", "LayerNorm")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # the job key `dtype`
+
+
+def dtype(name: str) -> torch.dtype:
+    """The torch dtype of a config's ``dtype`` name (weights, activations; the teacher cache's values)."""
+    if name not in DTYPES:
+        raise UserError(f"dtype={name!r}; allowed: {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 @dataclass

@@ -12,6 +12,7 @@ contiguous block of k layers whose removal gives the lowest LM loss.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 from dataclasses import dataclass, field
@@ -19,7 +20,6 @@ from typing import List, Optional
 
 import torch
 from megatron.core import parallel_state
-from omegaconf import OmegaConf
 
 from minitron_nemo import runtime
 from minitron_nemo.errors import UserError
@@ -28,10 +28,9 @@ from minitron_nemo.models.config import ModelConfig
 from minitron_nemo.prune import data as pdata
 from minitron_nemo.prune import importance as imp
 from minitron_nemo.prune.artifacts import load_scores
+from minitron_nemo.prune.config import PruneGroup
 from minitron_nemo.prune.targets import SearchSpace, Targets, candidates, validate
 from minitron_nemo.prune.trim import make_plan, trim_model
-
-LAYER_CRITERIA = ("bi", "loss", "block")
 
 
 @dataclass
@@ -134,15 +133,10 @@ def prune_model(model, mc: ModelConfig, targets, *, batches=None, scores: Option
     (budget search) the candidate table.
     """
     t = targets if isinstance(targets, Targets) else Targets.from_cfg(targets)
-    if layer_criterion not in LAYER_CRITERIA:
-        raise UserError(f"prune.layer_criterion={layer_criterion!r}; allowed: {', '.join(LAYER_CRITERIA)}")
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     ep = parallel_state.get_expert_model_parallel_world_size()
     search = search or SearchSpace()
-    if t.is_empty():
-        raise UserError("nothing to prune; allowed: set a prune.target_*, prune.drop_layers or "
-                        "prune.target_params(_ratio)")
     cands = candidates(mc, t, search, tp, pp, ep) if t.is_budget() else [validate(mc, t, tp, pp, ep)]
     if scores is None:
         if not batches:
@@ -186,40 +180,29 @@ def prune_model(model, mc: ModelConfig, targets, *, batches=None, scores: Option
     return PruneResult(best[1], best[2], scores, best[3], table)
 
 
-# ----------------------------------------------------------------------------- from a `prune` config node
-def search_space(p) -> SearchSpace:
-    s = p.search
-    return SearchSpace(ratios=list(s.ratios), axes=list(s.axes), tolerance=float(s.tolerance),
-                       max_candidates=int(s.max_candidates))
-
-
-def check_config(mc: ModelConfig, p, tp: int, pp: int, ranked_search: bool = False, ep: int = 1):
-    """Every check of a ``prune`` config node (conf/prune/default.yaml) that needs no compute.
-    ``ranked_search``: the caller runs ``prune.search.distill_iters`` (recipes/prune.py, ``prune/rank.py``).
+# ----------------------------------------------------------------------------- from the typed `prune` group
+def check_config(mc: ModelConfig, p: PruneGroup, tp: int, pp: int, ranked_search: bool = False, ep: int = 1):
+    """The checks of the job's ``prune`` group (``prune/config.py``, range-checked when composed) against the
+    source ``mc`` and the parallel layout, before any compute. ``ranked_search``: the caller runs
+    ``prune.search.distill_iters`` (recipes/prune.py, ``workflows/search.py``).
 
     Returns (targets, candidate configs, aggregation, loaded (scores, meta) or None)."""
+    p = PruneGroup.of(p)
     mc.check_parallel(tp, pp, ep)
-    if int(p.search.get("distill_iters") or 0) > 0 and not ranked_search:
+    if p.search.distill_iters > 0 and not ranked_search:
         raise UserError(f"prune.search.distill_iters={p.search.distill_iters}: the search ranked by short "
                         f"distillation runs in recipes/prune.py; allowed: 0 here (prune with recipes/prune.py, "
                         f"then student.checkpoint=ITS_OUTPUT)")
-    t = Targets.from_cfg(OmegaConf.to_container(p, resolve=True) if OmegaConf.is_config(p) else p)
+    t = p.targets()
     agg = imp.Aggregation(p.importance.batch_agg, p.importance.seq_agg)
-    if p.layer_criterion not in LAYER_CRITERIA:
-        raise UserError(f"prune.layer_criterion={p.layer_criterion!r}; allowed: {', '.join(LAYER_CRITERIA)}")
+    p.require_targets()
     cands = []
     if not p.importance_only:
-        if t.is_empty():
-            raise UserError("nothing to prune; allowed: set a prune.target_*, prune.drop_layers, "
-                            "prune.target_params(_ratio) or prune.importance_only=true")
-        cands = (candidates(mc, t, search_space(p), tp, pp, ep) if t.is_budget()
+        cands = (candidates(mc, t, p.search, tp, pp, ep) if t.is_budget()
                  else [validate(mc, t, tp, pp, ep)])
     c = p.calibration
     if c.data is not None:
         pdata.check_data(c.data)
-    for key in ("num_samples", "seq_length", "micro_batch_size", "loss_samples"):
-        if c[key] < 1:
-            raise UserError(f"prune.calibration.{key}={c[key]}; allowed: an integer >= 1")
     loaded = None
     if p.importance.load is not None:
         loaded = load_scores(p.importance.load, mc)
@@ -235,7 +218,7 @@ def check_config(mc: ModelConfig, p, tp: int, pp: int, ranked_search: bool = Fal
     return t, cands, agg, loaded
 
 
-def calibration_batches(mc: ModelConfig, p, tokenizer_dir, budget_search: bool = False):
+def calibration_batches(mc: ModelConfig, p: PruneGroup, tokenizer_dir, budget_search: bool = False):
     """This DP rank's (importance, loss-criteria, search-eval) micro-batches from ``prune.calibration``."""
     c = p.calibration
     if c.data is None:
@@ -251,27 +234,21 @@ def calibration_batches(mc: ModelConfig, p, tokenizer_dir, budget_search: bool =
             pdata.to_batches(w[: c.loss_samples], c.micro_batch_size, r, dp), ev)
 
 
-def config_scores(model, mc: ModelConfig, p, batches, agg, loaded=None, progress=True):
+def config_scores(model, mc: ModelConfig, p: PruneGroup, batches, agg, loaded=None, progress=True):
     """(scores, meta): loaded from ``prune.importance.load`` or computed on ``batches``."""
     if loaded is not None:
         runtime.print0(f"importance loaded from {p.importance.load} (aggregation {loaded[1].get('aggregation')})")
         return loaded[0], {**loaded[1], "loaded_from": str(p.importance.load)}
     meta = {"aggregation": {"batch": agg.batch, "seq": agg.seq}, "num_samples": p.calibration.num_samples,
-            "calibration": OmegaConf.to_container(p.calibration, resolve=True) if OmegaConf.is_config(p)
-            else dict(p.calibration), "model": mc.to_dict(),
+            "calibration": dataclasses.asdict(p.calibration), "model": mc.to_dict(),
             "parallel": {"tp": parallel_state.get_tensor_model_parallel_world_size(),
                          "pp": parallel_state.get_pipeline_model_parallel_world_size(),
                          "dp": parallel_state.get_data_parallel_world_size()}}
     return imp.estimate(model, batches, agg, progress=progress), meta
 
 
-def expert_score(p) -> str:
-    """The expert score that ranks experts (MoE) in a ``prune`` config node."""
-    return p.importance.get("expert_score", "routed_l2")
-
-
-def prune_from_config(model, mc: ModelConfig, p, tokenizer_dir, progress: bool = True) -> PruneResult:
-    """In-job pruning driven by a ``prune`` config node (what ``recipes/prune.py`` does between loading
+def prune_from_config(model, mc: ModelConfig, p: PruneGroup, tokenizer_dir, progress: bool = True) -> PruneResult:
+    """In-job pruning driven by the typed ``prune`` group (what ``recipes/prune.py`` does between loading
     and saving; ``recipes/distill.py`` can call it on a loaded teacher). Collective: call on every rank."""
     t, _, agg, loaded = check_config(mc, p, parallel_state.get_tensor_model_parallel_world_size(),
                                      parallel_state.get_pipeline_model_parallel_world_size(),
@@ -279,8 +256,8 @@ def prune_from_config(model, mc: ModelConfig, p, tokenizer_dir, progress: bool =
     batches, loss_batches, eval_batches = calibration_batches(mc, p, tokenizer_dir, t.is_budget())
     scores, meta = config_scores(model, mc, p, batches, agg, loaded, progress)
     result = prune_model(model, mc, t, scores=scores, layer_criterion=p.layer_criterion,
-                         loss_batches=loss_batches, eval_batches=eval_batches, search=search_space(p),
-                         progress=progress, expert_score=expert_score(p))
+                         loss_batches=loss_batches, eval_batches=eval_batches, search=p.search,
+                         progress=progress, expert_score=p.importance.expert_score)
     result.meta = meta
     if loss_batches:
         result.calib_loss = imp.mean_loss(result.model, loss_batches)

@@ -64,14 +64,20 @@ def save_artifacts(out_dir, mc: ModelConfig, result, targets: Targets, title: st
     """importance.safetensors / .json / .png and, for a budget search, candidates.csv / .md (rank 0)."""
     save_scores(out_dir, result.scores, result.meta)
     if result.candidates:
-        write_candidates(out_dir, result.candidates, budget(mc, targets),
-                         "active_params" if targets.counts_active() else "params")
+        write_candidates(out_dir, result.candidates, budget(mc, targets), counted_column(targets))
     if runtime.is_rank0():
         plot_importance(result.scores, Path(out_dir) / "importance.png", title)
 
 
-def write_candidates(out_dir, table: List[dict], budget: int, counted: str = "params") -> None:
-    """``candidates.csv`` and ``candidates.md`` (rank 0 only)."""
+def counted_column(targets: Targets) -> str:
+    """The table column a budget counts: ``active_params`` for ``target_active_params``, else ``params``."""
+    return "active_params" if targets.counts_active() else "params"
+
+
+def write_candidates(out_dir, table: List[dict], budget: int, counted: str = "params", *,
+                     ranked_by: str | None = "zero-shot calibration loss", note: str = "") -> None:
+    """``candidates.csv`` and ``candidates.md`` (rank 0 only): ``table`` best first, each row with its
+    ``counted`` column over the budget last. ``ranked_by`` goes into the title, ``note`` below it."""
     if not runtime.is_rank0() or not table:
         return
     d = Path(out_dir)
@@ -83,7 +89,8 @@ def write_candidates(out_dir, table: List[dict], budget: int, counted: str = "pa
         w.writerows(table)
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
     what = "active params" if counted == "active_params" else "params"
-    lines = [f"# Pruning candidates (budget {budget} {what}, ranked by zero-shot calibration loss)", "",
+    lines = [f"# Pruning candidates (budget {budget} {what}{f', ranked by {ranked_by}' if ranked_by else ''})", "",
+             *([note, ""] if note else []),
              "| " + " | ".join(cols + [f"{counted}/budget"]) + " |", "|" + "---|" * (len(cols) + 1)]
     for r in table:
         lines.append("| " + " | ".join(fmt(r[c]) for c in cols) + f" | {r[counted] / budget:.3f} |")

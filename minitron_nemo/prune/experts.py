@@ -40,10 +40,9 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 
 from minitron_nemo import runtime
-from minitron_nemo.checkpoint import hf as hfconv
 from minitron_nemo.errors import UserError
-from minitron_nemo.models import moe
-from minitron_nemo.prune import importance, trim  # module references: both call back into this module
+from minitron_nemo.models import layout, moe
+from minitron_nemo.prune.scores import all_gather_along, all_reduce_over, top_k
 
 EXPERT_SCORES = ("routed_l2", "output_l2", "router_mass", "frequency")
 
@@ -120,19 +119,19 @@ def finalize(c: ExpertCollector) -> dict:
                     ps.get_expert_model_parallel_group())
     tp = ps.get_tensor_model_parallel_world_size()
     for acc in (c.routed, c.output, c.count, c.neurons):
-        importance.all_reduce_over(acc, edp)
+        all_reduce_over(acc, edp)
         if tp > 1 and not c.sequence_parallel:
             acc /= tp
-    importance.all_reduce_over(c.mass, ps.get_data_parallel_group())
+    all_reduce_over(c.mass, ps.get_data_parallel_group())
     if c.sequence_parallel:
-        importance.all_reduce_over(c.mass, ps.get_tensor_model_parallel_group())
-    neurons = importance.all_gather_along(c.neurons.sqrt(), etp, dim=2)
+        all_reduce_over(c.mass, ps.get_tensor_model_parallel_group())
+    neurons = all_gather_along(c.neurons.sqrt(), etp, dim=2)
     per_layer = {"expert_routed_l2": c.routed.sqrt(), "expert_output_l2": c.output.sqrt(),
                  "expert_frequency": c.count, "expert_ffn": neurons}
-    per_layer = {k: importance.all_gather_along(v, ep, dim=1) for k, v in per_layer.items()}
+    per_layer = {k: all_gather_along(v, ep, dim=1) for k, v in per_layer.items()}
     per_layer["expert_router_mass"] = c.mass
     pp_g = ps.get_pipeline_model_parallel_group()
-    return {k: importance.all_gather_along(v, pp_g, dim=0).float().cpu() for k, v in per_layer.items()}
+    return {k: all_gather_along(v, pp_g, dim=0).float().cpu() for k, v in per_layer.items()}
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -142,12 +141,13 @@ def plan_experts(scores: dict, layers: List[int], num_experts: int, ffn: int, sc
     key = f"expert_{score}"
     if key not in scores:
         raise UserError(f"prune.importance.expert_score={score!r}: the scores lack {key!r}; allowed: "
-                        f"{', '.join(EXPERT_SCORES)} (scores computed with this version)")
+                        f"{', '.join(EXPERT_SCORES)}, from scores with every expert score (the calibration "
+                        f"pass records each of them)")
     experts, neurons = [], []
     for i in layers:
-        kept = trim.top_k(scores[key][i], num_experts)
+        kept = top_k(scores[key][i], num_experts)
         experts.append(kept)
-        neurons.append(torch.stack([trim.top_k(scores["expert_ffn"][i, e], ffn) for e in kept.tolist()]))
+        neurons.append(torch.stack([top_k(scores["expert_ffn"][i, e], ffn) for e in kept.tolist()]))
     return experts, neurons
 
 
@@ -215,10 +215,10 @@ def fill_experts(old_sd, new_sd, mc, new_mc, plan, per_old: int, per_new: int) -
                 old_name = moe.expert_name(f"decoder.layers.{i - src * per_old}.", e % n_old, suf)
                 new_name = moe.expert_name(f"decoder.layers.{j - dst * per_new}.", n % n_new, suf)
                 if (stage, ep_rank) == owner:
-                    full = trim.gather_tp(mc, suf, old_sd[old_name],
-                                          parallel_state.get_expert_tensor_parallel_group())
+                    full = layout.gather_tp(mc, suf, old_sd[old_name],
+                                            parallel_state.get_expert_tensor_parallel_group())
                     piece = slice_expert_tensor(mc, suf, full, plan.hidden, plan.expert_ffn[j][n])
-                    piece = hfconv.shard_tensor(new_mc, suf, piece, etp_rank, etp).contiguous()
+                    piece = layout.shard_tensor(new_mc, suf, piece, etp_rank, etp).contiguous()
                     if owner == dest:
                         new_sd[new_name].copy_(piece)
                     else:

@@ -45,7 +45,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
 
@@ -53,6 +52,7 @@ from minitron_nemo import runtime
 from minitron_nemo.errors import UserError
 from minitron_nemo.models.forward import lm_loss_sums, run_forward
 from minitron_nemo.prune import experts as moe_imp
+from minitron_nemo.prune.scores import all_gather_along, all_reduce_over
 
 REDUCTIONS = ("l2", "mean", "var")
 
@@ -175,20 +175,6 @@ class Collector:
 
 
 # ----------------------------------------------------------------------------- parallel assembly
-def all_reduce_over(t, group):
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, group=group)
-    return t
-
-
-def all_gather_along(t, group, dim):
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return t
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return torch.cat(parts, dim=dim)
-
-
 def _finalize(c: Collector, n: float, cfg) -> dict:
     """DP-reduce the sums, finalise, gather TP shards and PP stages: global fp32 scores."""
     dp, tp_g, pp_g = (parallel_state.get_data_parallel_group(), parallel_state.get_tensor_model_parallel_group(),

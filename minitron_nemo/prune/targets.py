@@ -68,10 +68,6 @@ class Targets:
         return not self.explicit() and not self.drop_layers and not self.is_budget()
 
 
-def _fail(msg):
-    raise UserError(msg)
-
-
 def new_config(mc: ModelConfig, t: Targets) -> ModelConfig:
     """The pruned ``ModelConfig`` for explicit targets (no validation beyond the schema)."""
     hpg = mc.num_attention_heads // mc.num_query_groups
@@ -97,70 +93,66 @@ def new_config(mc: ModelConfig, t: Targets) -> ModelConfig:
 
 
 def validate(mc: ModelConfig, t: Targets, tp: int, pp: int, ep: int = 1) -> ModelConfig:
-    """Check explicit targets against the source and the parallel layout; return the pruned config."""
-    if t.grid < 1:
-        _fail(f"prune.grid={t.grid}; allowed: an integer >= 1")
+    """Check explicit targets against the source and the parallel layout; return the pruned config. (Each
+    value's own range, e.g. ``grid`` >= 1, is checked when the job config is composed: ``prune/config.py``.)"""
     for key in MOE_KEYS:
         if getattr(t, key) is not None and not mc.is_moe:
-            _fail(f"prune.{key}={getattr(t, key)} but the source model ({mc.family}) has no experts; allowed: "
-                  f"unset for a dense model")
+            raise UserError(f"prune.{key}={getattr(t, key)} but the source model ({mc.family}) has no experts; "
+                            f"allowed: unset for a dense model")
     shared = t.target_moe_shared_expert_intermediate_size
     if shared is not None and mc.is_moe and not mc.moe_shared_expert_intermediate_size:
-        _fail(f"prune.target_moe_shared_expert_intermediate_size={shared} but the source model ({mc.family}) has "
-              f"no shared expert; allowed: unset")
+        raise UserError(f"prune.target_moe_shared_expert_intermediate_size={shared} but the source model "
+                        f"({mc.family}) has no shared expert; allowed: unset")
     if mc.is_moe and t.target_ffn_hidden_size is not None:
-        _fail(f"prune.target_ffn_hidden_size={t.target_ffn_hidden_size}: every MLP of this model is a mixture "
-              f"of experts; allowed: prune.target_moe_ffn_hidden_size (each expert's width)")
+        raise UserError(f"prune.target_ffn_hidden_size={t.target_ffn_hidden_size}: every MLP of this model is a "
+                        f"mixture of experts; allowed: prune.target_moe_ffn_hidden_size (each expert's width)")
     for key, attr in WIDTH_KEYS.items():
         v = getattr(t, key)
-        if v is None:
-            continue
-        if not isinstance(v, int) or v < 1:
-            _fail(f"prune.{key}={v}; allowed: an integer from 1 to the source {attr}={getattr(mc, attr)}")
-        if v > getattr(mc, attr):
-            _fail(f"prune.{key}={v} is larger than the source {attr}={getattr(mc, attr)}; "
-                  f"allowed: 1..{getattr(mc, attr)}")
+        if v is not None and v > getattr(mc, attr):
+            raise UserError(f"prune.{key}={v} is larger than the source {attr}={getattr(mc, attr)}; "
+                            f"allowed: 1..{getattr(mc, attr)}")
     if t.drop_layers is not None:
         if t.target_num_layers is not None:
-            _fail("prune.drop_layers and prune.target_num_layers are both set; allowed: one of them")
+            raise UserError("prune.drop_layers and prune.target_num_layers are both set; allowed: one of them")
         bad = [x for x in t.drop_layers if not 1 <= x <= mc.num_layers]
         if bad:
-            _fail(f"prune.drop_layers has {bad} out of range; allowed: 1-indexed layer numbers "
-                  f"1..{mc.num_layers}")
+            raise UserError(f"prune.drop_layers has {bad} out of range; allowed: 1-indexed layer numbers "
+                            f"1..{mc.num_layers}")
         dup = sorted({x for x in t.drop_layers if t.drop_layers.count(x) > 1})
         if dup:
-            _fail(f"prune.drop_layers lists {dup} more than once; allowed: distinct layer numbers")
+            raise UserError(f"prune.drop_layers lists {dup} more than once; allowed: distinct layer numbers")
     new = new_config(mc, t)
     hpg = mc.num_attention_heads // mc.num_query_groups
     if new.num_layers < 1:
-        _fail(f"pruning leaves {new.num_layers} layers; allowed: at least 1 layer")
+        raise UserError(f"pruning leaves {new.num_layers} layers; allowed: at least 1 layer")
     if new.num_attention_heads % new.num_query_groups:
-        _fail(f"target num_attention_heads={new.num_attention_heads} is not a multiple of "
-              f"num_query_groups={new.num_query_groups}; allowed: a multiple of {new.num_query_groups}")
+        raise UserError(f"target num_attention_heads={new.num_attention_heads} is not a multiple of "
+                        f"num_query_groups={new.num_query_groups}; allowed: a multiple of {new.num_query_groups}")
     if new.num_attention_heads // new.num_query_groups > hpg:
-        _fail(f"target heads per query group {new.num_attention_heads // new.num_query_groups} "
-              f"({new.num_attention_heads}/{new.num_query_groups}) exceeds the source's {hpg}; allowed: "
-              f"num_attention_heads <= {hpg} x num_query_groups (heads are ranked within their group)")
+        raise UserError(f"target heads per query group {new.num_attention_heads // new.num_query_groups} "
+                        f"({new.num_attention_heads}/{new.num_query_groups}) exceeds the source's {hpg}; allowed: "
+                        f"num_attention_heads <= {hpg} x num_query_groups (heads are ranked within their group)")
     if new.is_moe and new.moe_router_topk > new.num_moe_experts:
-        _fail(f"prune.target_num_moe_experts={new.num_moe_experts} is fewer than the experts each token uses "
-              f"(moe_router_topk={new.moe_router_topk}); allowed: {new.moe_router_topk}..{mc.num_moe_experts}")
+        raise UserError(f"prune.target_num_moe_experts={new.num_moe_experts} is fewer than the experts each token "
+                        f"uses (moe_router_topk={new.moe_router_topk}); allowed: "
+                        f"{new.moe_router_topk}..{mc.num_moe_experts}")
     if new.is_moe and new.num_moe_experts % ep:
-        _fail(f"target num_moe_experts={new.num_moe_experts} is not divisible by expert_model_parallel_size="
-              f"{ep}; allowed: a multiple of {ep}")
+        raise UserError(f"target num_moe_experts={new.num_moe_experts} is not divisible by expert_model_parallel_size="
+                        f"{ep}; allowed: a multiple of {ep}")
     for attr in ("hidden_size", "ffn_hidden_size", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
         v = getattr(new, attr)
         if v is not None and v != getattr(mc, attr) and v % t.grid:
-            _fail(f"target {attr}={v} is off the grid; allowed: a multiple of prune.grid={t.grid} "
-                  f"(e.g. {max(t.grid, v // t.grid * t.grid)}), or set prune.grid")
+            raise UserError(f"target {attr}={v} is off the grid; allowed: a multiple of prune.grid={t.grid} "
+                            f"(e.g. {max(t.grid, v // t.grid * t.grid)}), or set prune.grid")
     for attr in ("num_attention_heads", "num_query_groups", "ffn_hidden_size", "moe_ffn_hidden_size",
                  "moe_shared_expert_intermediate_size"):
         v = getattr(new, attr)
         if v is not None and v % tp:
-            _fail(f"target {attr}={v} is not divisible by tensor_model_parallel_size={tp}; "
-                  f"allowed: a multiple of {tp}")
+            raise UserError(f"target {attr}={v} is not divisible by tensor_model_parallel_size={tp}; "
+                            f"allowed: a multiple of {tp}")
     if new.num_layers % pp:
-        _fail(f"target num_layers={new.num_layers} is not divisible by pipeline_model_parallel_size={pp}; "
-              f"allowed: a multiple of {pp}")
+        raise UserError(f"target num_layers={new.num_layers} is not divisible by pipeline_model_parallel_size={pp}; "
+                        f"allowed: a multiple of {pp}")
     return new.validate()
 
 
@@ -213,29 +205,26 @@ def budget(mc: ModelConfig, t: Targets) -> int:
     given = [f"prune.{k}" for k in ("target_params", "target_params_ratio", "target_active_params")
              if getattr(t, k) is not None]
     if len(given) > 1:
-        _fail(f"{' and '.join(given)} are {'both' if len(given) == 2 else 'all'} set; allowed: one of them")
+        raise UserError(f"{' and '.join(given)} are {'both' if len(given) == 2 else 'all'} set; allowed: one of them")
     if t.target_active_params is not None and not mc.is_moe:
-        _fail(f"prune.target_active_params={t.target_active_params:g} but the source model ({mc.family}) has no "
-              f"experts; allowed: prune.target_params for a dense model")
+        raise UserError(f"prune.target_active_params={t.target_active_params:g} but the source model ({mc.family}) "
+                        f"has no experts; allowed: prune.target_params for a dense model")
     if t.explicit() or t.drop_layers:
-        _fail(f"prune.target_params(_ratio) cannot be combined with explicit targets {sorted(t.explicit())}"
-              f"{' and drop_layers' if t.drop_layers else ''}; allowed: a budget or explicit targets")
+        raise UserError(f"prune.target_params(_ratio) cannot be combined with explicit targets {sorted(t.explicit())}"
+                        f"{' and drop_layers' if t.drop_layers else ''}; allowed: a budget or explicit targets")
     full = count_parameters(mc, active=t.counts_active())
     if t.target_active_params is not None:
         n = float(t.target_active_params)
         if not 0 < n <= full:
-            _fail(f"prune.target_active_params={n:g} is not in (0, {full}] (the source uses {full} parameters "
-                  f"per token); allowed: a smaller positive count")
+            raise UserError(f"prune.target_active_params={n:g} is not in (0, {full}] (the source uses {full} "
+                            f"parameters per token); allowed: a smaller positive count")
         return int(n)
-    if t.target_params_ratio is not None:
-        r = float(t.target_params_ratio)
-        if not 0 < r <= 1:
-            _fail(f"prune.target_params_ratio={r}; allowed: 0 < ratio <= 1")
-        return int(full * r)
+    if t.target_params_ratio is not None:  # in (0, 1]: prune/config.py
+        return int(full * float(t.target_params_ratio))
     n = float(t.target_params)
     if not 0 < n <= full:
-        _fail(f"prune.target_params={t.target_params:g} is not in (0, {full}] (the source has {full} "
-              f"parameters); allowed: a smaller positive count")
+        raise UserError(f"prune.target_params={t.target_params:g} is not in (0, {full}] (the source has {full} "
+                        f"parameters); allowed: a smaller positive count")
     return int(n)
 
 
@@ -245,9 +234,6 @@ def candidates(mc: ModelConfig, t: Targets, space: SearchSpace, tp: int, pp: int
     On an MoE model ``ffn`` varies each expert's width and ``experts`` the experts per layer (at least the
     router's top-k, a multiple of EP); ``target_active_params`` counts the parameters one token uses."""
     target = budget(mc, t)
-    unknown = sorted(set(space.axes) - set(AXES))
-    if unknown:
-        _fail(f"prune.search.axes has {unknown}; allowed: {', '.join(AXES)}")
     src = _source_values(mc)
     values = {a: (_axis_values(mc, a, space.ratios, t.grid, tp, pp, ep) if a in space.axes else [src[a]])
               for a in AXES}
@@ -262,8 +248,8 @@ def candidates(mc: ModelConfig, t: Targets, space: SearchSpace, tp: int, pp: int
             found.append((abs(p - target), -L, c))
     if not found:
         active = "active " if t.counts_active() else ""
-        _fail(f"no architecture on the search grid has {target} {active}parameters within "
-              f"±{space.tolerance:.0%} (source {count_parameters(mc, active=t.counts_active())}); allowed: "
-              f"another budget, prune.search.ratios or prune.search.tolerance")
+        raise UserError(f"no architecture on the search grid has {target} {active}parameters within "
+                        f"±{space.tolerance:.0%} (source {count_parameters(mc, active=t.counts_active())}); allowed: "
+                        f"another budget, prune.search.ratios or prune.search.tolerance")
     found.sort(key=lambda x: (x[0], x[1]))
     return [c.validate() for _, _, c in found[: space.max_candidates]]

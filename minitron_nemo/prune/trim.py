@@ -30,10 +30,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from minitron_nemo.checkpoint import hf as hfconv
+from minitron_nemo.models import layout
 from minitron_nemo.models.builder import build_model
 from minitron_nemo.models.config import ModelConfig
 from minitron_nemo.prune import experts as moe_prune
+from minitron_nemo.prune.scores import top_k
 
 
 @dataclass
@@ -46,12 +47,6 @@ class Plan:
     experts: List[torch.Tensor] = field(default_factory=list)  # MoE, per new layer: kept experts [E']
     expert_ffn: List[torch.Tensor] = field(default_factory=list)  # MoE, per new layer: [E', F'] kept neurons
     shared_ffn: List[torch.Tensor] = field(default_factory=list)  # shared expert, per new layer: kept neurons
-
-
-def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` largest scores, in ascending index order (ties: lower index first)."""
-    order = torch.argsort(scores.float(), descending=True, stable=True)[:k]
-    return order.sort().values
 
 
 def make_plan(mc: ModelConfig, new_mc: ModelConfig, scores: dict, layers: List[int],
@@ -149,22 +144,6 @@ def slice_global_tensor(name: str, t: torch.Tensor, plan: Plan) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- TP / PP movement
-def _tp_sharded(name: str) -> bool:
-    return name.endswith(hfconv.COLUMN_PARALLEL) or name.endswith(hfconv.ROW_PARALLEL)
-
-
-def gather_tp(mc: ModelConfig, name: str, t: torch.Tensor, group=None) -> torch.Tensor:
-    """The full tensor of a TP-sharded weight (all-gather over the TP group, or ``group``: experts use
-    the expert-TP group); others pass through."""
-    group = parallel_state.get_tensor_model_parallel_group() if group is None else group
-    tp = dist.get_world_size(group) if dist.is_initialized() else 1
-    if tp == 1 or not _tp_sharded(name):
-        return t
-    parts = [torch.empty_like(t) for _ in range(tp)]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return hfconv.unshard_tensor(mc, name, parts)
-
-
 def _layer_suffixes(model) -> List[str]:
     """Tensor names of a layer, experts excluded (``experts.fill_experts`` moves those)."""
     keys = model.decoder.layers[0].state_dict().keys()
@@ -191,9 +170,9 @@ def fill_pruned(model, mc: ModelConfig, new_model, new_mc: ModelConfig, plan: Pl
         src, dst_stage = i // per_old, j // per_new
         if stage == src:
             for suf in suffixes:
-                full = gather_tp(mc, suf, old_sd[f"decoder.layers.{i - src * per_old}.{suf}"])
+                full = layout.gather_tp(mc, suf, old_sd[f"decoder.layers.{i - src * per_old}.{suf}"])
                 piece = slice_layer_tensor(mc, suf, full, plan, j)
-                piece = hfconv.shard_tensor(new_mc, suf, piece, tp_rank, tp).contiguous()
+                piece = layout.shard_tensor(new_mc, suf, piece, tp_rank, tp).contiguous()
                 if dst_stage == stage:
                     new_sd[f"decoder.layers.{j - stage * per_new}.{suf}"].copy_(piece)
                 else:

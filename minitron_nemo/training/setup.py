@@ -1,8 +1,12 @@
-"""Shared recipe setup for training jobs (teacher correction, distillation)."""
+"""Shared recipe setup for training jobs (teacher correction, distillation, the ranked search's short
+runs): the teacher source, the configured model shape, and ``build_trainer`` (DDP, optimizer, LR
+schedule and the ``Trainer`` running one ``Step``)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from omegaconf import OmegaConf
 
@@ -48,3 +52,46 @@ def check_model_shape(cfg, mc: ModelConfig, what: str) -> None:
 
 def to_dict(node) -> dict:
     return OmegaConf.to_container(node, resolve=True)
+
+
+# ----------------------------------------------------------------------------- trainer
+def _itself(ddp):
+    return ddp
+
+
+@dataclass
+class Step:
+    """What one training step runs: ``forward`` / ``loss`` / ``valid_loss`` for the ``Trainer``; ``wrap``
+    turns the student's DDP into the module the schedule runs (DDP itself, or a KD wrapper around it);
+    ``teacher_mc``: the model whose forward runs beside the student's every step (counted in the FLOPs),
+    None when there is none. Distillation steps: ``distill/step.py``."""
+    forward: Callable
+    loss: Callable
+    valid_loss: Callable
+    wrap: Callable = _itself
+    teacher_mc: ModelConfig | None = None
+
+
+def build_trainer(model, mc: ModelConfig, step: Step, *, tcfg, ccfg, params_dtype, workdir, train_batches,
+                  valid_batches: list, train_iters: int, seq_length: int, tokenizer_src, meta: dict):
+    """DDP around ``model``, its optimizer and LR schedule (``tcfg.optim``; ``train_iters`` with
+    ``tcfg.warmup_iters`` of warm-up) and the ``Trainer`` that runs ``step`` on them, checkpointing
+    (``ccfg``) in ``workdir``. The caller calls ``resume()`` and ``fit()``."""
+    from minitron_nemo.training import optim
+    from minitron_nemo.training.loop import Trainer
+    from minitron_nemo.training.metrics import flops_per_token
+
+    dist_opt = optim.use_distributed_optimizer(bool(tcfg.optim.use_distributed_optimizer))
+    ddp = optim.wrap_ddp(model, distributed_optimizer=dist_opt)
+    optimizer = optim.build_optimizer(ddp, tcfg.optim, params_dtype, dist_opt)
+    scheduler = optim.build_scheduler(optimizer, tcfg.optim, train_iters, int(tcfg.warmup_iters))
+    gbs = int(tcfg.global_batch_size)
+    per_token = flops_per_token(mc, seq_length, True)
+    if step.teacher_mc is not None:
+        per_token += flops_per_token(step.teacher_mc, seq_length, False)
+    return Trainer(chunk=step.wrap(ddp), ddp=ddp, optimizer=optimizer, scheduler=scheduler, mc=mc,
+                   train_batches=train_batches, valid_batches=valid_batches, forward=step.forward, loss=step.loss,
+                   valid_loss=step.valid_loss, tcfg=tcfg, ccfg=ccfg, workdir=workdir, train_iters=train_iters,
+                   num_microbatches=optim.batch_layout(int(tcfg.micro_batch_size), gbs), global_batch_size=gbs,
+                   seq_length=seq_length, flops_per_step=per_token * gbs * seq_length, tokenizer_src=tokenizer_src,
+                   meta=meta)

@@ -23,17 +23,9 @@ import torch.distributed as dist
 from minitron_nemo import readers, runtime
 from minitron_nemo.checkpoint import store
 from minitron_nemo.errors import UserError
+from minitron_nemo.outputs import write_error
 
 PATTERN = re.compile(r"^iter_(\d{7})$")
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def rng_state() -> dict:
@@ -72,26 +64,24 @@ def latest(root) -> Path | None:
 def save(root, iteration: int, model, mc, optimizer, scheduler, state: dict, *, tokenizer_src, meta: dict,
          keep_last: int) -> Path:
     """Collectively save a training checkpoint, then drop all but the ``keep_last`` newest."""
-    from minitron_nemo.outputs import write_error
-
     path = Path(root) / f"iter_{iteration:07d}"
-    if _rank() == 0 and path.exists():
+    if runtime.rank() == 0 and path.exists():
         shutil.rmtree(path)
     try:
         store.save_checkpoint(model, path, mc, tokenizer_src=tokenizer_src, meta={**meta, "iteration": iteration})
         ts = path / "train_state"
-        if _rank() == 0:
+        if runtime.rank() == 0:
             ts.mkdir(exist_ok=True)
-        _barrier()
+        runtime.barrier()
         if hasattr(optimizer, "save_parameter_state") and _uses_dist_opt(optimizer):
             optimizer.save_parameter_state(str(ts / "dist_opt.pt"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
-                    "iteration": iteration, **state}, ts / f"rank_{_rank():05d}.pt")
-        _barrier()
-        if _rank() == 0:
+                    "iteration": iteration, **state}, ts / f"rank_{runtime.rank():05d}.pt")
+        runtime.barrier()
+        if runtime.rank() == 0:
             (path / "COMPLETE").write_text(str(iteration))
     except BaseException as exc:  # an incomplete checkpoint is never resumed from: free its space
-        if _rank() == 0:
+        if runtime.rank() == 0:
             shutil.rmtree(path, ignore_errors=True)
         err = write_error(exc, path)
         if err is not None:
@@ -99,7 +89,7 @@ def save(root, iteration: int, model, mc, optimizer, scheduler, state: dict, *, 
         raise
         for old in checkpoints(root)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    runtime.barrier()
     return path
 
 
@@ -113,9 +103,9 @@ def _uses_dist_opt(optimizer) -> bool:
 def load(path, model, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and RNG from ``path``; returns the saved train state."""
     path = Path(path)
-    f = path / "train_state" / f"rank_{_rank():05d}.pt"
+    f = path / "train_state" / f"rank_{runtime.rank():05d}.pt"
     if not f.is_file():
-        raise UserError(f"{path} has no training state for rank {_rank()}; resume needs the layout "
+        raise UserError(f"{path} has no training state for rank {runtime.rank()}; resume needs the layout "
                         f"(TP x PP x DP) it was saved with")
     store.load_weights(model, path)
     s = readers.torch_load(f, "training state")

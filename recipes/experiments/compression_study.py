@@ -9,7 +9,7 @@ Called by minitron_smollm2.py (its stage 6 and section 7 of results.md). Config:
 
 (a) search: recipes/prune.py with ``prune.target_params_ratio`` (about half the teacher) on the width grid
     (``search.axes``); every candidate's zero-shot calibration loss, then the ``search.top_k`` best each
-    distilled ``search.distill_iters`` iterations from the teacher on the same tokens (prune/rank.py);
+    distilled ``search.distill_iters`` iterations from the teacher on the same tokens (workflows/search.py);
     ranked zero shot, by validation loss at iteration 0 and after K.
 (b) iterative vs one-shot: recipes/compress.py with two stages (teacher -> ``iterative.stages[0]`` ->
     ``iterative.stages[1]``, each distilled half of ``iterative.train_iters`` from the corrected teacher,
@@ -18,29 +18,19 @@ Called by minitron_smollm2.py (its stage 6 and section 7 of results.md). Config:
     Held-out test loss on the main experiment's test windows.
 """
 
-import json
+import csv
 import math
-import sys
 from pathlib import Path
 
-from minitron_nemo import stages as chain
+from minitron_nemo.config import compose
+from minitron_nemo.data import assets
+from minitron_nemo.entry import user_errors_exit
 from minitron_nemo.eval import report
+from minitron_nemo.workflows import stages
 
-HERE = Path(__file__).resolve().parent
-RECIPES = HERE.parent
-ARMS = ("iterative", "oneshot")
+from common import RECIPES, claim, load, run, scaled, train_args, warmup
 
-
-def scaled(cfg, value) -> int:
-    return max(1, round(float(value) * float(cfg.scale)))
-
-
-def driver():
-    """The main experiment driver (its run, train_args, warmup, scaled helpers)."""
-    sys.path.insert(0, str(HERE))
-    import minitron_smollm2
-
-    return minitron_smollm2
+STUDY_ARMS = ("iterative", "oneshot")
 
 
 def study_dir(work: Path) -> Path:
@@ -55,24 +45,22 @@ def search_iters(cfg) -> int:
 def search_args(cfg, work: Path) -> list:
     """recipes/prune.py: the budget search on the corrected teacher, the short runs on the arms' data and
     hyper-parameters (the trainer group of conf/prune.yaml is the demo's, as in the arms)."""
-    d, s, b = driver(), cfg.search, cfg.budget
+    s, b = cfg.search, cfg.budget
     k = search_iters(cfg)
-    from minitron_nemo.data import assets
-
     return [f"checkpoint={work / 'teacher_corrected'}", f"output={study_dir(work) / 'search' / 'pruned'}",
             f"dtype={cfg.dtype}", f"seed={cfg.seed}", f"prune.target_params_ratio={s.target_params_ratio}",
             f"prune.grid={cfg.width.grid}", f"prune.search.axes=[{','.join(s.axes)}]",
             f"prune.search.max_candidates={s.max_candidates}", f"prune.search.top_k={s.top_k}",
             f"prune.search.distill_iters={k}", f"prune.search.eval_interval={max(1, math.ceil(k / 4))}",
-            f"prune.search.eval_samples={d.scaled(cfg, 'valid_samples')}",
+            f"prune.search.eval_samples={scaled(cfg, b.valid_samples)}",
             f"prune.search.workdir={study_dir(work) / 'search' / 'runs'}",
             f"prune.calibration.data={assets.shakespeare_splits()['train']}",
-            f"prune.calibration.num_samples={d.scaled(cfg, 'calibration_samples')}",
+            f"prune.calibration.num_samples={scaled(cfg, b.calibration_samples)}",
             f"prune.calibration.seq_length={b.seq_length}", f"prune.calibration.micro_batch_size={b.micro_batch_size}",
             f"prune.calibration.seed={cfg.seed}", f"data={cfg.data}", f"data.seq_length={b.seq_length}",
-            f"data.cache_dir={work / 'data'}", f"data.valid_samples={d.scaled(cfg, 'valid_samples')}",
+            f"data.cache_dir={work / 'data'}", f"data.valid_samples={scaled(cfg, b.valid_samples)}",
             f"trainer.micro_batch_size={b.micro_batch_size}", f"trainer.global_batch_size={b.micro_batch_size}",
-            f"trainer.warmup_iters={d.warmup(k) if k > 1 else 0}", "trainer.tensorboard=false",
+            f"trainer.warmup_iters={warmup(k) if k > 1 else 0}", "trainer.tensorboard=false",
             "checkpointing.save_interval=null", "checkpointing.keep_last=1"]
 
 
@@ -86,13 +74,12 @@ def stage_iters(cfg, arm: str) -> list:
 def stage_list(cfg, arm: str) -> list:
     shapes = list(cfg.iterative.stages) if arm == "iterative" else [cfg.iterative.stages[-1]]
     evals = int(cfg.budget.evals_per_run)
-    d = driver()
     out = []
     for i, ((hidden, ffn), iters) in enumerate(zip(shapes, stage_iters(cfg, arm))):
         out.append({"name": f"s{i + 1}_{hidden}x{ffn}", "teacher": "original",
                     "prune": {"target_hidden_size": int(hidden), "target_ffn_hidden_size": int(ffn)},
                     "overrides": [f"trainer.train_iters={iters}",
-                                  f"trainer.warmup_iters={d.warmup(iters) if iters > 1 else 0}",
+                                  f"trainer.warmup_iters={warmup(iters) if iters > 1 else 0}",
                                   f"trainer.eval_interval={max(1, math.ceil(iters / evals))}",
                                   f"seed={int(cfg.seed) + i}"]})   # stage i's own sample order
     return out
@@ -100,33 +87,28 @@ def stage_list(cfg, arm: str) -> list:
 
 def chain_args(cfg, work: Path, arm: str) -> list:
     """recipes/compress.py: the arms' distillation overrides, the corrected teacher, the stages."""
-    d, b = driver(), cfg.budget
-    common = d.train_args(cfg, work)[2:]   # without --config-name smollm2_demo
-    return ["--config-name", "smollm2_iterative", *common, f"workdir={study_dir(work) / arm}",
+    b = cfg.budget
+    shared = train_args(cfg, work)[2:]   # without --config-name smollm2_demo
+    return ["--config-name", "smollm2_iterative", *shared, f"workdir={study_dir(work) / arm}",
             f"teacher.corrected_checkpoint={work / 'teacher_corrected'}", "teacher.held_out=false",
             "prune.target_hidden_size=null", "prune.target_ffn_hidden_size=null", f"prune.grid={cfg.width.grid}",
-            f"prune.calibration.num_samples={d.scaled(cfg, 'calibration_samples')}",
+            f"prune.calibration.num_samples={scaled(cfg, b.calibration_samples)}",
             f"prune.calibration.seq_length={b.seq_length}", f"prune.calibration.micro_batch_size={b.micro_batch_size}",
-            f"prune.calibration.seed={cfg.seed}", f"stages={chain.value(stage_list(cfg, arm))}"]
+            f"prune.calibration.seed={cfg.seed}", f"stages={stages.value(stage_list(cfg, arm))}"]
 
 
 # ----------------------------------------------------------------------------- the stage
 def run_stage(cfg, work: Path) -> None:
     """Run what is missing (each recipe resumes itself)."""
-    d = driver()
     logs, out = work / "logs", study_dir(work)
     if cfg.search.enabled and not (out / "search" / "pruned" / "prune" / "candidates.csv").is_file():
-        d.run(RECIPES / "prune.py", search_args(cfg, work), logs / "compression_search.log")
-    for arm in ARMS if cfg.iterative.enabled else ():
+        run(RECIPES / "prune.py", search_args(cfg, work), logs / "compression_search.log")
+    for arm in STUDY_ARMS if cfg.iterative.enabled else ():
         if not (out / arm / "stages" / "summary.json").is_file():
-            d.run(RECIPES / "compress.py", chain_args(cfg, work, arm), logs / f"compression_{arm}.log")
+            run(RECIPES / "compress.py", chain_args(cfg, work, arm), logs / f"compression_{arm}.log")
 
 
 # ----------------------------------------------------------------------------- report
-def load(path: Path):
-    return json.loads(path.read_text())
-
-
 def spearman(a: list, b: list) -> float:
     """Rank correlation of two rankings of the same items (no ties)."""
     n = len(a)
@@ -142,8 +124,6 @@ def ranks(values: list) -> list:
 
 
 def search_section(cfg, work: Path, img: Path) -> list:
-    import csv
-
     out = study_dir(work) / "search"
     rows = list(csv.DictReader(open(out / "pruned" / "prune" / "candidates.csv")))
     done = [r for r in rows if r["rank"]]
@@ -179,10 +159,10 @@ def search_section(cfg, work: Path, img: Path) -> list:
         "### 7a. Budget search ranked by a short distillation (`prune.search.distill_iters`)", "",
         f"Budget {float(cfg.search.target_params_ratio):.0%} of the teacher's {t_params / 1e6:.1f}M parameters "
         f"(±5%), width grid ({', '.join(cfg.search.axes)}; multiples of {cfg.width.grid}): {len(rows)} candidates, "
-        f"ranked by zero-shot loss on {d_scaled(cfg, 'valid_samples')} calibration windows (train plays). The "
+        f"ranked by zero-shot loss on {scaled(cfg, b.valid_samples)} calibration windows (train plays). The "
         f"{len(done)} best were each pruned and distilled from the corrected teacher for {iters_text(k)} x "
         f"{b.micro_batch_size} x {b.seq_length} = {tokens:,} tokens, every candidate on the same tokens in the same "
-        f"order, and validated on {d_scaled(cfg, 'valid_samples')} windows of the validation plays. Architecture: "
+        f"order, and validated on {scaled(cfg, b.valid_samples)} windows of the validation plays. Architecture: "
         f"layers/hidden/FFN/heads.", "",
         report.md_table(["candidate", "params", "zero-shot calibration loss", "rank", "validation loss, 0 iter",
                          "rank", f"validation loss, {k} iter", "rank"], table), "",
@@ -192,13 +172,9 @@ def search_section(cfg, work: Path, img: Path) -> list:
         f"{meta['prune']['search']['winner']}). Spearman rank correlation with the ranking after {iters_text(k)}: "
         f"{rho_text(rho_zs)} for the zero-shot calibration loss, {rho_text(rho_0)} for the validation loss at "
         f"iteration 0.",
-        driver().claim(zs_winner != k_winner or rho_zs < 1,
+        claim(zs_winner != k_winner or rho_zs < 1,
                        "the zero-shot ranking is not the ranking after light retraining (P1: rank after ~300 "
                        f"steps, not zero shot); here after {iters_text(k)}"), ""]
-
-
-def d_scaled(cfg, key):
-    return driver().scaled(cfg, key)
 
 
 def iters_text(k: int) -> str:
@@ -214,7 +190,7 @@ def chain_rows(work: Path, arm: str) -> list:
 
 
 def iterative_section(cfg, work: Path, img: Path) -> list:
-    rows = {a: chain_rows(work, a) for a in ARMS}
+    rows = {a: chain_rows(work, a) for a in STUDY_ARMS}
     t_params = load(work / "prune_study" / "results.json")["teacher"]
     loss = lambda ppl: math.log(ppl)  # noqa: E731
     table, curves = [], {}
@@ -247,7 +223,7 @@ def iterative_section(cfg, work: Path, img: Path) -> list:
         report.md_table(["arm", "parameters", "distillation tokens per stage", "total tokens",
                          "test loss per stage (zero-shot -> distilled)", "final test loss", "final test ppl"], table),
         "", "![iterative](img/iterative.png)", "",
-        driver().claim(it < one, f"iterative compression ends with a lower test loss than one-shot "
+        claim(it < one, f"iterative compression ends with a lower test loss than one-shot "
                                  f"({it:.3f} vs {one:.3f} nats; P2: 15B -> 8B -> 4B beat 15B -> 4B)"), ""]
 
 
@@ -258,22 +234,16 @@ def section(cfg, work: Path, img: Path) -> list:
     return ["## 7. Budget search by short distillation; iterative compression", "", *parts] if parts else []
 
 
+@user_errors_exit
 def main():
-    from minitron_nemo.config import compose
-    from minitron_nemo.errors import user_errors_exit
-
-    @user_errors_exit
-    def go():
-        cfg = compose("experiment")
-        work = Path(cfg.workdir).resolve()
-        run_stage(cfg, work)
-        out = Path(cfg.results)
-        (out / "img").mkdir(parents=True, exist_ok=True)
-        md = out / "compression.md"
-        md.write_text("\n".join(section(cfg, work, out / "img")) + "\n")
-        print(f"[compression] wrote {md}", flush=True)
-
-    go()
+    cfg = compose("experiment")
+    work = Path(cfg.workdir).resolve()
+    run_stage(cfg, work)
+    out = Path(cfg.results)
+    (out / "img").mkdir(parents=True, exist_ok=True)
+    md = out / "compression.md"
+    md.write_text("\n".join(section(cfg, work, out / "img")) + "\n")
+    print(f"[compression] wrote {md}", flush=True)
 
 
 if __name__ == "__main__":

@@ -25,65 +25,19 @@ run themselves and leaves its outputs under WORKDIR; a rerun skips the stages al
 
 import json
 import math
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from minitron_nemo.config import compose
-from minitron_nemo.errors import UserError, user_errors_exit
+from minitron_nemo.data import assets
+from minitron_nemo.entry import user_errors_exit
+from minitron_nemo.errors import UserError
 from minitron_nemo.eval import report
+from minitron_nemo.models.config import DTYPES
 
 import compression_study  # noqa: E402  (recipes/experiments/: stage 6 and section 7)
-
-ROOT = Path(__file__).resolve().parents[2]
-RECIPES = ROOT / "recipes"
-
-
-def scaled(cfg, key: str) -> int:
-    return max(1, round(float(cfg.budget[key]) * float(cfg.scale)))
-
-
-def warmup(iters: int) -> int:
-    """About 10% of the iterations, at least 1, fewer than ``iters``."""
-    return min(iters - 1, max(1, iters // 10))
-
-
-def run(script: Path, args: list, log: Path) -> None:
-    """Run one recipe, its output appended to ``log``; a failure stops the experiment. Wall times are
-    added up per log name in ``LOG_DIR/seconds.json`` (for the report)."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    print(f"[experiment] {script.relative_to(ROOT)} {' '.join(args)}", flush=True)
-    with open(log, "a") as f:
-        p = subprocess.run([sys.executable, str(script), *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    if p.returncode != 0:
-        tail = log.read_text().strip().splitlines()[-1:] or [""]
-        raise UserError(f"{script.name} failed (exit {p.returncode}): {tail[0][:300]}; full log {log}")
-    secs = time.time() - t0
-    times = log.parent / "seconds.json"
-    spent = json.loads(times.read_text()) if times.is_file() else {}
-    spent[log.stem] = spent.get(log.stem, 0.0) + secs
-    times.write_text(json.dumps(spent, indent=1))
-    print(f"[experiment]   done in {secs:.0f}s (log {log})", flush=True)
-
-
-def train_args(cfg, work: Path) -> list:
-    seq, mbs = int(cfg.budget.seq_length), int(cfg.budget.micro_batch_size)
-    iters = scaled(cfg, "train_iters")
-    return ["--config-name", "smollm2_demo", f"data={cfg.data}", f"dtype={cfg.dtype}", f"seed={cfg.seed}",
-            f"teacher.checkpoint={cfg.teacher}", f"data.seq_length={seq}", f"data.cache_dir={work / 'data'}",
-            f"data.valid_samples={scaled(cfg, 'valid_samples')}", f"data.test_tokens={scaled(cfg, 'test_tokens')}",
-            f"trainer.micro_batch_size={mbs}", f"trainer.global_batch_size={mbs}", f"trainer.train_iters={iters}",
-            "trainer.train_tokens=null", f"trainer.warmup_iters={warmup(iters)}",
-            f"trainer.eval_interval={max(1, math.ceil(iters / int(cfg.budget.evals_per_run)))}",
-            "checkpointing.save_interval=null", "checkpointing.keep_last=1",
-            *([] if cfg.teacher == "smollm2" else ["~model"]),  # the demo config names SmolLM2's shape
-            *cfg.extra_overrides]
-
-
-ARMS = ("width_kd", "width_kd_uncorrected", "width_lm", "random_lm")
-CACHES = ("full", "topk")   # WORKDIR/cache_full (whole vocabulary, fp32), WORKDIR/cache_topk (cache.topk, cache.dtype)
+from common import CACHES, RECIPES, arm_names, cached_arms, claim, load, run, scaled, train_args, warmup
 
 
 def cache_args(cfg, work: Path, which: str) -> list:
@@ -93,10 +47,6 @@ def cache_args(cfg, work: Path, which: str) -> list:
                                                                                f"cache.dtype={c.dtype}"]
     return [f"teacher.corrected_checkpoint={work / 'teacher_corrected'}", f"cache.dir={work / f'cache_{which}'}",
             *kind]
-
-
-def cached_arms(cfg) -> list:
-    return ["width_kd_cached", *(f"width_kd_top{k}" for k in cfg.teacher_cache.ks)] if cfg.teacher_cache.enabled else []
 
 
 def arm_args(cfg, work: Path, arm: str) -> list:
@@ -110,7 +60,7 @@ def arm_args(cfg, work: Path, arm: str) -> list:
                 f"prune.target_ffn_hidden_size={cfg.width.ffn_hidden_size}", f"prune.grid={cfg.width.grid}",
                 f"prune.importance.batch_agg={cfg.aggregations[0][0]}",
                 f"prune.importance.seq_agg={cfg.aggregations[0][1]}",
-                f"prune.calibration.num_samples={scaled(cfg, 'calibration_samples')}",
+                f"prune.calibration.num_samples={scaled(cfg, cfg.budget.calibration_samples)}",
                 f"prune.calibration.seq_length={c.seq_length}", f"prune.calibration.micro_batch_size={c.micro_batch_size}",
                 f"prune.calibration.seed={cfg.seed}"]
     full = [f"distill.teacher_cache={work / 'cache_full'}"] if cfg.teacher_cache.enabled else []
@@ -128,21 +78,7 @@ def arm_args(cfg, work: Path, arm: str) -> list:
             f"student.init={init}", f"student.loss={loss}"]
 
 
-def arm_names(cfg) -> list:
-    """Training arms in run order; width_kd_cached right after width_kd, so that their times compare."""
-    cached = cached_arms(cfg)
-    return [*ARMS[:1], *cached[:1], *ARMS[1:], *(f"depth_{c}_kd" for c in cfg.depth_criteria), *cached[1:]]
-
-
-def load(path: Path) -> dict:
-    return json.loads(path.read_text())
-
-
 # ----------------------------------------------------------------------------- report
-def claim(ok: bool, text: str) -> str:
-    return f"- {'agrees' if ok else '**differs**'}: {text}"
-
-
 def loss_of(ppl: float) -> float:
     return math.log(ppl)
 
@@ -152,7 +88,7 @@ def write_report(cfg, work: Path, evaluated: list) -> Path:
     img = out / "img"
     img.mkdir(parents=True, exist_ok=True)
     seq, mbs = int(cfg.budget.seq_length), int(cfg.budget.micro_batch_size)
-    iters, per_iter = scaled(cfg, "train_iters"), seq * mbs
+    iters, per_iter = scaled(cfg, cfg.budget.train_iters), seq * mbs
     arms = {a: load(work / "arms" / a / "results.json") for a in arm_names(cfg)}
     curves = {a: report.valid_curve(work / "arms" / a / "metrics.jsonl", "student_lm", per_iter) for a in arms}
     study = load(work / "prune_study" / "results.json")
@@ -219,7 +155,7 @@ def write_report(cfg, work: Path, evaluated: list) -> Path:
     teacher = "SmolLM2-135M-Instruct" if cfg.teacher == "smollm2" else str(cfg.teacher)
     setup = (f"{teacher} teacher ({t_params / 1e6:.1f}M params), Shakespeare split by play; scale "
              f"{cfg.scale}, seed {cfg.seed}, {cfg.dtype}; each student trained {iters} iterations x {mbs} x {seq} "
-             f"= {iters * per_iter:,} tokens; teacher correction {scaled(cfg, 'correction_iters') * per_iter:,} "
+             f"= {iters * per_iter:,} tokens; teacher correction {scaled(cfg, cfg.budget.correction_iters) * per_iter:,} "
              f"tokens; test loss on the first {arms['width_kd']['tokens']:,} tokens of the test plays; lm-eval "
              f"{n_eval} documents per task. Hardware: {report.hardware()}. Total recipe time "
              f"{sum(spent.values()) / 60:.1f} min.")
@@ -311,7 +247,7 @@ def offline_section(cfg, work: Path, arms: dict, final, zs, spent: dict, width_p
         return e.get("lm_eval", {}).get(t, {}).get("acc", float("nan"))
 
     online = final("width_kd")
-    bpt = {k: k * (2 + {"bfloat16": 2, "float16": 2, "float32": 4}[cfg.teacher_cache.dtype]) + 8
+    bpt = {k: k * (2 + DTYPES[cfg.teacher_cache.dtype].itemsize) + 8
            for k in cfg.teacher_cache.ks}  # uint16 ids (vocabulary < 65536) + log-probs + 8 bytes of fp32
     rows = [["online teacher (full vocabulary)", "-", "-", online, 0.0, *(acc(width_ev, t) for t in tasks)],
             ["cache, whole vocabulary, fp32", man["full"]["topk"], man["full"]["bytes_per_token"],
@@ -367,16 +303,15 @@ def main():
     work = Path(cfg.workdir).resolve()
     logs = work / "logs"
     t0 = time.time()
-    from minitron_nemo.data import assets
-
     test_text = assets.shakespeare_splits()["test"]
 
     # 1. teacher correction
     corrected = work / "teacher_corrected"
     if not (corrected / "meta.json").is_file():
+        iters = scaled(cfg, cfg.budget.correction_iters)
         run(RECIPES / "correct_teacher.py",
             [*train_args(cfg, work), f"workdir={work / 'correction'}", f"teacher.corrected_checkpoint={corrected}",
-             f"correction.train_iters={scaled(cfg, 'correction_iters')}", f"correction.warmup_iters={warmup(scaled(cfg, 'correction_iters'))}",
+             f"correction.train_iters={iters}", f"correction.warmup_iters={warmup(iters)}",
              f"correction.workdir={work / 'correction'}"], logs / "correct.log")
 
     # 2. zero-shot pruning study (and the students)
@@ -404,7 +339,7 @@ def main():
             run(RECIPES / "evaluate.py",
                 [f"checkpoint={ckpt}", f"eval.text_file={test_text}", "eval.perplexity=false", f"dtype={cfg.dtype}",
                  f"seed={cfg.seed}", f"eval.lm_eval_tasks=[{','.join(cfg.lm_eval_tasks)}]",
-                 f"eval.lm_eval_limit={scaled(cfg, 'lm_eval_limit')}", "eval.throughput.enabled=true",
+                 f"eval.lm_eval_limit={scaled(cfg, cfg.budget.lm_eval_limit)}", "eval.throughput.enabled=true",
                  f"eval.throughput.batch_size={th.batch_size}", f"eval.throughput.prompt_length={th.prompt_length}",
                  f"eval.throughput.generation_length={th.generation_length}", f"eval.throughput.repeats={th.repeats}",
                  f"eval.generate.prompts={json.dumps(list(cfg.prompts))}",
@@ -419,7 +354,7 @@ def main():
                 [f"checkpoint={load(work / 'arms' / arm / 'results.json')['final_checkpoint']}",
                  f"eval.text_file={test_text}", "eval.perplexity=false", f"dtype={cfg.dtype}", f"seed={cfg.seed}",
                  f"eval.lm_eval_tasks=[{','.join(cfg.lm_eval_tasks)}]",
-                 f"eval.lm_eval_limit={scaled(cfg, 'lm_eval_limit')}", f"eval.output={out}"], logs / "evaluate.log")
+                 f"eval.lm_eval_limit={scaled(cfg, cfg.budget.lm_eval_limit)}", f"eval.output={out}"], logs / "evaluate.log")
 
     compression_study.run_stage(cfg, work)  # search ranked by short distillation; iterative vs one-shot
 

@@ -19,7 +19,8 @@ from minitron_nemo import runtime
 from minitron_nemo.checkpoint import store
 from minitron_nemo.config import compose, dtype
 from minitron_nemo.data import assets
-from minitron_nemo.errors import UserError, user_errors_exit
+from minitron_nemo.entry import user_errors_exit
+from minitron_nemo.errors import UserError
 from minitron_nemo.eval import perplexity as ppl
 from minitron_nemo.models.builder import count_parameters
 from minitron_nemo.prune import api
@@ -28,9 +29,7 @@ from minitron_nemo.prune import importance as imp
 from minitron_nemo.prune.plot import plot_importance
 from minitron_nemo.prune.targets import Targets
 
-
-def scaled(cfg, key: str) -> int:
-    return max(1, round(float(cfg.budget[key]) * float(cfg.scale)))
+from common import scaled
 
 
 def given(targets) -> dict:
@@ -57,12 +56,13 @@ def main():
     teacher = store.load_model(t_path, mc, dtype(cfg.dtype))
     splits = assets.shakespeare_splits()
     tok_dir = store.tokenizer_dir(t_path)
-    calib = pdata.to_batches(pdata.calibration_windows(str(splits["train"]), tok_dir, scaled(cfg, "calibration_samples"),
-                                                       seq, cfg.seed, mc.vocab_size), mbs)
-    loss_batches = calib[: max(1, math.ceil(scaled(cfg, "calibration_loss_samples") / mbs))]
-    windows = ppl.text_windows(ppl.load_tokenizer(t_path), splits["test"], seq, scaled(cfg, "test_tokens"))
+    n_calib = scaled(cfg, b.calibration_samples)
+    calib = pdata.to_batches(pdata.calibration_windows(str(splits["train"]), tok_dir, n_calib, seq, cfg.seed,
+                                                       mc.vocab_size), mbs)
+    loss_batches = calib[: max(1, math.ceil(scaled(cfg, b.calibration_loss_samples) / mbs))]
+    windows = ppl.text_windows(ppl.load_tokenizer(t_path), splits["test"], seq, scaled(cfg, b.test_tokens))
     results = {"teacher": {"params": count_parameters(mc), **held_out(teacher, windows, mbs)},
-               "calibration": {"samples": scaled(cfg, "calibration_samples"), "seq_length": seq,
+               "calibration": {"samples": n_calib, "seq_length": seq,
                                "loss_samples": len(loss_batches) * mbs, "data": "train plays"},
                "aggregation": [], "depth": []}
     width = Targets.from_cfg({"target_hidden_size": int(cfg.width.hidden_size),

@@ -59,7 +59,7 @@ def randomize(model, seed):
     """The same random weights at any TP x EP: each tensor is drawn whole (at its TP=1 shape) from a
     generator seeded by its name with the global expert number, then cut to this rank's TP shard; routers
     get a large std so that routing is decisive."""
-    from minitron_nemo.checkpoint import hf as hfconv
+    from minitron_nemo.models import layout
 
     mc = MC
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
@@ -71,16 +71,16 @@ def randomize(model, seed):
             key = name if parts is None else f"{parts[0]}{ep_rank * n_local + parts[1]}{parts[2]}"
             g = torch.Generator().manual_seed(seed * 100003 + sum(map(ord, key)) * 31 + len(key))
             shape = list(p.shape)
-            if tp > 1 and name.endswith(hfconv.COLUMN_PARALLEL):
+            if tp > 1 and name.endswith(layout.COLUMN_PARALLEL):
                 shape[0] *= tp
-            elif tp > 1 and name.endswith(hfconv.ROW_PARALLEL):
+            elif tp > 1 and name.endswith(layout.ROW_PARALLEL):
                 shape[1] *= tp
             if "norm" in name:
                 full = torch.rand(shape, generator=g) * 0.8 + 0.6
             else:
                 std = 0.5 if name.endswith("router.weight") else (0.1 if p.dim() == 1 else 0.15)
                 full = torch.randn(shape, generator=g) * std
-            p.copy_(hfconv.shard_tensor(mc, name, full, tp_rank, tp))
+            p.copy_(layout.shard_tensor(mc, name, full, tp_rank, tp))
 
 
 def batches_of(mc, n_batches=3, b=2, s=16):

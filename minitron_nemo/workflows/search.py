@@ -2,7 +2,7 @@
 retraining are reliable; zero-shot rankings are not).
 
 ``prune.search.distill_iters=K`` (> 0) with ``prune.target_params(_ratio)``, in recipes/prune.py: the grid
-candidates are ranked zero-shot as before (``api.prune_model``); then the ``prune.search.top_k`` best are
+candidates are ranked zero-shot (``api.prune_model``); then the ``prune.search.top_k`` best are
 each pruned from the source and distilled K iterations from it (the source is the teacher, already in
 memory), all on the same tokens, in the same job (any TP x PP x DP), with the job's ``trainer`` /
 ``data`` / ``distill`` / ``checkpointing`` groups (``trainer.train_iters`` becomes K, the warm-up is
@@ -14,16 +14,18 @@ the winner, as pruned (not the short-distilled weights), is the recipe's output.
     SEARCH/L<l>_H<h>_F<f>_A<a>_G<g>[_E<e>_Fe<fe>]/
                                 one candidate's run (MoE: experts per layer, each expert's width): checkpoints/, metrics.jsonl, loss.png, and
                                 result.json once finished (a re-run skips it; an unfinished run resumes)
-    OUTPUT/prune/candidates.md|csv, search.png   both rankings; validation loss over the K iterations
+    OUTPUT/prune/candidates.md|csv, search.png   both rankings (prune/artifacts.py writes the table); validation
+                                loss over the K iterations
 
 SEARCH is ``prune.search.workdir`` (default: ``OUTPUT_search``). MoE sources (budget
 ``target_params`` or ``target_active_params``) rank candidates that differ in experts per layer and expert
-width too; each short run adds the student's load-balancing loss as a distillation job does.
+width too; each short run adds the student's load-balancing loss as a distillation job does. Each short
+run is the distillation step of recipes/distill.py (``distill/step.py``) in its trainer
+(``training/setup.build_trainer``).
 """
 
 from __future__ import annotations
 
-import csv
 import gc
 import json
 import math
@@ -37,7 +39,7 @@ from minitron_nemo import outputs, runtime
 from minitron_nemo.errors import UserError
 from minitron_nemo.models.config import ModelConfig
 from minitron_nemo.prune import api
-from minitron_nemo.prune.artifacts import load_scores, save_scores
+from minitron_nemo.prune.artifacts import counted_column, load_scores, save_scores, write_candidates
 from minitron_nemo.prune.targets import Targets, budget, new_config
 
 SHAPE = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
@@ -59,35 +61,32 @@ def search_dir(cfg) -> Path:
 
 # ----------------------------------------------------------------------------- checks (no compute)
 @dataclass
-class Plan:
+class SearchSetup:
+    """What the checks found: the search directory, the typed job and the teacher cache the short runs read."""
     dir: Path                   # SEARCH
+    job: object                 # the typed job (schemas.PruneJob): its prune and distill groups
     cache: object = None        # distill.teacher_cache opened (distill/offline.py), or None
 
 
-def check(cfg, targets: Targets, src, mc: ModelConfig) -> Plan:
+def check(cfg, job, targets: Targets, src, mc: ModelConfig) -> SearchSetup:
     """Every check of the ranked search that needs no compute (with ``distill.teacher_cache``: the
     cache against this job, as recipes/distill.py checks it)."""
-    p, s, t, d = cfg.prune, cfg.prune.search, cfg.trainer, cfg.data
+    p, s, d = cfg.prune, cfg.prune.search, cfg.data
     at = f"prune.search.distill_iters={s.distill_iters}"
     if not targets.is_budget():
         raise UserError(f"{at} ranks the candidates of a parameter-budget search; allowed: with "
                         f"prune.target_params=N or prune.target_params_ratio=R")
     if p.importance_only:
         raise UserError(f"{at} and prune.importance_only=true; allowed: one of them")
-    if int(t.global_batch_size) % int(t.micro_batch_size):
-        raise UserError(f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "
-                        f"trainer.micro_batch_size={t.micro_batch_size}")
     if int(d.valid_samples) < 1 or (d.source == "text" and not d.valid_text):
         raise UserError(f"{at} ranks by validation loss; allowed: validation data (data.valid_text=FILE, "
                         f"data.valid_blend or a data.split with a validation part) and data.valid_samples >= 1")
     tc = None
-    if cfg.distill.get("teacher_cache"):  # the short runs read the source's cached distribution
+    if job.distill.teacher_cache:  # the short runs read the source's cached distribution
         from minitron_nemo.distill import offline
-        from minitron_nemo.distill.config import DistillationConfig
 
-        kd_cfg = DistillationConfig.from_dict(OmegaConf.to_container(cfg.distill, resolve=True))
-        tc = offline.open_for_job(cfg, kd_cfg, src, mc)
-    return Plan(search_dir(cfg), tc)
+        tc = offline.open_for_job(cfg, job.distill, src, mc)
+    return SearchSetup(search_dir(cfg), job, tc)
 
 
 def fingerprint(cfg, src) -> dict:
@@ -101,42 +100,24 @@ def fingerprint(cfg, src) -> dict:
             "parallel": c["parallel"], "dtype": c["dtype"], "seed": c["seed"]}
 
 
-def first_difference(a, b, at=""):
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            d = first_difference(a.get(k), b.get(k), f"{at}.{k}" if at else k)
-            if d:
-                return d
-        return None
-    return None if a == b else f"{at}: {a!r} -> {b!r}"
-
-
-def claim(cfg, src, plan: Plan) -> None:
+def claim(cfg, src, setup: SearchSetup) -> None:
     """Claim (create, mark, lock) the search directory; a re-run must use the same settings."""
-    sdir = plan.dir
+    sdir = setup.dir
     outputs.claim_workdir(sdir, key="prune.search.workdir", sources={"checkpoint": src})
     f, now = sdir / "search.json", fingerprint(cfg, src)
-    if f.is_file():
-        diff = first_difference(json.loads(f.read_text()), now)
-        if diff:
-            raise UserError(f"prune.search.workdir={sdir} holds a search started with other settings ({diff}); "
-                            f"allowed: the same settings, or another prune.search.workdir")
-    elif _rank_env() == 0:  # before torch.distributed starts
-        outputs.write_text_atomic(f, json.dumps(now, indent=1))
-
-
-def _rank_env() -> int:
-    import os
-
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    diff = outputs.settings_difference(f, now)
+    if diff:
+        raise UserError(f"prune.search.workdir={sdir} holds a search started with other settings ({diff}); "
+                        f"allowed: the same settings, or another prune.search.workdir")
+    outputs.record_settings(f, now)  # rank 0, before torch.distributed starts
 
 
 # ----------------------------------------------------------------------------- zero-shot phase
-def zero_shot(cfg, model, mc: ModelConfig, tok, sdir: Path) -> tuple[dict, dict, list]:
+def zero_shot(p, model, mc: ModelConfig, tok, sdir: Path) -> tuple[dict, dict, list]:
     """(scores, importance meta, zero-shot table best first): computed once, then read from SEARCH/zero_shot."""
     from megatron.core import parallel_state as ps
 
-    p, cache = cfg.prune, sdir / "zero_shot"
+    cache = sdir / "zero_shot"
     if (cache / "table.json").is_file():
         scores, meta = load_scores(cache, mc)
         runtime.print0(f"[search] zero-shot ranking and importance read from {cache}")
@@ -147,7 +128,7 @@ def zero_shot(cfg, model, mc: ModelConfig, tok, sdir: Path) -> tuple[dict, dict,
     batches, loss_batches, eval_batches = api.calibration_batches(mc, p, tok, True)
     scores, meta = api.config_scores(model, mc, p, batches, agg, loaded)
     r = api.prune_model(model, mc, t, scores=scores, layer_criterion=p.layer_criterion, loss_batches=loss_batches,
-                        eval_batches=eval_batches, search=api.search_space(p), expert_score=api.expert_score(cfg.prune))
+                        eval_batches=eval_batches, search=p.search, expert_score=p.importance.expert_score)
     table = r.candidates
     del r
     gc.collect()
@@ -194,66 +175,38 @@ class Data:
     cache: object = None
 
 
-def build_data(cfg, tok, plan: Plan) -> Data:
+def build_data(cfg, tok, setup: SearchSetup) -> Data:
     from minitron_nemo.training import data as tdata
 
     t = short_trainer(cfg)
     samples = int(t.train_iters) * int(t.global_batch_size)
-    train_ds, valid_ds = tdata.build(cfg.data, tok, plan.dir, samples, cfg.seed)
+    train_ds, valid_ds = tdata.build(cfg.data, tok, setup.dir, samples, cfg.seed)
     valid = tdata.valid_batches(valid_ds, int(t.micro_batch_size), int(cfg.data.valid_samples))
     if not valid:
         raise UserError("the distillation-ranked search ranks by validation loss, and the data has none; allowed: "
                         "data.valid_text=FILE, data.valid_blend, or a data.split with a validation part")
-    if plan.cache is not None:
+    if setup.cache is not None:
         from minitron_nemo.distill import offline
 
-        offline.check_data(plan.cache, offline.sample_counts(cfg, train_ds, valid_ds, samples), train_ds, valid_ds)
+        offline.check_data(setup.cache, offline.sample_counts(cfg, train_ds, valid_ds, samples), train_ds, valid_ds)
         valid = offline.tag_valid(valid)
-    return Data(tdata.train_iterator(train_ds, int(t.micro_batch_size)), valid, int(cfg.data.seq_length), plan.cache)
+    return Data(tdata.train_iterator(train_ds, int(t.micro_batch_size)), valid, int(cfg.data.seq_length), setup.cache)
 
 
-def kd_pieces(kd_cfg, ddp, teacher, s_mc, t_mc, cache=None):
-    """(chunk, forward, loss, valid_loss) of a distillation step, as recipes/distill.py assembles them:
-    the in-memory teacher, or its cached distribution (``distill.teacher_cache``)."""
-    if cache is not None:
-        from minitron_nemo.distill import offline
-
-        return (ddp, offline.make_forward(cache), lambda b, o: offline.loss(kd_cfg, b, o),
-                lambda b, o: offline.valid_loss(kd_cfg, b, o))
-    from minitron_nemo.distill import model as kd
-
-    return (kd.KDStage(ddp, teacher, s_mc, t_mc, kd_cfg), kd.kd_forward, lambda b, o: kd.kd_loss(kd_cfg, b, o),
-            lambda b, o: kd.kd_valid_loss(kd_cfg, b, o))
-
-
-def distill_candidate(cfg, teacher, t_mc: ModelConfig, student, s_mc: ModelConfig, data: Data, work: Path,
+def distill_candidate(cfg, kd_cfg, teacher, t_mc: ModelConfig, student, s_mc: ModelConfig, data: Data, work: Path,
                       src) -> None:
     """Distil ``student`` K iterations from ``teacher`` in ``work`` (resuming from its checkpoints)."""
     from minitron_nemo.config import dtype
-    from minitron_nemo.distill import model as kd
-    from minitron_nemo.distill.config import DistillationConfig
-    from minitron_nemo.training import optim
-    from minitron_nemo.training.loop import Trainer
-    from minitron_nemo.training.metrics import flops_per_token
+    from minitron_nemo.distill import step as kd_step
+    from minitron_nemo.training.setup import build_trainer
 
     t, params_dtype = short_trainer(cfg), dtype(cfg.dtype)
-    kd_cfg = DistillationConfig.from_dict(OmegaConf.to_container(cfg.distill, resolve=True))
     torch.manual_seed(int(cfg.seed))  # the same start for every candidate (e.g. the KD projection)
-    kd.attach_projection(student, s_mc, t_mc, kd_cfg, params_dtype)
-    dist_opt = optim.use_distributed_optimizer(bool(t.optim.use_distributed_optimizer))
-    ddp = optim.wrap_ddp(student, distributed_optimizer=dist_opt)
-    optimizer = optim.build_optimizer(ddp, t.optim, params_dtype, dist_opt)
-    scheduler = optim.build_scheduler(optimizer, t.optim, int(t.train_iters), int(t.warmup_iters))
-    gbs = int(t.global_batch_size)
-    chunk, fwd, loss, valid_loss = kd_pieces(kd_cfg, ddp, teacher, s_mc, t_mc, data.cache)
-    flops = (flops_per_token(s_mc, data.seq, True) + (data.cache is None) * flops_per_token(t_mc, data.seq, False)) \
-        * gbs * data.seq
-    trainer = Trainer(chunk=chunk, ddp=ddp, optimizer=optimizer, scheduler=scheduler, mc=s_mc,
-                      train_batches=data.train, valid_batches=data.valid, forward=fwd, loss=loss,
-                      valid_loss=valid_loss, tcfg=t, ccfg=cfg.checkpointing, workdir=work,
-                      train_iters=int(t.train_iters), num_microbatches=optim.batch_layout(int(t.micro_batch_size), gbs),
-                      global_batch_size=gbs, seq_length=data.seq, flops_per_step=flops, tokenizer_src=src,
-                      meta={"distilled_from": str(src), "search_candidate": work.name})
+    step = kd_step.build(kd_cfg, student, s_mc, params_dtype, teacher=teacher, t_mc=t_mc, cache=data.cache)
+    trainer = build_trainer(student, s_mc, step, tcfg=t, ccfg=cfg.checkpointing, params_dtype=params_dtype,
+                            workdir=work, train_batches=data.train, valid_batches=data.valid,
+                            train_iters=int(t.train_iters), seq_length=data.seq, tokenizer_src=src,
+                            meta={"distilled_from": str(src), "search_candidate": work.name})
     trainer.resume()
     trainer.fit()
 
@@ -266,11 +219,12 @@ def valid_curve(work: Path) -> list:
     return [[i, v] for i, v in zip(its, losses)]
 
 
-def run_candidate(cfg, teacher, mc: ModelConfig, row: dict, scores: dict, data: Data, sdir: Path, src) -> dict:
+def run_candidate(cfg, teacher, mc: ModelConfig, row: dict, scores: dict, data: Data, setup: SearchSetup,
+                  src) -> dict:
     """One candidate's result (``SEARCH/<name>/result.json``), trained now unless already finished."""
     from minitron_nemo.training.state import agree
 
-    work = sdir / candidate_name(row)
+    work = setup.dir / candidate_name(row)
     done = work / "result.json"
     if agree(done.is_file()):
         runtime.print0(f"[search] {work.name}: finished earlier ({done}); not retrained")
@@ -279,9 +233,10 @@ def run_candidate(cfg, teacher, mc: ModelConfig, row: dict, scores: dict, data: 
     c_mc = candidate_config(mc, row)
     runtime.print0(f"[search] {work.name}: zero-shot rank {row['rank']}, {row['params']:,} params; distilling "
                    f"{cfg.prune.search.distill_iters} iterations")
-    student, _ = api.prune_to(teacher, mc, c_mc, scores, layer_criterion=cfg.prune.layer_criterion,
-                              progress=False, expert_score=api.expert_score(cfg.prune))
-    distill_candidate(cfg, teacher, mc, student, c_mc, data, work, src)
+    p = setup.job.prune
+    student, _ = api.prune_to(teacher, mc, c_mc, scores, layer_criterion=p.layer_criterion,
+                              progress=False, expert_score=p.importance.expert_score)
+    distill_candidate(cfg, setup.job.distill, teacher, mc, student, c_mc, data, work, src)
     del student
     gc.collect()
     if runtime.is_rank0():
@@ -306,20 +261,34 @@ def _barrier():
 @dataclass
 class Outcome:
     """Both rankings: ``rows`` (every zero-shot candidate, distilled ones first by final rank), the
-    distilled candidates' validation curves, the budget and K."""
+    distilled candidates' validation curves, the budget, K, and what the budget counts (``params``, or
+    ``active_params`` for ``target_active_params``)."""
     rows: list
     curves: dict = field(default_factory=dict)
     budget: int = 0
     iters: int = 0
+    counted: str = "params"
+
+    @classmethod
+    def of(cls, table: list, results: list, mc: ModelConfig, targets: Targets, iters: int) -> "Outcome":
+        """Both rankings of the zero-shot ``table`` and the distilled ``results`` (``result.json``s), against
+        the budget of ``targets`` on the source ``mc``."""
+        return cls(ranked_rows(table, results), {r["name"]: r["valid_curve"] for r in results},
+                   budget(mc, targets), iters, counted_column(targets))
 
     @property
     def winner(self) -> dict:
         return self.rows[0]
 
     def save(self, out_dir) -> None:
+        """``candidates.csv`` / ``.md`` (both rankings, best after K first) and ``search.png`` (rank 0)."""
         if runtime.is_rank0():
-            write_table(out_dir, self)
-            plot_curves(out_dir / "search.png", self)
+            n = sum(1 for r in self.rows if r["rank"] != "")
+            write_candidates(out_dir, self.rows, self.budget, self.counted, ranked_by=None, note=(
+                f"Ranked by the student's validation LM loss after a {self.iters}-iteration distillation from the "
+                f"source (`rank`, the {n} best by zero-shot calibration loss), and zero shot (`zero_shot_rank`). "
+                f"`valid_loss_start` / `valid_loss_end`: validation loss before / after the {self.iters} iterations."))
+            plot_curves(Path(out_dir) / "search.png", self)
 
 
 def ranked_rows(table: list, results: list) -> list:
@@ -337,28 +306,27 @@ def ranked_rows(table: list, results: list) -> list:
     return sorted(rows, key=lambda x: (x["rank"] == "", x["rank"] or 0, x["zero_shot_rank"]))
 
 
-def search(cfg, model, mc: ModelConfig, src, plan: Plan) -> tuple[api.PruneResult, Outcome]:
+def search(cfg, model, mc: ModelConfig, src, setup: SearchSetup) -> tuple[api.PruneResult, Outcome]:
     """The ranked search on the loaded source ``model`` (every rank); returns the winner, pruned, and
     both rankings."""
     from minitron_nemo.checkpoint import store
 
-    tok, sdir = store.tokenizer_dir(src), plan.dir
-    p, k = cfg.prune, int(cfg.prune.search.distill_iters)
-    scores, meta, table = zero_shot(cfg, model, mc, tok, sdir)
+    tok, sdir = store.tokenizer_dir(src), setup.dir
+    p, k = setup.job.prune, int(cfg.prune.search.distill_iters)
+    scores, meta, table = zero_shot(p, model, mc, tok, sdir)
     top = table[: int(p.search.top_k)]
     runtime.print0(f"[search] distilling the {len(top)} best of {len(table)} candidates by zero-shot loss, "
                    f"{k} iterations each, from {src}")
-    data = build_data(cfg, tok, plan)
-    results = [run_candidate(cfg, model, mc, row, scores, data, sdir, src) for row in top]
-    outcome = Outcome(ranked_rows(table, results), {r["name"]: r["valid_curve"] for r in results},
-                      budget(mc, Targets.from_cfg(p)), k)
+    data = build_data(cfg, tok, setup)
+    results = [run_candidate(cfg, model, mc, row, scores, data, setup, src) for row in top]
+    outcome = Outcome.of(table, results, mc, p.targets(), k)
     for r in outcome.rows[: len(top)]:
         runtime.print0(f"[search] rank {r['rank']} (zero-shot {r['zero_shot_rank']}): {candidate_name(r)} "
                        f"params={r['params']} zero-shot loss {r['zero_shot_loss']:.4f}, validation loss "
                        f"{r['valid_loss_start']:.4f} -> {r['valid_loss_end']:.4f} after {k} iterations")
     win_mc = candidate_config(mc, outcome.winner)
     new_model, kept = api.prune_to(model, mc, win_mc, scores, layer_criterion=p.layer_criterion, progress=False,
-                                   expert_score=api.expert_score(cfg.prune))
+                                   expert_score=p.importance.expert_score)
     meta = {**meta, "search": {"distill_iters": k, "top_k": len(top), "workdir": str(sdir.resolve()),
                                "winner": candidate_name(outcome.winner),
                                "winner_zero_shot_rank": outcome.winner["zero_shot_rank"]}}
@@ -366,27 +334,6 @@ def search(cfg, model, mc: ModelConfig, src, plan: Plan) -> tuple[api.PruneResul
 
 
 # ----------------------------------------------------------------------------- artifacts
-def write_table(out_dir, o: Outcome) -> None:
-    """``candidates.csv`` and ``candidates.md``: both rankings, best after K first."""
-    d = Path(out_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    cols = list(o.rows[0])
-    with open(d / "candidates.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(o.rows)
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
-    n = sum(1 for r in o.rows if r["rank"] != "")
-    lines = [f"# Pruning candidates (budget {o.budget} params)", "",
-             f"Ranked by the student's validation LM loss after a {o.iters}-iteration distillation from the "
-             f"source (`rank`, the {n} best by zero-shot calibration loss), and zero shot (`zero_shot_rank`). "
-             f"`valid_loss_start` / `valid_loss_end`: validation loss before / after the {o.iters} iterations.", "",
-             "| " + " | ".join(cols + ["params/budget"]) + " |", "|" + "---|" * (len(cols) + 1)]
-    for r in o.rows:
-        lines.append("| " + " | ".join(fmt(r[c]) for c in cols) + f" | {r['params'] / o.budget:.3f} |")
-    (d / "candidates.md").write_text("\n".join(lines) + "\n")
-
-
 def plot_curves(path, o: Outcome) -> None:
     """Each distilled candidate's validation loss over the K iterations (the winner drawn thicker)."""
     import matplotlib

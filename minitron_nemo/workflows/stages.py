@@ -17,19 +17,18 @@ exists; P2 found the original, larger teacher better for the last stage), ``sour
 source (the previous stage's student; for the first stage the same as original), or a checkpoint path.
 The first stage prunes the corrected teacher (or ``teacher.checkpoint`` when no correction is configured;
 recipes/prune.py needs a minitron_nemo checkpoint). A stage's ``prune`` may itself be a budget search
-ranked by short distillation (``search: {distill_iters: K}``, ``prune/rank.py``).
+ranked by short distillation (``search: {distill_iters: K}``, ``workflows/search.py``).
 
 Per stage, in WORKDIR/stages/NAME/: ``pruned/`` (recipes/prune.py output), ``distill/`` (recipes/distill.py
 workdir; its ``results.json`` marks the stage finished), ``search/`` (a ranked search's runs) and
 ``stage.json`` (the stage's settings: a re-run with other settings stops instead of mixing them).
 Runners: ``recipes/compress.py`` (here, subprocesses) and ``launchers/submit.py pipeline`` (Slurm jobs,
-``--dependency=afterok``).
+``--dependency=afterok``; the job graph is in launchers/submit.py).
 """
 
 from __future__ import annotations
 
 import json
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,7 +128,7 @@ def group_overrides(prefix: str, node) -> list:
     return out
 
 
-# ----------------------------------------------------------------------------- plan (no compute)
+# ----------------------------------------------------------------------------- resolve (no compute)
 def _sel(cfg, key):
     return OmegaConf.select(cfg, key, default=None)
 
@@ -152,12 +151,12 @@ def merged_prune(cfg, i: int) -> dict:
     """The job's prune group with stage ``i``'s ``prune`` keys merged on, typed and checked."""
     from omegaconf.errors import OmegaConfBaseException
 
-    from minitron_nemo.config import _omegaconf_error
+    from minitron_nemo.config import _omegaconf_error, validate
 
     at = f"stages[{i}].prune"
     try:
         node = OmegaConf.merge(OmegaConf.structured(schemas.PruneGroup), cfg.prune, cfg.stages[i].prune)
-        schemas.validate(OmegaConf.to_object(node), at)
+        validate(OmegaConf.to_object(node), at)
     except OmegaConfBaseException as e:
         raise UserError(f"{at}: {_omegaconf_error(e)}") from None
     d = OmegaConf.to_container(node, resolve=True)
@@ -226,10 +225,9 @@ def _check_teacher(st: Stage) -> None:
 
 
 def _check_record(st: Stage) -> None:
-    from minitron_nemo.prune.rank import first_difference
+    from minitron_nemo import outputs
 
-    f = st.root / "stage.json"
-    diff = f.is_file() and first_difference(json.loads(f.read_text()), json.loads(json.dumps(st.spec())))
+    diff = outputs.settings_difference(st.root / "stage.json", st.spec())
     if diff:
         raise UserError(f"stage {st.name} in {st.root} was run with other settings ({diff}); allowed: the same "
                         f"stage settings, a new stage name, or another workdir")
@@ -240,8 +238,7 @@ def record(st: Stage) -> None:
     from minitron_nemo import outputs
 
     st.root.mkdir(parents=True, exist_ok=True)
-    if not (st.root / "stage.json").is_file():
-        outputs.write_text_atomic(st.root / "stage.json", json.dumps(st.spec(), indent=1))
+    outputs.record_settings(st.root / "stage.json", st.spec())
 
 
 def _check_targets(cfg, stages: list, local: bool) -> None:
@@ -264,7 +261,7 @@ def _check_targets(cfg, stages: list, local: bool) -> None:
         mc = cands[0]
 
 
-def plan(cfg, name: str, cli: list, local: bool = True) -> list:
+def resolve(cfg, name: str, cli: list, local: bool = True) -> list:
     """The chain's stages, every check done (stage settings, teacher, each stage's distillation config
     composed with its overrides, targets); nothing runs."""
     from minitron_nemo.config import compose
@@ -333,55 +330,3 @@ def summary(stages: list) -> list:
                      "test_tokens": res["tokens"], "final_checkpoint": res["final_checkpoint"],
                      "seconds": res["seconds"]})
     return rows
-
-
-# ----------------------------------------------------------------------------- Slurm (launchers/submit.py)
-_PLANS: dict = {}
-
-
-def _slurm_plan(cfg, name: str, cli: list) -> list:
-    key = (name, tuple(cli))
-    if key not in _PLANS:
-        _PLANS[key] = plan(cfg, name, cli, local=False)
-    return _PLANS[key]
-
-
-def slurm_jobs(cfg, name: str, cli: list) -> list:
-    """The chain as Slurm jobs, in dependency order: [correct], NAME.prune, NAME.distill per unfinished
-    stage, then LAST.export [and LAST.evaluate]. Prints why a job is left out."""
-    stages = _slurm_plan(cfg, name, cli)
-    jobs = []
-    if _sel(cfg, "teacher.corrected_checkpoint"):
-        jobs.append("correct")
-    else:
-        print("# pipeline: skipping correct (teacher.corrected_checkpoint is null)", flush=True)
-    for st in stages:
-        if st.finished:
-            print(f"# pipeline: skipping stage {st.name} (finished: {st.results})", flush=True)
-        else:
-            jobs += [f"{st.name}.prune", f"{st.name}.distill"]
-    jobs.append(f"{stages[-1].name}.export")
-    if _sel(cfg, "data.test_text"):
-        jobs.append(f"{stages[-1].name}.evaluate")
-    else:
-        print("# pipeline: skipping evaluate (data.test_text is null: the last stage's results.json has the "
-              "held-out perplexities)", flush=True)
-    return jobs
-
-
-def slurm_args(cfg, name: str, job: str, cli: list) -> list:
-    """The recipe arguments of chain job ``NAME.KIND``; sources that exist only at run time are read from
-    the previous stage's results.json by the script's ``final_checkpoint`` function."""
-    stages = _slurm_plan(cfg, name, cli)
-    stage, kind = job.rsplit(".", 1)
-    st = next(s for s in stages if s.name == stage)
-    prev = stages[st.index - 1] if st.index else None
-    src = first_source(cfg, False) if prev is None else f"$(final_checkpoint {shlex.quote(str(prev.results))})"
-    if kind == "prune":
-        return prune_args(cfg, st, src)
-    if kind == "distill":
-        return distill_args(cfg, name, cli, st, src)
-    if kind == "export":
-        return [f"checkpoint=$(final_checkpoint {shlex.quote(str(st.results))})", f"output={st.root / 'hf'}"]
-    return [f"checkpoint={st.root / 'hf'}", f"eval.text_file={cfg.data.test_text}",
-            f"eval.seq_length={cfg.data.seq_length}", f"eval.output={st.root / 'eval.json'}"]
