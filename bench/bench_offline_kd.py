@@ -8,7 +8,7 @@ DDP, optimizer):
   * student-only: LM loss, no teacher;
   * offline: the student plus a lookup in a real teacher cache on disk (``--topk`` tokens, bf16) and
     the cached-KL loss (``distill/offline.py``);
-  * online: teacher forward + student + full-vocabulary KL (``distill/model.py``).
+  * online: teacher forward + student + full-vocabulary KL (``distill/online.py``).
 The three are interleaved for ``--rounds`` rounds of ``--steps`` steps; ratios are per round, reported
 as median [min, max]. Cache writing (teacher forward + top-K + shard write) is interleaved the same
 way with a plain teacher forward over the same samples. Peak memory: the peak resident set of a fresh
@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 
 from minitron_nemo import runtime
 from minitron_nemo.distill import cache, cache_writer, offline
-from minitron_nemo.distill import model as kd
+from minitron_nemo.distill import online as kd
 from minitron_nemo.distill.config import DistillationConfig
 from minitron_nemo.models.builder import build_model
 from minitron_nemo.models.config import ModelConfig

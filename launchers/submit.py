@@ -30,7 +30,7 @@ from minitron_nemo.workflows import stages
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("correct", "prune", "cache_teacher", "distill", "export", "evaluate")
 DEFAULT_CONFIG = "smollm2_demo"
-REQUEUE_EXIT = 85  # minitron_nemo.launch_signals.REQUEUE_EXIT: "checkpoint saved on a signal, requeue me"
+REQUEUE_EXIT = 85  # minitron_nemo.stop_signals.REQUEUE_EXIT: "checkpoint saved on a signal, requeue me"
 
 
 def kind(stage: str) -> str:

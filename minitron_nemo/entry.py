@@ -6,17 +6,19 @@ become one line on stderr:
 * ``UserError`` (bad value, bad file, refused output): ``error: <message>``, exit 2;
 * a full disk, a read-only file system or a permission error met while writing: ``error: cannot write
   PATH: <why>``, exit 2 (the writers have already removed their temporary output);
+* stdout closed by its reader (``--help | head``): exit 141 quietly, as a shell tool does;
 * Ctrl-C / SIGTERM outside the training loop: ``interrupted by SIGINT ...``, exit 130 / 143 (the
-  training loop handles them itself: ``launch_signals``).
+  training loop handles them itself: ``stop_signals``).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import sys
 
-from minitron_nemo import launch_signals
+from minitron_nemo import stop_signals
 from minitron_nemo.errors import UserError
 from minitron_nemo.outputs import write_error
 
@@ -31,15 +33,18 @@ def user_errors_exit(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        launch_signals.entry()
+        stop_signals.entry()
         try:
             return fn(*args, **kwargs)
         except UserError as e:
             _say(f"error: {e}", 2)
-        except (KeyboardInterrupt, launch_signals.Interrupted) as e:
+        except (KeyboardInterrupt, stop_signals.Interrupted) as e:
             signum = getattr(e, "signum", signal.SIGINT)
             _say(f"interrupted by {signal.Signals(signum).name}; outputs are written atomically, so none was "
                  f"left half-written; re-run the same command to continue", 128 + signum)
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            sys.exit(128 + signal.SIGPIPE)
         except OSError as e:
             err = write_error(e, getattr(e, "filename", None) or "the output")
             if err is None:

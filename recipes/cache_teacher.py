@@ -23,7 +23,7 @@ from minitron_nemo import outputs, runtime, schemas
 from minitron_nemo.checkpoint import store
 from minitron_nemo.config import compose_job, dtype
 from minitron_nemo.distill import cache, cache_writer, offline
-from minitron_nemo.distill import model as kd
+from minitron_nemo.distill import online as kd
 from minitron_nemo.entry import user_errors_exit
 from minitron_nemo.errors import UserError
 from minitron_nemo.eval import perplexity as ppl

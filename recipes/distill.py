@@ -16,7 +16,7 @@ alone (no teacher forward); ``student.init=random`` starts from random weights o
 Offline: ``distill.teacher_cache=DIR`` (written by recipes/cache_teacher.py with this config) replaces the
 teacher's forward by a lookup of its cached top-K distribution; the teacher's weights are not loaded
 (except to prune the student in-job once), the loss is the KL over the cached tokens plus a rest bucket
-(``distill/topk_kl.py``), and the teacher's numbers come from the cache.
+(``distill/bucket_kl.py``), and the teacher's numbers come from the cache.
 """
 
 import json
@@ -24,12 +24,10 @@ import math
 import time
 from pathlib import Path
 
-import torch
-
 from minitron_nemo import outputs, runtime, schemas
 from minitron_nemo.checkpoint import store
-from minitron_nemo.config import compose_job, dtype, require
-from minitron_nemo.distill import model as kd
+from minitron_nemo.config import compose_job, dtype
+from minitron_nemo.distill import online as kd
 from minitron_nemo.distill import offline
 from minitron_nemo.distill import step as kd_step
 from minitron_nemo.entry import user_errors_exit

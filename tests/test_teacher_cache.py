@@ -10,7 +10,7 @@ import torch
 
 from conftest import ROOT, run_main, run_py, run_torchrun
 from minitron_nemo.distill.losses import logits_kl_loss
-from minitron_nemo.distill.topk_kl import bucket_kl, teacher_topk
+from minitron_nemo.distill.bucket_kl import bucket_kl, teacher_topk
 
 CACHE = ROOT / "recipes" / "cache_teacher.py"
 DISTILL = ROOT / "recipes" / "distill.py"
@@ -44,7 +44,7 @@ def test_bucket_kl_is_full_kl_at_full_vocab_and_a_lower_bound_below(reverse, tau
 
 
 def test_tensor_parallel_cache_loss_matches_single_rank():
-    p = run_torchrun(ROOT / "tests" / "workers" / "topk_kl_worker.py", 2, "2", timeout=300)
+    p = run_torchrun(ROOT / "tests" / "workers" / "bucket_kl_worker.py", 2, "2", timeout=300)
     assert "16 checks passed at TP=2" in p.stdout
 
 

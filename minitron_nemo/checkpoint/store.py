@@ -20,11 +20,10 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import yaml
 from megatron.core import dist_checkpointing, parallel_state
 
-from minitron_nemo import outputs, readers
+from minitron_nemo import outputs, readers, runtime
 from minitron_nemo.checkpoint import hf as hfconv
 from minitron_nemo.errors import UserError
 from minitron_nemo.models import layout
@@ -79,15 +78,6 @@ def tokenizer_digest(path) -> str | None:
     return None
 
 
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 def _cpu_write_results_queue() -> None:
     """CPU mode: give Megatron's filesystem writer its results queue from a *fork*-context Manager.
 
@@ -116,7 +106,7 @@ def write_checkpoint(tmp, model, mc: ModelConfig, *, tokenizer_src=None, meta: d
     (e.g. optimizer state) under its own keys.
     """
     tmp = Path(tmp)
-    if _rank() == 0:
+    if runtime.rank() == 0:
         (tmp / "weights").mkdir(parents=True)
         (tmp / "model.yaml").write_text(yaml.safe_dump(mc.to_dict(), sort_keys=False))
         info = {"format": FORMAT,
@@ -127,7 +117,7 @@ def write_checkpoint(tmp, model, mc: ModelConfig, *, tokenizer_src=None, meta: d
         (tmp / "meta.json").write_text(json.dumps(info, indent=2))
         if tokenizer_src is not None:
             copy_tokenizer(tokenizer_src, tmp / "tokenizer")
-    _barrier()
+    runtime.barrier()
     sharded = model.sharded_state_dict()
     if extra_state:
         sharded.update(extra_state)
@@ -148,8 +138,8 @@ def save_checkpoint(model, ckpt_dir, mc: ModelConfig, *, tokenizer_src=None, met
     with outputs.atomic_dir(final, collective=True) as tmp:
         write_checkpoint(tmp, model, mc, tokenizer_src=tokenizer_src, meta=meta, extra_state=extra_state)
         if before_commit is not None:
-            _barrier()
-            if _rank() == 0:
+            runtime.barrier()
+            if runtime.rank() == 0:
                 before_commit(tmp)
     return final
 

@@ -17,8 +17,8 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 from minitron_nemo import runtime
 from minitron_nemo.data.indexed import BATCH_KEYS
 from minitron_nemo.distill import cache
-from minitron_nemo.distill.model import token_nll
-from minitron_nemo.distill.topk_kl import teacher_topk
+from minitron_nemo.distill.online import token_nll
+from minitron_nemo.distill.bucket_kl import teacher_topk
 from minitron_nemo.models.forward import run_forward
 
 

@@ -2,7 +2,7 @@
 
 The student runs alone (plain DDP chunk, any TP x PP x DP); on the last pipeline stage the forward
 also looks up the cached teacher distribution of the micro-batch's samples (by their dataset index),
-and the loss is ``topk_kl.bucket_kl`` over the cached ids plus the rest bucket (a whole-vocabulary cache:
+and the loss is ``bucket_kl.bucket_kl`` over the cached ids plus the rest bucket (a whole-vocabulary cache:
 the online kernel ``losses.logits_kl_loss`` on the cached log-probabilities). Validation reports
 the same keys as online distillation (student LM loss, KD loss, teacher LM loss from the cached
 target log-probabilities).
@@ -22,8 +22,8 @@ from minitron_nemo.checkpoint import store
 from minitron_nemo.distill import cache
 from minitron_nemo.distill.config import DistillationConfig
 from minitron_nemo.distill.losses import _masked, balance, logits_kl_loss, resolve_tp_group
-from minitron_nemo.distill.model import token_nll
-from minitron_nemo.distill.topk_kl import bucket_kl
+from minitron_nemo.distill.online import token_nll
+from minitron_nemo.distill.bucket_kl import bucket_kl
 from minitron_nemo.errors import UserError
 
 
@@ -102,7 +102,7 @@ def _kl(kd_cfg: DistillationConfig, s, cached, mask):
 
 
 def loss(kd_cfg: DistillationConfig, batch, output):
-    """Training loss of one micro-batch: as ``distill.model.kd_loss`` with the cached teacher."""
+    """Training loss of one micro-batch: as ``distill.online.kd_loss`` with the cached teacher."""
     s = output["student"]
     mask = batch["loss_mask"].to(s.device).float()
     lm = _masked(token_nll(s, batch["labels"].to(s.device)), mask).loss

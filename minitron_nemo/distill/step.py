@@ -1,7 +1,7 @@
 """A student's training step, chosen in one place for recipes/distill.py and the ranked search's short runs
 (workflows/search.py):
 
-    online KD    the teacher in memory; ``KDStage`` runs teacher and student (distill/model.py)
+    online KD    the teacher in memory; ``KDStage`` runs teacher and student (distill/online.py)
     offline KD   the teacher's cached distribution (``distill.teacher_cache``, distill/offline.py)
     LM only      the student's LM loss, no teacher (``student.loss=lm``, P1's baseline)
 
@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from minitron_nemo.distill import model as online
+from minitron_nemo.distill import online as online
 from minitron_nemo.distill import offline
 from minitron_nemo.distill.config import DistillationConfig
 from minitron_nemo.models.config import ModelConfig

@@ -3,7 +3,7 @@
 A *step function* pair drives the model:
   * ``forward(model, batch)`` runs this rank's chunk on a micro-batch (any pipeline stage),
   * ``loss(batch, output) -> (loss, {name: 0-d tensor})`` on the last stage.
-Teacher correction (LM loss) and distillation (``distill/model.py``) plug different pairs into the
+Teacher correction (LM loss) and distillation (``distill/online.py``) plug different pairs into the
 same loop. The global batch is ``micro_batch x accumulation x data_parallel``; losses are means over
 each micro-batch's tokens, averaged over micro-batches and data-parallel ranks.
 """
@@ -22,7 +22,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 
-from minitron_nemo import launch_signals, runtime
+from minitron_nemo import stop_signals, runtime
 from minitron_nemo.training import moe_aux
 from minitron_nemo.training import state as ckpt
 from minitron_nemo.training.metrics import MetricsLog, plot_losses
@@ -182,7 +182,7 @@ class Trainer:
         last_valid = {}
         if self.iteration == 0 and t.eval_interval and self.valid_batches:
             last_valid = self.validate(log)
-        with launch_signals.graceful():
+        with stop_signals.graceful():
             last_valid = self._steps(end, data, log, world, last_valid)
         if self.iteration >= self.train_iters:
             if t.eval_interval and self.iteration % int(t.eval_interval) != 0:
@@ -194,7 +194,7 @@ class Trainer:
         return last_valid
 
     def _steps(self, end: int, data, log, world: int, last_valid: dict) -> dict:
-        """Train steps up to ``end``; a stop signal ends the job after the current step (``launch_signals``)."""
+        """Train steps up to ``end``; a stop signal ends the job after the current step (``stop_signals``)."""
         t, c = self.tcfg, self.ccfg
         while self.iteration < end:
             batches = [next(data) for _ in range(self.num_microbatches)]
@@ -212,13 +212,13 @@ class Trainer:
                 last_valid = self.validate(log)
             if c.save_interval and self.iteration % int(c.save_interval) == 0 and self.iteration < self.train_iters:
                 self.save()
-            sig = launch_signals.stop_requested()
+            sig = stop_signals.stop_requested()
             if sig:  # Ctrl-C / SIGTERM / Slurm preemption: checkpoint, then stop (or requeue)
                 saved = None
-                if getattr(c, "save_on_interrupt", True) or launch_signals.under_slurm():
+                if getattr(c, "save_on_interrupt", True) or stop_signals.under_slurm():
                     latest = ckpt.latest(self.ckpt_root)
                     saved = latest if latest and latest.name == f"iter_{self.iteration:07d}" else self.save()
-                launch_signals.stop(sig, f"at iteration {self.iteration} of {self.train_iters}; " + (
+                stop_signals.stop(sig, f"at iteration {self.iteration} of {self.train_iters}; " + (
                     f"checkpoint {saved}; re-run the same command to resume" if saved else
                     "no new checkpoint (checkpointing.save_on_interrupt=false); a re-run resumes from the latest one"))
         return last_valid

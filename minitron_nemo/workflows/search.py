@@ -135,7 +135,7 @@ def zero_shot(p, model, mc: ModelConfig, tok, sdir: Path) -> tuple[dict, dict, l
     if runtime.is_rank0():  # scores now hold every depth score the candidates need
         save_scores(cache, scores, meta)
         outputs.write_text_atomic(cache / "table.json", json.dumps(table, indent=1))
-    _barrier()
+    runtime.barrier()
     return scores, meta, table
 
 
@@ -246,15 +246,8 @@ def run_candidate(cfg, teacher, mc: ModelConfig, row: dict, scores: dict, data: 
                "valid_curve": curve, "valid_loss_start": curve[0][1] if curve and curve[0][0] == 0 else None,
                "valid_loss_end": curve[-1][1]}
         outputs.write_text_atomic(done, json.dumps(res, indent=1))
-    _barrier()
+    runtime.barrier()
     return json.loads(done.read_text())
-
-
-def _barrier():
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
 
 
 # ----------------------------------------------------------------------------- the search

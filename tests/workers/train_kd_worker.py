@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from minitron_nemo import runtime
 from minitron_nemo.checkpoint import store
-from minitron_nemo.distill import model as kd
+from minitron_nemo.distill import online as kd
 from minitron_nemo.distill.config import DistillationConfig
 from minitron_nemo.models.builder import build_model
 from minitron_nemo.models.config import ModelConfig

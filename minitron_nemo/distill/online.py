@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 
 import torch
 from megatron.core import parallel_state, tensor_parallel

@@ -7,7 +7,7 @@ import sys
 import torch
 
 from minitron_nemo import runtime
-from minitron_nemo.distill.topk_kl import bucket_kl, teacher_topk
+from minitron_nemo.distill.bucket_kl import bucket_kl, teacher_topk
 
 
 def main():
@@ -41,7 +41,7 @@ def main():
                 assert torch.allclose(kl1, kl2, rtol=1e-10, atol=1e-12), f"KL differs: {what}"
                 assert torch.allclose(s1.grad[:, shard], s2.grad, rtol=1e-9, atol=1e-12), f"grad differs: {what}"
                 checks += 1
-    runtime.print0(f"topk_kl_worker: {checks} checks passed at TP={tp}")
+    runtime.print0(f"bucket_kl_worker: {checks} checks passed at TP={tp}")
     runtime.shutdown()
 
 
