@@ -15,11 +15,11 @@ import time
 import torch
 
 from minitron_nemo import runtime
+from minitron_nemo.data.windows import to_batches
 from minitron_nemo.models.builder import build_model
 from minitron_nemo.models.config import ModelConfig
 from minitron_nemo.models.forward import run_forward
 from minitron_nemo.prune import importance as imp
-from minitron_nemo.prune.data import to_batches
 
 
 def load_model(hf_dir):

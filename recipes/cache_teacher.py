@@ -22,6 +22,7 @@ from pathlib import Path
 from minitron_nemo import outputs, runtime, schemas
 from minitron_nemo.checkpoint import store
 from minitron_nemo.config import compose_job, dtype
+from minitron_nemo.data.windows import load_tokenizer, tiled_windows
 from minitron_nemo.distill import cache, cache_writer, offline
 from minitron_nemo.distill import online as kd
 from minitron_nemo.entry import user_errors_exit
@@ -114,7 +115,7 @@ def main():
     test_text = cfg.data.test_text or (tdata.text_files(cfg.data).get("test") if cfg.data.source != "indexed" else None)
     held_out = None
     if test_text and cfg.teacher.held_out:
-        windows = ppl.text_windows(ppl.load_tokenizer(t_path), test_text, seq, cfg.data.test_tokens)
+        windows = tiled_windows(load_tokenizer(t_path), test_text, seq, cfg.data.test_tokens)
         held_out = {"text": str(test_text), "tokens": cfg.data.test_tokens, "seq_length": seq,
                     "perplexity": ppl.megatron_perplexity(teacher, windows, mbs)["perplexity"]}
     secs = time.time() - t0

@@ -27,6 +27,7 @@ from pathlib import Path
 from minitron_nemo import outputs, runtime, schemas
 from minitron_nemo.checkpoint import store
 from minitron_nemo.config import compose_job, dtype
+from minitron_nemo.data.windows import load_tokenizer, tiled_windows
 from minitron_nemo.distill import online as kd
 from minitron_nemo.distill import offline
 from minitron_nemo.distill import step as kd_step
@@ -156,7 +157,7 @@ def main():
                    + f"; loss {'KD' if use_kd else 'LM only'}")
 
     test_text = cfg.data.test_text or (tdata.text_files(cfg.data).get("test") if cfg.data.source != "indexed" else None)
-    windows = (ppl.text_windows(ppl.load_tokenizer(t_path), test_text, seq, cfg.data.test_tokens)
+    windows = (tiled_windows(load_tokenizer(t_path), test_text, seq, cfg.data.test_tokens)
                if test_text else None)
     zs_file = work / "zero_shot.json"  # measured once: a resumed job reports the same zero-shot number
     if zs_file.is_file():

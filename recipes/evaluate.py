@@ -19,6 +19,7 @@ from pathlib import Path
 from minitron_nemo import outputs, runtime, schemas
 from minitron_nemo.checkpoint import store
 from minitron_nemo.config import compose, dtype
+from minitron_nemo.data.windows import load_tokenizer, tiled_windows
 from minitron_nemo.entry import user_errors_exit
 from minitron_nemo.errors import UserError
 from minitron_nemo.eval import perplexity as ppl
@@ -36,8 +37,8 @@ def is_result_file(path) -> bool:
 
 
 def windows(cfg):
-    return ppl.text_windows(ppl.load_tokenizer(cfg.checkpoint), cfg.eval.text_file, cfg.eval.seq_length,
-                            cfg.eval.max_tokens)
+    return tiled_windows(load_tokenizer(cfg.checkpoint), cfg.eval.text_file, cfg.eval.seq_length,
+                         cfg.eval.max_tokens)
 
 
 def hf_results(cfg) -> dict:

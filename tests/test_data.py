@@ -366,3 +366,33 @@ def test_corrupt_dataset_is_a_user_error(case, data, tok, tmp_path):
             call()
         msg = str(e.value)
         assert bad in msg and "\n" not in msg and "corrupt or truncated" in msg, msg
+
+
+def test_text_windows_and_batches(data, hf_dir, hf_tok):
+    """Tiled windows predict every token of the file once; random windows are full, seeded and dealt over DP."""
+    from minitron_nemo.data.windows import load_tokenizer, random_windows, tiled_windows, to_batches
+
+    text = data["tempest_txt"].read_text(encoding="utf-8")
+    ids = hf_tok(text, add_special_tokens=False)["input_ids"]
+    tok = load_tokenizer(hf_dir)
+    tiled = tiled_windows(tok, data["tempest_txt"], SEQ)
+    assert tiled.shape == (-(-(len(ids) - 1) // SEQ), SEQ + 1)
+    assert torch.equal(tiled[1:, 0], tiled[:-1, -1])  # one shared boundary token
+    flat = torch.cat([tiled[0]] + [w[1:] for w in tiled[1:]])
+    assert flat[flat >= 0].tolist() == ids
+    batches = to_batches(tiled, 3)
+    assert sum(int(b["loss_mask"].sum()) for b in batches) == len(ids) - 1
+    assert all(int(b["tokens"].min()) >= 0 and int(b["labels"].min()) >= 0 for b in batches)
+
+    w = random_windows(data["tempest_txt"], tok, 10, SEQ, seed=3)
+    assert w.shape == (10, SEQ + 1) and int(w.min()) >= 0
+    assert torch.equal(w, random_windows(data["tempest_txt"], tok, 10, SEQ, seed=3))
+    assert not torch.equal(w, random_windows(data["tempest_txt"], tok, 10, SEQ, seed=4))
+    mine = to_batches(w, 2, dp_rank=1, dp_size=2)
+    assert [b["tokens"].shape[0] for b in mine] == [2, 2, 1]
+    assert torch.equal(mine[0]["tokens"], w[[1, 3], :-1]) and torch.equal(mine[0]["labels"], w[[1, 3], 1:])
+    assert all(bool((b["loss_mask"] == 1).all()) for b in mine)
+    with pytest.raises(UserError, match="eval.text_file=.*nope.txt does not exist"):
+        tiled_windows(tok, data["dir"] / "nope.txt", SEQ)
+    with pytest.raises(UserError, match="cannot load the tokenizer"):
+        load_tokenizer(data["dir"])

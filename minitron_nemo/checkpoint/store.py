@@ -25,6 +25,7 @@ from megatron.core import dist_checkpointing, parallel_state
 
 from minitron_nemo import outputs, readers, runtime
 from minitron_nemo.checkpoint import hf as hfconv
+from minitron_nemo.data.windows import tokenizer_dir  # noqa: F401  (store.tokenizer_dir for callers)
 from minitron_nemo.errors import UserError
 from minitron_nemo.models import layout
 from minitron_nemo.models.config import ModelConfig
@@ -62,11 +63,6 @@ def copy_tokenizer(src, dst) -> None:
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, Path(dst) / name)
-
-
-def tokenizer_dir(path) -> Path:
-    p = Path(path)
-    return p / "tokenizer" if (p / "tokenizer").is_dir() else p
 
 
 def tokenizer_digest(path) -> str | None:

@@ -22,6 +22,7 @@ import torch
 from megatron.core import parallel_state
 
 from minitron_nemo import runtime
+from minitron_nemo.data.windows import to_batches
 from minitron_nemo.errors import UserError
 from minitron_nemo.models.builder import count_parameters
 from minitron_nemo.models.config import ModelConfig
@@ -227,11 +228,11 @@ def calibration_batches(mc: ModelConfig, p: PruneGroup, tokenizer_dir, budget_se
     w = pdata.calibration_windows(c.data, tokenizer_dir, c.num_samples, c.seq_length, c.seed, mc.vocab_size)
     ev = None
     if budget_search:
-        ev = pdata.to_batches(pdata.calibration_windows(c.data, tokenizer_dir, p.search.eval_samples,
-                                                        c.seq_length, c.seed + 1, mc.vocab_size),
-                              c.micro_batch_size, r, dp)
-    return (pdata.to_batches(w, c.micro_batch_size, r, dp),
-            pdata.to_batches(w[: c.loss_samples], c.micro_batch_size, r, dp), ev)
+        ev = to_batches(pdata.calibration_windows(c.data, tokenizer_dir, p.search.eval_samples,
+                                                  c.seq_length, c.seed + 1, mc.vocab_size),
+                        c.micro_batch_size, r, dp)
+    return (to_batches(w, c.micro_batch_size, r, dp),
+            to_batches(w[: c.loss_samples], c.micro_batch_size, r, dp), ev)
 
 
 def config_scores(model, mc: ModelConfig, p: PruneGroup, batches, agg, loaded=None, progress=True):

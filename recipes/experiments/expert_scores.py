@@ -24,10 +24,10 @@ from omegaconf import OmegaConf
 
 from minitron_nemo import runtime
 from minitron_nemo.data import assets
+from minitron_nemo.data.windows import load_tokenizer, random_windows, to_batches
 from minitron_nemo.eval import perplexity as ppl
 from minitron_nemo.models.builder import build_model, count_parameters
 from minitron_nemo.models.config import ModelConfig
-from minitron_nemo.prune import data as pdata
 from minitron_nemo.prune import experts as ex
 from minitron_nemo.prune import importance as imp
 from minitron_nemo.prune.targets import Targets, validate
@@ -69,7 +69,7 @@ def train(model, mc, windows, a):
     opt = optim.build_optimizer(ddp, ocfg, torch.float32, False)
     sched = optim.build_scheduler(opt, ocfg, a.iters, max(1, a.iters // 20))
     setup_schedule(ddp, ddp, opt)
-    batches = pdata.to_batches(windows, a.batch)
+    batches = to_batches(windows, a.batch)
     for b in batches:
         b["position_ids"] = torch.arange(b["tokens"].shape[1]).expand_as(b["tokens"])
     t0, log = time.perf_counter(), []
@@ -160,11 +160,11 @@ def main():
     runtime.init_distributed(1, 1, a.seed)
     tok_dir = assets.smollm2_hf_dir()
     splits = assets.shakespeare_splits()
-    tok = pdata.load_tokenizer(tok_dir)
+    tok = load_tokenizer(tok_dir)
     mc = model_config(a, len(tok))
-    train_w = pdata.text_windows(splits["train"], tok, a.iters * a.batch, a.seq, a.seed)
-    calib = pdata.text_windows(splits["train"], tok, a.calib, a.seq, a.seed + 1)
-    test = pdata.text_windows(splits["test"], tok, a.test, a.seq, a.seed + 2)
+    train_w = random_windows(splits["train"], tok, a.iters * a.batch, a.seq, a.seed)
+    calib = random_windows(splits["train"], tok, a.calib, a.seq, a.seed + 1)
+    test = random_windows(splits["test"], tok, a.test, a.seq, a.seed + 2)
     torch.manual_seed(a.seed)
     model = build_model(mc)
     runtime.print0(f"[moe] {count_parameters(mc):,} params ({count_parameters(mc, active=True):,} active); "
@@ -174,7 +174,7 @@ def main():
     seconds = time.perf_counter() - t0
     mbs = 8
     full = ppl.megatron_perplexity(model, test, mbs)["loss"]
-    scores = imp.estimate(model, pdata.to_batches(calib, mbs), progress=True)
+    scores = imp.estimate(model, to_batches(calib, mbs), progress=True)
     res = {"argv": sys.argv[1:], "model": mc.to_dict(), "keep": a.keep, "full_loss": full,
            "loss": {n: {} for n in (*ex.EXPERT_SCORES, "random")},
            "train": {"seconds": seconds, "final_lm": log[-1]["lm"], "final_aux": log[-1].get("moe_aux", 0.0),

@@ -19,6 +19,7 @@ from minitron_nemo import runtime
 from minitron_nemo.checkpoint import store
 from minitron_nemo.config import compose, dtype
 from minitron_nemo.data import assets
+from minitron_nemo.data.windows import load_tokenizer, tiled_windows, to_batches
 from minitron_nemo.entry import user_errors_exit
 from minitron_nemo.errors import UserError
 from minitron_nemo.eval import perplexity as ppl
@@ -57,10 +58,10 @@ def main():
     splits = assets.shakespeare_splits()
     tok_dir = store.tokenizer_dir(t_path)
     n_calib = scaled(cfg, b.calibration_samples)
-    calib = pdata.to_batches(pdata.calibration_windows(str(splits["train"]), tok_dir, n_calib, seq, cfg.seed,
-                                                       mc.vocab_size), mbs)
+    calib = to_batches(pdata.calibration_windows(str(splits["train"]), tok_dir, n_calib, seq, cfg.seed,
+                                                 mc.vocab_size), mbs)
     loss_batches = calib[: max(1, math.ceil(scaled(cfg, b.calibration_loss_samples) / mbs))]
-    windows = ppl.text_windows(ppl.load_tokenizer(t_path), splits["test"], seq, scaled(cfg, b.test_tokens))
+    windows = tiled_windows(load_tokenizer(t_path), splits["test"], seq, scaled(cfg, b.test_tokens))
     results = {"teacher": {"params": count_parameters(mc), **held_out(teacher, windows, mbs)},
                "calibration": {"samples": n_calib, "seq_length": seq,
                                "loss_samples": len(loss_batches) * mbs, "data": "train plays"},

@@ -13,10 +13,11 @@ import torch
 from minitron_nemo import runtime
 from minitron_nemo.checkpoint import hf as hfconv
 from minitron_nemo.checkpoint import store
+from minitron_nemo.data.windows import to_batches
 from minitron_nemo.models.builder import build_model
 from minitron_nemo.prune import importance as imp
 from minitron_nemo.prune.api import prune_to
-from minitron_nemo.prune.data import calibration_windows, to_batches
+from minitron_nemo.prune.data import calibration_windows
 from minitron_nemo.prune.targets import Targets, validate
 
 

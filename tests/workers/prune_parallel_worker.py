@@ -18,10 +18,10 @@ from megatron.core import parallel_state as ps
 from minitron_nemo import runtime
 from minitron_nemo.checkpoint import hf as hfconv
 from minitron_nemo.checkpoint import store
+from minitron_nemo.data.windows import to_batches
 from minitron_nemo.models.builder import build_model
 from minitron_nemo.prune import importance as imp
 from minitron_nemo.prune.api import prune_model
-from minitron_nemo.prune.data import to_batches
 from minitron_nemo.prune.targets import Targets
 
 TARGETS = Targets(target_hidden_size=48, target_ffn_hidden_size=64, target_num_attention_heads=2,
