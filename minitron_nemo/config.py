@@ -195,7 +195,7 @@ def print_config(cfg, package: str | None) -> None:
 KINDS = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string"}
 
 
-def _omegaconf_error(e) -> UserError:
+def config_error(e) -> UserError:
     """One line naming the key, the bad value and what is allowed."""
     import re
 
@@ -217,8 +217,8 @@ def _omegaconf_error(e) -> UserError:
 
 
 def _schema_error(e, schema) -> UserError:
-    """One line (``_omegaconf_error``); a mistyped key gets the closest key of ``schema``."""
-    err = _omegaconf_error(e)
+    """One line (``config_error``); a mistyped key gets the closest key of ``schema``."""
+    err = config_error(e)
     if type(e).__name__ == "ConfigKeyError" and getattr(e, "full_key", None):
         err = UserError(f"{err}{suggest(e.full_key, all_keys(OmegaConf.structured(schema)))}")
     return err

@@ -71,7 +71,7 @@ def test_ranked_search_table_counts_active_params(moe, tmp_path):
 
 
 def test_dense_ranked_table_unchanged(tmp_path):
-    """A dense budget: the ranked table's title and ratio column as before (total params)."""
+    """A dense budget: the ranked table's title and ratio column over total params."""
     from minitron_nemo.workflows.search import Outcome
 
     rows = [{"rank": 1, "zero_shot_rank": 1, **dict(zip(SHAPE, (2, 64, 128, 4, 2))), "params": 900,

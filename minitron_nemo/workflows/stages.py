@@ -151,14 +151,14 @@ def merged_prune(cfg, i: int) -> dict:
     """The job's prune group with stage ``i``'s ``prune`` keys merged on, typed and checked."""
     from omegaconf.errors import OmegaConfBaseException
 
-    from minitron_nemo.config import _omegaconf_error, validate
+    from minitron_nemo.config import config_error, validate
 
     at = f"stages[{i}].prune"
     try:
         node = OmegaConf.merge(OmegaConf.structured(schemas.PruneGroup), cfg.prune, cfg.stages[i].prune)
         validate(OmegaConf.to_object(node), at)
     except OmegaConfBaseException as e:
-        raise UserError(f"{at}: {_omegaconf_error(e)}") from None
+        raise UserError(f"{at}: {config_error(e)}") from None
     d = OmegaConf.to_container(node, resolve=True)
     d["calibration"]["data"] = d["calibration"]["data"] or calibration_data(cfg)
     return d
