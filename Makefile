@@ -16,6 +16,10 @@ MCORE019_TESTS ?= tests/test_checkpoint.py tests/test_prune_importance.py tests/
 	tests/test_distill_job.py tests/test_distill_losses.py tests/test_configs.py \
 	tests/test_moe.py::test_round_trip_is_bitwise tests/test_moe.py::test_moe_student_distils_logs_aux_loss_and_resumes_bitwise
 PYTEST_ARGS ?=
+# Test files are dealt to TEST_WORKERS pytest-xdist processes (one file stays on one worker, so module
+# fixtures are built once); TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 EXPERIMENT_ARGS ?=
 
 .PHONY: venv venv-mcore019 test test-fast test-mcore019 demo experiment clean-venv
@@ -31,12 +35,12 @@ $(STAMP): requirements.lock pyproject.toml
 
 # Every run writes runs/test_timings/<leg>.tsv (each test's and each file's wall time, slowest first).
 test: $(STAMP)
-	TEST_TIMINGS_NAME=leg1 $(PY) -m pytest -q --durations=15 $(PYTEST_ARGS) tests
+	TEST_TIMINGS_NAME=leg1 $(PY) -m pytest -q --durations=15 $(XDIST) $(PYTEST_ARGS) tests
 
 # The developer loop: everything but the end-to-end recipe runs (marker e2e: the experiment, the stage
 # chains and the ranked search, the real SmolLM2 checkpoint, jobs on a real Slurm). CI runs them all.
 test-fast: $(STAMP)
-	TEST_TIMINGS_NAME=fast $(PY) -m pytest -q --durations=15 -m "not e2e" $(PYTEST_ARGS) tests
+	TEST_TIMINGS_NAME=fast $(PY) -m pytest -q --durations=15 $(XDIST) -m "not e2e" $(PYTEST_ARGS) tests
 
 venv-mcore019: $(STAMP_MCORE019)
 
@@ -52,7 +56,7 @@ $(STAMP_MCORE019): requirements.lock requirements-mcore019.txt pyproject.toml
 
 test-mcore019: $(STAMP_MCORE019)
 	$(PY_MCORE019) -W ignore -c "import sys, megatron.core as m; print('megatron-core', m.__version__, 'on Python', sys.version.split()[0])"
-	TEST_TIMINGS_NAME=leg2 $(PY_MCORE019) -m pytest -q --durations=15 $(PYTEST_ARGS) $(MCORE019_TESTS)
+	TEST_TIMINGS_NAME=leg2 $(PY_MCORE019) -m pytest -q --durations=15 $(XDIST) $(PYTEST_ARGS) $(MCORE019_TESTS)
 
 demo: $(STAMP)
 	$(PY) recipes/demo.py

@@ -1,35 +1,26 @@
-"""Process setup: device selection, CPU mode, torch.distributed and Megatron-Core parallel state.
+"""Process setup: device selection, torch.distributed and Megatron-Core parallel state, rank helpers.
 
 On a machine with CUDA GPUs everything runs as in any Megatron-Core job (NCCL, one GPU per rank).
-Without a GPU the same code runs in *CPU mode*, the path for development, tests and demos:
-  * the gloo backend,
-  * every CUDA device placement (``device="cuda"``, ``tensor.cuda()``, ``torch.cuda.current_device``)
-    redirected to the CPU through a ``TorchFunctionMode``,
-  * Megatron's CUDA RNG tracker backed by the CPU generator,
-  * CUDA streams and events (``torch.cuda.current_stream``/``Stream``/``Event``/``stream``...),
-    memory statistics and NVTX ranges replaced by CPU stand-ins: work on the CPU is synchronous,
-    so every wait is a no-op (Megatron-Core 0.19 calls ``torch.cuda.current_stream()`` in DDP's
-    gradient sync on every step),
-  * a torch SDPA core attention in the layer spec (see ``models/builder.py``).
-CPU mode is chosen automatically when ``torch.cuda.is_available()`` is false.
+Without a GPU (or with ``MINITRON_FORCE_CPU=1``) the same code runs in *CPU mode*, the path for
+development, tests and demos: ``cpu_mode()`` decides it, ``init_distributed`` then uses the gloo backend
+and installs the CUDA-to-CPU redirections of ``minitron_nemo/cpu_mode.py`` (device placements, the CUDA
+RNG tracker, streams, events, memory statistics), and the layer spec uses a torch SDPA core attention
+(see ``models/builder.py``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
 import socket
-import time
 
 import torch
 import torch.distributed as dist
-from torch.overrides import TorchFunctionMode
 
+from minitron_nemo.cpu_mode import enable_cpu_mode
 from minitron_nemo.errors import UserError
 
 _CPU_MODE: bool | None = None
-_MODE_STACK = None
 
 
 def cpu_mode() -> bool:
@@ -42,161 +33,6 @@ def cpu_mode() -> bool:
 
 def device() -> torch.device:
     return torch.device("cpu") if cpu_mode() else torch.device("cuda", torch.cuda.current_device())
-
-
-def _is_cuda(dev) -> bool:
-    if isinstance(dev, torch.device):
-        return dev.type == "cuda"
-    if isinstance(dev, str):
-        return dev.startswith("cuda")
-    return isinstance(dev, int) and not isinstance(dev, bool)
-
-
-class _CudaToCpu(TorchFunctionMode):
-    """Redirects CUDA placements to the CPU for every torch call made under it."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.Tensor.cuda:
-            return args[0]
-        if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
-            args = (args[0], torch.device("cpu")) + tuple(args[2:])
-        if "device" in kwargs and _is_cuda(kwargs["device"]):
-            kwargs["device"] = torch.device("cpu")
-        kwargs.pop("pin_memory", None)
-        return func(*args, **kwargs)
-
-
-def _cpu_rng_get(device="cuda", clone=False, graph_safe=False):
-    return torch.get_rng_state()
-
-
-def _cpu_rng_set(new_state, device=-1, graph_safe=False):
-    torch.set_rng_state(new_state)
-
-
-class _CpuStream:
-    """Stand-in for ``torch.cuda.Stream`` in CPU mode: CPU kernels run synchronously, so waits are no-ops."""
-
-    def __init__(self, device=None, priority=0, **kwargs):
-        self.device = torch.device("cpu")
-        self.priority = priority
-
-    @staticmethod
-    def priority_range():
-        return 0, 0
-
-    def wait_stream(self, stream) -> None:
-        pass
-
-    def wait_event(self, event) -> None:
-        pass
-
-    def record_event(self, event=None):
-        event = event if event is not None else _CpuEvent()
-        event.record(self)
-        return event
-
-    def synchronize(self) -> None:
-        pass
-
-    def query(self) -> bool:
-        return True
-
-
-class _CpuEvent:
-    """Stand-in for ``torch.cuda.Event`` in CPU mode (``elapsed_time`` measures host time)."""
-
-    def __init__(self, enable_timing=False, blocking=False, interprocess=False, **kwargs):
-        self._time = None
-
-    def record(self, stream=None) -> None:
-        self._time = time.perf_counter()
-
-    def wait(self, stream=None) -> None:
-        pass
-
-    def synchronize(self) -> None:
-        pass
-
-    def query(self) -> bool:
-        return True
-
-    def elapsed_time(self, end_event) -> float:
-        return (end_event._time - self._time) * 1000.0
-
-
-_CPU_STREAM = _CpuStream()
-
-
-def enable_cpu_mode() -> None:
-    """Install the CPU redirections (idempotent)."""
-    global _MODE_STACK
-    if _MODE_STACK is not None:
-        return
-    # One function object per patched name: torch Dynamo's trace rules reject an object registered
-    # under two torch.cuda names with different rules ("Duplicate torch object").
-    torch.cuda.current_device = lambda: 0
-    torch.cuda.set_device = lambda *a, **k: None
-    torch.cuda.synchronize = lambda *a, **k: None
-    torch.cuda.empty_cache = lambda *a, **k: None
-    # Megatron's RNG tracker forks "CUDA" generator states: back them with the CPU generator.
-    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
-    torch.cuda.manual_seed_all = lambda seed: None
-    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
-    torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
-    # Streams and events (Megatron-Core 0.19's DDP start_grad_sync calls current_stream() every step).
-    torch.cuda.Stream = _CpuStream
-    torch.cuda.Event = _CpuEvent
-    torch.cuda.current_stream = lambda *a, **k: _CPU_STREAM
-    torch.cuda.default_stream = lambda *a, **k: _CPU_STREAM
-    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
-    torch.cuda.set_stream = lambda *a, **k: None
-    torch.cuda.is_current_stream_capturing = lambda: False
-    torch.cuda.nvtx.range_push = lambda *a, **k: None
-    torch.cuda.nvtx.range_pop = lambda *a, **k: None
-    # Memory statistics.
-    torch.cuda.max_memory_allocated = lambda *a, **k: 0
-    torch.cuda.memory_allocated = lambda *a, **k: 0
-    torch.cuda.max_memory_reserved = lambda *a, **k: 0
-    torch.cuda.memory_reserved = lambda *a, **k: 0
-    torch.cuda.memory_stats = lambda *a, **k: {}
-    torch.cuda.reset_peak_memory_stats = lambda *a, **k: None
-    from megatron.core.tensor_parallel import random as mrandom
-
-    mrandom._get_cuda_rng_state = _cpu_rng_get
-    mrandom._set_cuda_rng_state = _cpu_rng_set
-    mode = _CudaToCpu()
-    mode.__enter__()
-    _MODE_STACK = mode
-    # The mode is thread-local state that autograd does not carry into custom Functions' backward
-    # (Megatron's MoE dispatchers allocate "CUDA" buffers there): run each of them under it too.
-    _backward_under_mode(torch.autograd.function.BackwardCFunction)
-    dist.all_to_all_single = _all_to_all_single_with_list_splits(dist.all_to_all_single)
-
-
-def _backward_under_mode(cls) -> None:
-    apply = cls.apply
-
-    def apply_on_cpu(self, *args):
-        with _CudaToCpu():
-            return apply(self, *args)
-
-    cls.apply = apply_on_cpu
-
-
-def _all_to_all_single_with_list_splits(fn):
-    """Megatron's all-to-all token dispatcher passes its split sizes as CPU tensors (NCCL's binding takes
-    them); gloo's binding takes only sequences of ints."""
-
-    def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, *args, **kwargs):
-        if isinstance(output_split_sizes, torch.Tensor):
-            output_split_sizes = output_split_sizes.tolist()
-        if isinstance(input_split_sizes, torch.Tensor):
-            input_split_sizes = input_split_sizes.tolist()
-        return fn(output, input, output_split_sizes, input_split_sizes, *args, **kwargs)
-
-    return all_to_all_single
 
 
 def _free_port() -> int:

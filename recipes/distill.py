@@ -53,9 +53,9 @@ def prune_config(cfg, job):
 def prune_student(cfg, job, teacher, t_mc, t_path):
     """Prune the teacher in-job to ``cfg.prune`` targets, as recipes/prune.py does, and save the student
     (once)."""
-    from minitron_nemo.prune import api
+    from minitron_nemo.prune import from_config
 
-    result = api.prune_from_config(teacher, t_mc, prune_config(cfg, job), store.tokenizer_dir(t_path))
+    result = from_config.prune_from_config(teacher, t_mc, prune_config(cfg, job), store.tokenizer_dir(t_path))
     meta = {"pruned_from": t_path, "prune": {"kept_layers_1indexed": [i + 1 for i in result.kept_layers]},
             "dtype": cfg.dtype}
     store.save_checkpoint(result.model, cfg.student.init_checkpoint, result.config, tokenizer_src=t_path, meta=meta)
@@ -96,9 +96,9 @@ def main():
                                          "distill.teacher_cache": kd_cfg.teacher_cache})
     prunes_in_job = s_path is None and not store.is_checkpoint(cfg.student.init_checkpoint)
     if prunes_in_job:
-        from minitron_nemo.prune import api
+        from minitron_nemo.prune import from_config
 
-        api.check_config(t_mc, prune_config(cfg, job), par.tensor_model_parallel_size,  # targets: before any compute
+        from_config.check_config(t_mc, prune_config(cfg, job), par.tensor_model_parallel_size,  # targets: before any compute
                          par.pipeline_model_parallel_size, ep=par.expert_model_parallel_size)
         outputs.claim_dir(cfg.student.init_checkpoint, key="student.init_checkpoint", overwrite=cfg.overwrite,
                           sources={"teacher": t_path}, within={"workdir": work})

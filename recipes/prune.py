@@ -25,7 +25,7 @@ from minitron_nemo.checkpoint import store
 from minitron_nemo.config import compose_job, dtype
 from minitron_nemo.entry import user_errors_exit
 from minitron_nemo.models.builder import build_model, count_parameters
-from minitron_nemo.prune import api, artifacts
+from minitron_nemo.prune import api, artifacts, from_config
 from minitron_nemo.workflows import search
 
 
@@ -34,7 +34,7 @@ def main():
     cfg, job = compose_job("prune", schemas.PruneJob)
     p, par, src = job.prune, cfg.parallel, cfg.checkpoint
     mc = store.load_model_config(src)
-    targets, _, agg, loaded = api.check_config(mc, p, par.tensor_model_parallel_size,  # before any compute
+    targets, _, agg, loaded = from_config.check_config(mc, p, par.tensor_model_parallel_size,  # before any compute
                                                par.pipeline_model_parallel_size, ranked_search=search.enabled(p),
                                                ep=par.expert_model_parallel_size)
     setup = search.check(cfg, job, targets, src, mc) if search.enabled(p) else None
@@ -50,8 +50,8 @@ def main():
     tok = store.tokenizer_dir(src)
 
     if p.importance_only:
-        batches, _, _ = api.calibration_batches(mc, p, tok)
-        scores, meta = api.config_scores(model, mc, p, batches, agg, loaded)
+        batches, _, _ = from_config.calibration_batches(mc, p, tok)
+        scores, meta = from_config.config_scores(model, mc, p, batches, agg, loaded)
         result = api.PruneResult(None, mc, scores, list(range(mc.num_layers)),
                                  meta={**meta, "checkpoint": str(Path(src).resolve())})
         if runtime.is_rank0():
@@ -65,7 +65,7 @@ def main():
     if setup:
         result, outcome = search.search(cfg, model, mc, src, setup)
     else:
-        result = api.prune_from_config(model, mc, p, tok)
+        result = from_config.prune_from_config(model, mc, p, tok)
     new_mc = result.config
     result.meta["checkpoint"] = str(Path(src).resolve())
     ck_meta = {"pruned_from": str(Path(src).resolve()), "dtype": cfg.dtype,

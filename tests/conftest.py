@@ -162,13 +162,38 @@ def earlier_dataset(prefix, tokenizer_dir) -> dict:
     return {Path(f"{prefix}{s}").name: Path(f"{prefix}{s}").read_bytes() for s in (".bin", ".idx")}
 
 
-# ----------------------------------------------------------------------------- markers and the timings report
+# ----------------------------------------------------------------------------- markers, workers, the timings report
 def pytest_configure(config):
     config.addinivalue_line("markers", "e2e: end-to-end recipe runs (the experiment, the stage chains, the real "
                                        "SmolLM2 checkpoint); `make test-fast` skips them")
+    if hasattr(config, "workerinput"):
+        # one pytest-xdist worker per core: one compute thread each, inherited by the processes it starts
+        # (a test that needs another count sets OMP_NUM_THREADS itself)
+        os.environ["OMP_NUM_THREADS"] = "1"
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(1)
+
+
+# The files that take longest (see runs/test_timings) start first: under pytest-xdist each file runs on one
+# worker (--dist loadfile --no-loadscope-reorder keeps this order), so no worker is left alone with a long
+# file at the end while the other idles.
+LONG_FILES = ("test_experiment.py", "test_moe.py", "test_user_errors.py", "test_import_nemo.py",
+              "test_teacher_cache.py", "test_distill_job.py", "test_slurm.py", "test_smollm2.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    first = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: first.get(item.path.name, len(LONG_FILES)))  # stable: file order kept
 
 
 _TIMES: dict = {}
+_START: list = []
+
+
+def pytest_sessionstart(session):
+    import time
+
+    _START.append(time.monotonic())
 
 
 def pytest_runtest_logreport(report):
@@ -185,7 +210,11 @@ def pytest_sessionfinish(session, exitstatus):
     files: dict = {}
     for nodeid, t in _TIMES.items():
         files[nodeid.split("::")[0]] = files.get(nodeid.split("::")[0], 0.0) + t
-    lines = [f"# {len(_TIMES)} tests, {sum(_TIMES.values()):.1f} s in tests (exit {int(exitstatus)})",
+    import time
+
+    workers = getattr(session.config.option, "numprocesses", None) or 0
+    lines = [f"# {len(_TIMES)} tests, {sum(_TIMES.values()):.1f} s in tests, {time.monotonic() - _START[0]:.1f} s "
+             f"wall on {workers or 'no'} xdist workers (exit {int(exitstatus)})",
              "# per file"] + [f"{t:8.1f}\t{f}" for f, t in sorted(files.items(), key=lambda x: -x[1])]
     lines += ["# per test"] + [f"{t:8.1f}\t{n}" for n, t in sorted(_TIMES.items(), key=lambda x: -x[1])]
     (out / f"{os.environ.get('TEST_TIMINGS_NAME', 'pytest')}.tsv").write_text("\n".join(lines) + "\n")

@@ -40,7 +40,7 @@ def test_experiment_runs_end_to_end_at_tiny_scale(tiny_teacher, tmp_path):
             "throughput.prompt_length=8", "throughput.generation_length=4", "throughput.repeats=1",
             "generate_tokens=4", "extra_overrides=['teacher.max_loss_fraction=10']",
             "iterative.stages=[[48,96],[32,64]]", "search.top_k=2", "teacher_cache.topk=16", "teacher_cache.ks=[8]"]
-    p = run_py(ROOT / "recipes" / "experiments" / "minitron_smollm2.py", *args, env={"HF_DATASETS_OFFLINE": "1",
+    run_py(ROOT / "recipes" / "experiments" / "minitron_smollm2.py", *args, env={"HF_DATASETS_OFFLINE": "1",
                                                                                      "HF_HUB_OFFLINE": "1"})
     md = (tmp_path / "docs" / "results.md").read_text()
     for section in ("## Headline", "## 1. Teacher correction", "## 2. Width vs depth", "## 3. Distillation vs",

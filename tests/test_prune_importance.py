@@ -3,7 +3,6 @@ count (one process), and TP=2 / PP=2 / DP=2 invariance against TP=1 (gloo ranks 
 
 import sys
 
-import pytest
 
 from conftest import ROOT, run_py, run_torchrun
 

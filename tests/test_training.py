@@ -2,9 +2,6 @@
 
 import json
 import math
-from pathlib import Path
-
-import pytest
 import yaml
 
 from conftest import ROOT, run_py, run_torchrun
@@ -55,8 +52,6 @@ def test_pp2_matches_pp1(tmp_path):
 def _tiny_teacher(path, zeros: bool):
     import torch
     from hf_models import make_hf_model
-
-    from minitron_nemo.data import assets
 
     make_hf_model("llama", path)
     from safetensors.torch import load_file, save_file

@@ -1,7 +1,7 @@
 """The ``prune`` group's schema: the targets (``prune/targets.py``), how units are ranked (calibration,
 importance, ``layer_criterion``) and the budget search's grid. ``check(at)`` runs when the job config is
 composed; the checks against a source model (``targets.validate``, ``targets.candidates``) run once it is
-known (``api.check_config``)."""
+known (``from_config.check_config``)."""
 
 from __future__ import annotations
 

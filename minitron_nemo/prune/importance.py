@@ -18,7 +18,9 @@ batches, by hooks that read Megatron activations (layout ``[seq, batch, channel]
                     ``linear_qkv`` / ``linear_fc1``)
   layers (a)        layer input / output hidden states                  BI = 1 - mean_tokens cos
   layers (b)        LM loss with layer i skipped (identity)             loss_i - loss_full
+                    (``prune/depth.py``)
   layers (c)        LM loss with a contiguous block of k layers skipped  loss of the block-removed model
+                    (``prune/depth.py``)
   experts, expert   router and expert MLPs of MoE layers                 see ``prune/experts.py``
   FFN neurons
   shared-expert     input of ``mlp.shared_experts.linear_fc2`` (before   agg(x) per neuron, as MLP
@@ -34,13 +36,12 @@ l2 -> sqrt(sum v^2), mean -> sum v / n, var -> sum v^2 / n - (sum v / n)^2. Defa
 Parallel assembly: accumulators are summed over DP ranks before finalising; TP-sharded axes (heads,
 groups, neurons) are all-gathered along the channel dim into global order; per-layer scores are
 concatenated over PP stages; hidden-channel scores (replicated over TP) are summed over stages.
-The (b)/(c) criteria need one extra forward pass per candidate layer/block; they run only on request,
-on the first ``num_samples`` calibration samples.
+The (b)/(c) criteria (``prune/depth.py``) need one extra forward pass per candidate layer/block; they run
+only on request, on the first ``num_samples`` calibration samples.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 
@@ -50,7 +51,7 @@ from megatron.core import parallel_state
 
 from minitron_nemo import runtime
 from minitron_nemo.errors import UserError
-from minitron_nemo.models.forward import lm_loss_sums, run_forward
+from minitron_nemo.models.forward import run_forward
 from minitron_nemo.prune import experts as moe_imp
 from minitron_nemo.prune.scores import all_gather_along, all_reduce_over
 
@@ -247,66 +248,5 @@ def estimate(model, batches, agg: Aggregation | None = None, *, progress=True) -
     return _finalize(c, _num_samples(batches), model.config)
 
 
-# ----------------------------------------------------------------------------- depth criteria (b), (c)
-def _identity_layer(hidden_states=None, *args, context=None, **kwargs):
-    return hidden_states, context
-
-
-@contextlib.contextmanager
-def skip_layers(model, num_layers_total: int, drop: set):
-    """Temporarily replace the forward of the (0-indexed, global) layers in ``drop`` by identity."""
-    off = layer_offset_of(model, num_layers_total)
-    changed = []
-    for j, layer in enumerate(model.decoder.layers):
-        if off + j in drop:
-            layer.forward = _identity_layer
-            changed.append(layer)
-    try:
-        yield
-    finally:
-        for layer in changed:
-            del layer.forward
-
-
-def layer_offset_of(model, num_layers_total: int) -> int:
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
-    return parallel_state.get_pipeline_model_parallel_rank() * (num_layers_total // pp)
-
-
-def mean_loss(model, batches) -> float:
-    s, n = lm_loss_sums(model, batches)
-    return s / max(n, 1)
-
-
-def removal_losses(model, num_layers: int, batches, blocks, label="layer-loss", progress=True):
-    """LM loss of the model with each block (list of 0-indexed layers) skipped; plus the full-model loss."""
-    base = mean_loss(model, batches)
-    out, t0 = [], time.perf_counter()
-    for i, block in enumerate(blocks):
-        with skip_layers(model, num_layers, set(block)):
-            out.append(mean_loss(model, batches))
-        if progress:
-            dt = time.perf_counter() - t0
-            runtime.print0(f"[{label}] {i + 1}/{len(blocks)} skip layers {block[0] + 1}..{block[-1] + 1} "
-                           f"(1-indexed): loss {out[-1]:.4f} (full {base:.4f})  "
-                           f"ETA {dt / (i + 1) * (len(blocks) - i - 1):.0f}s")
-    return base, torch.tensor(out, dtype=torch.float32)
-
-
-def layer_loss_scores(model, num_layers: int, batches, progress=True) -> dict:
-    """Criterion (b): increase of the LM loss when each single layer is removed (higher = more important)."""
-    base, losses = removal_losses(model, num_layers, batches, [[i] for i in range(num_layers)],
-                                  progress=progress)
-    return {"layer_loss": losses - base, "full_loss": torch.tensor([base])}
-
-
-def block_loss_scores(model, num_layers: int, batches, k: int, progress=True) -> dict:
-    """Criterion (c): LM loss with each contiguous block of ``k`` layers removed (lower = drop it)."""
-    blocks = [list(range(s, s + k)) for s in range(num_layers - k + 1)]
-    base, losses = removal_losses(model, num_layers, batches, blocks, label=f"block-loss k={k}",
-                                  progress=progress)
-    return {f"block_loss_k{k}": losses, "full_loss": torch.tensor([base])}
-
-
 __all__ = ["Aggregation", "aggregate", "seq_reduce", "batch_finalize", "Collector", "estimate",
-           "layer_loss_scores", "block_loss_scores", "skip_layers", "mean_loss", "run_with_progress"]
+           "run_with_progress"]

@@ -31,12 +31,16 @@ def resolve_source(path) -> str:
     return str(path)
 
 
-def teacher_source(cfg) -> tuple[str, bool]:
-    """``(path, corrected)``: the corrected teacher when it exists, else ``teacher.checkpoint``."""
-    c = cfg.teacher.corrected_checkpoint
-    if c and store.is_checkpoint(c):
+def teacher_source(cfg, *, planned: bool = False, local: bool = True) -> tuple[str, bool]:
+    """``(path, corrected)``: where the job's teacher comes from: ``teacher.corrected_checkpoint`` when it
+    exists (``planned``: when it is configured, as in a chain whose correction runs first), else
+    ``teacher.checkpoint`` (``smollm2`` resolved and the directory checked when ``local``; left as written
+    for a job that runs elsewhere)."""
+    c = OmegaConf.select(cfg, "teacher.corrected_checkpoint", default=None)
+    if c and (planned or store.is_checkpoint(c)):
         return str(c), True
-    return resolve_source(cfg.teacher.checkpoint), False
+    src = cfg.teacher.checkpoint
+    return (resolve_source(src) if local else str(src)), False
 
 
 def check_model_shape(cfg, mc: ModelConfig, what: str) -> None:

@@ -38,7 +38,7 @@ from omegaconf import OmegaConf, open_dict
 from minitron_nemo import outputs, runtime
 from minitron_nemo.errors import UserError
 from minitron_nemo.models.config import ModelConfig
-from minitron_nemo.prune import api
+from minitron_nemo.prune import api, from_config
 from minitron_nemo.prune.artifacts import counted_column, load_scores, save_scores, write_candidates
 from minitron_nemo.prune.targets import Targets, budget, new_config
 
@@ -122,11 +122,11 @@ def zero_shot(p, model, mc: ModelConfig, tok, sdir: Path) -> tuple[dict, dict, l
         scores, meta = load_scores(cache, mc)
         runtime.print0(f"[search] zero-shot ranking and importance read from {cache}")
         return scores, meta, json.loads((cache / "table.json").read_text())
-    t, _, agg, loaded = api.check_config(mc, p, ps.get_tensor_model_parallel_world_size(),
+    t, _, agg, loaded = from_config.check_config(mc, p, ps.get_tensor_model_parallel_world_size(),
                                          ps.get_pipeline_model_parallel_world_size(), ranked_search=True,
                                          ep=ps.get_expert_model_parallel_world_size())
-    batches, loss_batches, eval_batches = api.calibration_batches(mc, p, tok, True)
-    scores, meta = api.config_scores(model, mc, p, batches, agg, loaded)
+    batches, loss_batches, eval_batches = from_config.calibration_batches(mc, p, tok, True)
+    scores, meta = from_config.config_scores(model, mc, p, batches, agg, loaded)
     r = api.prune_model(model, mc, t, scores=scores, layer_criterion=p.layer_criterion, loss_batches=loss_batches,
                         eval_batches=eval_batches, search=p.search, expert_score=p.importance.expert_score)
     table = r.candidates

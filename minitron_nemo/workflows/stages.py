@@ -129,10 +129,6 @@ def group_overrides(prefix: str, node) -> list:
 
 
 # ----------------------------------------------------------------------------- resolve (no compute)
-def _sel(cfg, key):
-    return OmegaConf.select(cfg, key, default=None)
-
-
 def calibration_data(cfg) -> str:
     """The stages' calibration data when ``prune.calibration.data`` is null: the training text, or the
     single-prefix ``data.blend``."""
@@ -165,17 +161,14 @@ def merged_prune(cfg, i: int) -> dict:
 
 
 def first_source(cfg, local: bool) -> str:
-    """What the first stage prunes: the corrected teacher when configured, else ``teacher.checkpoint``."""
+    """What the first stage prunes: the job's teacher (``training.setup.teacher_source``; the corrected one
+    when configured: the chain corrects first), which must be a minitron_nemo checkpoint."""
     from minitron_nemo.checkpoint import store
+    from minitron_nemo.training.setup import teacher_source
 
-    corrected = _sel(cfg, "teacher.corrected_checkpoint")
+    src, corrected = teacher_source(cfg, planned=True, local=local)
     if corrected:
-        return str(corrected)
-    src = str(cfg.teacher.checkpoint)
-    if local:
-        from minitron_nemo.training.setup import resolve_source
-
-        src = resolve_source(src)
+        return src
     if (local or Path(src).is_dir()) and not store.is_checkpoint(src):
         raise UserError(f"the first stage prunes teacher.checkpoint={cfg.teacher.checkpoint}, which is not a "
                         f"minitron_nemo checkpoint (recipes/prune.py needs one); allowed: teacher.corrected_checkpoint="
@@ -245,7 +238,7 @@ def _check_targets(cfg, stages: list, local: bool) -> None:
     """Each stage's targets against its source's shape, as far as it is known before anything runs (the
     shape after a budget search is known only once it ran)."""
     from minitron_nemo.checkpoint import store
-    from minitron_nemo.prune import api
+    from minitron_nemo.prune import from_config
 
     src = str(cfg.teacher.checkpoint)
     if not local and not Path(src).is_dir():
@@ -255,7 +248,7 @@ def _check_targets(cfg, stages: list, local: bool) -> None:
     mc = store.model_config_of(resolve_source(src))
     tp, pp = int(cfg.parallel.tensor_model_parallel_size), int(cfg.parallel.pipeline_model_parallel_size)
     for st in stages:
-        t, cands, _, _ = api.check_config(mc, OmegaConf.create(st.prune), tp, pp, ranked_search=True)
+        t, cands, _, _ = from_config.check_config(mc, OmegaConf.create(st.prune), tp, pp, ranked_search=True)
         if t.is_budget():
             return
         mc = cands[0]

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from minitron_nemo import runtime
 from minitron_nemo.distill.losses import logits_kl_loss

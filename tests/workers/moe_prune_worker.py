@@ -26,7 +26,7 @@ from minitron_nemo.models.config import ModelConfig
 from minitron_nemo.models.forward import full_logits
 from minitron_nemo.prune import experts as ex
 from minitron_nemo.prune import importance as imp
-from minitron_nemo.prune.api import select_layers
+from minitron_nemo.prune import depth
 from minitron_nemo.prune.targets import Targets, validate
 from minitron_nemo.prune.trim import make_plan, trim_model
 
@@ -174,11 +174,11 @@ def check_masking(model, mc, scores, tokens, family):
     out = {}
     for name, t in {**CASES, **(SHARED_CASES if mc.moe_shared_expert_intermediate_size else {})}.items():
         new_mc = validate(mc, t, ps.get_tensor_model_parallel_world_size(), 1, ep)
-        kept = select_layers(mc, new_mc.num_layers, scores, "bi")
+        kept = depth.select_layers(mc, new_mc.num_layers, scores, "bi")
         plan = make_plan(mc, new_mc, scores, kept)
         pruned = trim_model(model, mc, new_mc, plan)
         ref = masked_reference(model, mc, plan)
-        with imp.skip_layers(ref, mc.num_layers, set(range(mc.num_layers)) - set(kept)):
+        with depth.skip_layers(ref, mc.num_layers, set(range(mc.num_layers)) - set(kept)):
             want = full_logits(ref, tokens)
         got = full_logits(pruned, tokens)
         diff = (got - want).abs().max().item()

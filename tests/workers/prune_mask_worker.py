@@ -11,14 +11,13 @@ usage: prune_mask_worker.py   (prints OK lines; any failure raises)
 """
 
 import torch
-import torch.nn.functional as F
 
 from minitron_nemo import runtime
 from minitron_nemo.models.builder import build_model, count_parameters
 from minitron_nemo.models.config import ModelConfig
 from minitron_nemo.models.forward import full_logits
 from minitron_nemo.prune import importance as imp
-from minitron_nemo.prune.api import select_layers
+from minitron_nemo.prune import depth
 from minitron_nemo.prune.targets import Targets, validate
 from minitron_nemo.prune.trim import make_plan, proj_cols, trim_model
 
@@ -148,12 +147,12 @@ def check_masking(model, mc, scores, tokens, family):
     }
     for name, t in cases.items():
         new_mc = validate(mc, t, 1, 1)
-        kept = select_layers(mc, new_mc.num_layers, scores, "bi")
+        kept = depth.select_layers(mc, new_mc.num_layers, scores, "bi")
         plan = make_plan(mc, new_mc, scores, kept)
         pruned = trim_model(model, mc, new_mc, plan)
         ref = masked_reference(model, mc, new_mc, plan)
         dropped = set(range(mc.num_layers)) - set(kept)
-        with imp.skip_layers(ref, mc.num_layers, dropped):
+        with depth.skip_layers(ref, mc.num_layers, dropped):
             want = full_logits(ref, tokens)
         got = full_logits(pruned, tokens)
         l0 = pruned.decoder.layers[0]

@@ -15,6 +15,7 @@ from minitron_nemo.checkpoint import hf as hfconv
 from minitron_nemo.checkpoint import store
 from minitron_nemo.data.windows import to_batches
 from minitron_nemo.models.builder import build_model
+from minitron_nemo.prune import depth
 from minitron_nemo.prune import importance as imp
 from minitron_nemo.prune.api import prune_to
 from minitron_nemo.prune.data import calibration_windows
@@ -30,7 +31,7 @@ def main():
     calib = to_batches(calibration_windows(train, hf_dir, 8, 128, seed=0, vocab_size=mc.vocab_size), 4)
     held = to_batches(calibration_windows(heldout, hf_dir, 6, 128, seed=1, vocab_size=mc.vocab_size), 4)
     scores = imp.estimate(model, calib, progress=False)
-    full = imp.mean_loss(model, held)
+    full = depth.mean_loss(model, held)
     g = torch.Generator().manual_seed(0)
 
     def variants(key):
@@ -46,7 +47,7 @@ def main():
         for name, s in variants(key).items():
             # "least" keeps the top 75% by importance, i.e. removes the least important 25%
             pruned, kept = prune_to(model, mc, new_mc, {**scores, key: s}, layer_criterion=crit)
-            losses[name] = imp.mean_loss(pruned, held)
+            losses[name] = depth.mean_loss(pruned, held)
             del pruned
         runtime.print0(f"ORDER {axis} full={full:.4f} " + " ".join(f"{k}={v:.4f}" for k, v in losses.items()))
         assert losses["least"] < losses["random"] < losses["most"], (axis, losses)

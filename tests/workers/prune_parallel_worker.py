@@ -20,6 +20,7 @@ from minitron_nemo.checkpoint import hf as hfconv
 from minitron_nemo.checkpoint import store
 from minitron_nemo.data.windows import to_batches
 from minitron_nemo.models.builder import build_model
+from minitron_nemo.prune import depth
 from minitron_nemo.prune import importance as imp
 from minitron_nemo.prune.api import prune_model
 from minitron_nemo.prune.targets import Targets
@@ -36,8 +37,8 @@ def scores_and_prune(hf_dir):
     windows = torch.randint(0, mc.vocab_size, (8, 17), generator=g)
     batches = to_batches(windows, 2, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
     scores = imp.estimate(model, batches, progress=False)
-    scores.update(imp.layer_loss_scores(model, mc.num_layers, batches, progress=False))
-    scores.update(imp.block_loss_scores(model, mc.num_layers, batches, 2, progress=False))
+    scores.update(depth.layer_loss_scores(model, mc.num_layers, batches, progress=False))
+    scores.update(depth.block_loss_scores(model, mc.num_layers, batches, 2, progress=False))
     res = prune_model(model, mc, TARGETS, scores=scores, progress=False)
     return mc, scores, res
 
