@@ -9,12 +9,14 @@ NAME.distill per stage -> LAST.export [-> LAST.evaluate], each prune reading the
 pick the launcher (``conf/launcher/*.yaml``, e.g. ``launcher=slurm_bare``) and set its keys; every other
 override is passed through to the recipe. ``--dry-run`` prints the scripts and the sbatch commands.
 Bad input (unknown stage, container on without an image, a node x GPU count that does not fit the
-config's TP x PP x DP) is one line on stderr, exit code 2, before anything is submitted.
+config's TP x PP x DP, a missing data file, ``launcher.logs`` naming a file, no ``sbatch`` on PATH) is one
+line on stderr, exit code 2, before anything is written or submitted.
 """
 
 from __future__ import annotations
 
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +27,7 @@ from minitron_nemo import outputs, schemas
 from minitron_nemo.config import compose, parse_argv, require, split_flags
 from minitron_nemo.entry import user_errors_exit
 from minitron_nemo.errors import UserError
+from minitron_nemo.training import data as tdata
 from minitron_nemo.workflows import stages
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +72,8 @@ def check(cfg, stage: str) -> None:
     """Bad input before anything is submitted (types and ranges: ``schemas``, at compose time)."""
     L, par = cfg.launcher, cfg.get("parallel")
     gpn = int(L.gpus_per_node)
+    if kind(stage) in ("correct", "cache_teacher", "distill") and sel(cfg, "data.source") == "text":
+        tdata.text_files(cfg.data)  # the text files exist (a blend's files are checked when the config is composed)
     if par is None or kind(stage) == "export":
         return
     world = nodes_of(cfg, stage) * gpn
@@ -84,6 +89,23 @@ def check(cfg, stage: str) -> None:
     if dp is not None and world != tp * pp * int(dp):
         raise UserError(f"{nodes_of(cfg, stage)} nodes x {gpn} GPUs = {world} ranks but TP x PP x DP = "
                         f"{tp}x{pp}x{dp} = {tp * pp * int(dp)}")
+
+
+def logs_dir(cfg) -> Path:
+    """``launcher.logs`` (relative: to the repository); a path that exists, or lies under something that
+    exists, as a file is refused."""
+    logs = Path(cfg.launcher.logs) if Path(cfg.launcher.logs).is_absolute() else ROOT / cfg.launcher.logs
+    there = next(p for p in (logs, *logs.parents) if p.exists() or p.is_symlink())
+    if not there.is_dir():
+        raise UserError(f"launcher.logs={cfg.launcher.logs}: {there} is an existing file; allowed: a directory "
+                        f"(created when missing)")
+    return logs
+
+
+def require_sbatch() -> None:
+    if shutil.which("sbatch") is None:
+        raise UserError("sbatch is not on PATH (submit from a Slurm login node); --dry-run prints the scripts and "
+                        "the sbatch commands without submitting")
 
 
 def nodes_of(cfg, stage: str) -> int:
@@ -204,7 +226,7 @@ def render(cfg, name: str, stage: str, overrides: list) -> str:
     nodes = nodes_of(cfg, stage)
     tasks = 1 if kind(stage) == "export" else int(L.gpus_per_node)
     job = L.job_name or f"minitron-{name}-{stage}"
-    logs = Path(L.logs) if Path(L.logs).is_absolute() else ROOT / L.logs
+    logs = logs_dir(cfg)
     python = L.python or ("python" if L.container is not None else sys.executable)
     torchrun = L.mode == "torchrun" and kind(stage) != "export"
     sb = [f"--job-name={job}", f"--nodes={nodes}", f"--ntasks-per-node={1 if torchrun else tasks}",
@@ -302,8 +324,9 @@ def main(argv=None):
     for s in stages:
         check(cfg, s)
         scripts.append(render(cfg, name, s, overrides))
-    logs = Path(cfg.launcher.logs) if Path(cfg.launcher.logs).is_absolute() else ROOT / cfg.launcher.logs
+    logs = logs_dir(cfg)
     if not dry_run:
+        require_sbatch()
         if sel(cfg, "workdir"):  # checked and marked as the job's before anything (its logs too) is written
             outputs.claim_workdir(cfg.workdir, sources={"teacher.checkpoint": sel(cfg, "teacher.checkpoint")},
                                   lock=False)  # the job locks it while it runs

@@ -9,8 +9,11 @@ Before any compute, every recipe that writes calls ``claim_dir`` / ``claim_file`
   manifest lists every file it wrote; a file carries its own mark): silently when the same recipe
   wrote it, with ``overwrite=true`` when another recipe did. Anything holding a file the project did
   not write is never replaced or deleted, ``overwrite`` or not;
-* the output is locked (``flock`` on a sibling ``.NAME.lock``) for the rest of the run, so a second run
-  on the same output stops at once with a line naming the first;
+* the output is locked (``flock`` on a sibling ``.NAME.lock``, which records the holder's pid, host and
+  start time) for the rest of the run, so a second run on the same output stops at once with a line
+  naming the first. Forked children never keep the lock and die with the run (``_in_forked_child``), so
+  a killed run (kill -9, the OOM killer) leaves it free; a lock still held after its recorded owner
+  ended is named as a leftover, with the process to stop;
 * the parent directory must be writable.
 
 Writes go to a hidden sibling temp directory that is renamed into place (``atomic_dir``); a failure,
@@ -20,13 +23,16 @@ including a full disk, removes the temp directory and leaves the previous output
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import json
 import os
 import shutil
+import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -189,9 +195,21 @@ def claim_workdir(path, *, key: str = "workdir", sources: dict | None = None, lo
 
 # ----------------------------------------------------------------------------- locks
 def take_lock(lock_path: Path, key: str, what: Path) -> None:
-    """Hold an exclusive ``flock`` on ``lock_path`` until this process ends (rank 0 only)."""
+    """Hold an exclusive ``flock`` on ``lock_path`` until this process ends (rank 0 only), with this process
+    recorded in the file (``owner_record``) so that a refused run can name it."""
     if runtime.rank() != 0 or str(lock_path) in _LOCKS:
         return
+    fd = _locked_fd(lock_path, key, what)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(owner_record()).encode(), 0)
+    _LOCKS[str(lock_path)] = fd
+
+
+def _locked_fd(lock_path: Path, key: str, what: Path) -> int:
+    """A descriptor of ``lock_path`` holding its flock. A busy lock is a UserError naming its holder; a lock
+    whose recorded owner has ended is looked at twice, half a second apart (a new owner records itself
+    just after taking the lock)."""
+    looked_twice = False
     while True:
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -200,20 +218,115 @@ def take_lock(lock_path: Path, key: str, what: Path) -> None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            record = _read_record(fd)
             os.close(fd)
-            raise UserError(f"{key}={what} is in use by another run ({holder}); allowed: wait for it to "
-                            f"finish or choose another {key}") from None
+            if looked_twice or not _owner_ended(record):
+                raise _busy_error(lock_path, key, what, record) from None
+            looked_twice = True
+            time.sleep(0.5)
+            continue
         try:  # the file may have been removed by its previous holder between open and flock
-            same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+            if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
+                return fd
         except FileNotFoundError:
-            same = False
-        if same:
-            break
+            pass
         os.close(fd)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, {' '.join(sys.argv)[:300]}".encode(), 0)
-    _LOCKS[str(lock_path)] = fd
+
+
+def _machine() -> dict:
+    """Where a pid names one process: this host, this boot, this pid namespace (None where unknown)."""
+    def read(path: str, link: bool = False):
+        try:
+            return os.readlink(path) if link else Path(path).read_text().strip()
+        except OSError:
+            return None
+
+    return {"host": socket.gethostname(), "boot": read("/proc/sys/kernel/random/boot_id"),
+            "pidns": read("/proc/self/ns/pid", link=True)}
+
+
+def start_time(pid) -> str | None:
+    """When process ``pid`` started (clock ticks after boot, field 22 of /proc/PID/stat); None when no
+    such process exists."""
+    try:
+        stat = Path(f"/proc/{int(pid)}/stat").read_text()
+    except (OSError, ValueError, TypeError):
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def owner_record() -> dict:
+    """This process as a lock file records it."""
+    return {"pid": os.getpid(), **_machine(), "start": start_time(os.getpid()), "cmd": " ".join(sys.argv)[:300]}
+
+
+def _read_record(fd: int) -> dict:
+    text = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+    try:
+        record = json.loads(text)
+    except ValueError:
+        record = None
+    return record if isinstance(record, dict) else {"text": text}
+
+
+def _describe(record: dict) -> str:
+    if "pid" not in record:
+        return record.get("text") or "another process"
+    return f"pid {record['pid']} on {record.get('host')}, {record.get('cmd', '')}"
+
+
+def _owner_ended(record: dict) -> bool:
+    """The recorded owner is provably gone: it was recorded on this machine (host, boot, pid namespace) and
+    no process has its pid and start time now. False when that cannot be told."""
+    here = _machine()
+    if record.get("start") is None or None in here.values() or any(record.get(k) != v for k, v in here.items()):
+        return False
+    return start_time(record.get("pid")) != record["start"]
+
+
+def _lock_holders(lock_path: Path) -> list[int]:
+    """The other processes (those this one may inspect) that have ``lock_path`` open."""
+    found = []
+    for proc in os.scandir("/proc"):
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            with os.scandir(f"/proc/{proc.name}/fd") as fds:
+                if any(_link(fd.path) == str(lock_path) for fd in fds):
+                    found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def _link(path: str) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
+
+
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()[:120]
+    except OSError:
+        return "?"
+
+
+def _busy_error(lock_path: Path, key: str, what: Path, record: dict) -> UserError:
+    """The one line for a lock held elsewhere: a live run is named; a process left over from an ended run
+    is named with the command that stops it."""
+    owner = _describe(record)
+    if not _owner_ended(record):
+        return UserError(f"{key}={what} is in use by another run ({owner}); allowed: wait for it to finish or "
+                         f"choose another {key}")
+    pids = _lock_holders(lock_path)
+    if not pids:
+        return UserError(f"{key}={what} is locked by a process left over from an ended run ({owner}); allowed: "
+                         f"stop the process that holds {lock_path}, then re-run; or choose another {key}")
+    names = ", ".join(f"pid {p} ({_command(p)})" for p in pids)
+    return UserError(f"{key}={what} is locked by {names}, left over from an ended run ({owner}); allowed: stop "
+                     f"it (kill {' '.join(map(str, pids))}), then re-run; or choose another {key}")
 
 
 def release_locks() -> None:
@@ -227,6 +340,33 @@ def release_locks() -> None:
 import atexit  # noqa: E402
 
 atexit.register(release_locks)
+
+
+# ----------------------------------------------------------------------------- forked children
+_FORK: dict = {}
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+PR_SET_PDEATHSIG = 1
+
+
+def _before_fork() -> None:
+    _FORK.update(parent=os.getpid(), main_thread=threading.current_thread() is threading.main_thread())
+
+
+def _in_forked_child() -> None:
+    """A forked child (Megatron's checkpoint writers, any multiprocessing fork) closes its copies of the
+    lock descriptors, since a flock lasts while any copy is open, and, when the main thread forked it
+    (which lives as long as the run), is killed when its parent ends, kill -9 and the OOM killer included."""
+    for fd in _LOCKS.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _LOCKS.clear()
+    if _LIBC is not None and _FORK.get("main_thread"):
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != _FORK["parent"]:  # the parent ended before prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+os.register_at_fork(before=_before_fork, after_in_child=_in_forked_child)
 
 
 # ----------------------------------------------------------------------------- writing

@@ -15,9 +15,9 @@ Outside the loop (``entry()``, called by every recipe's entry point) Ctrl-C and 
 atomically, so an interrupted write leaves the previous output as it was.
 
 Under Slurm (``SLURM_JOB_ID`` set) or with ``MINITRON_STOP_SIGNALS=1`` the flag handlers for SIGTERM /
-SIGUSR1 are installed on import, so that the dist-checkpoint writer's Manager process has them too
-(spawned, it re-imports the recipe; forked in CPU mode, it inherits them) and the signal does not kill
-it in the middle of a checkpoint; ``exit_for_requeue`` ends it before leaving.
+SIGUSR1 are installed on import, so that the dist-checkpoint writer's forked processes inherit them and
+the signal does not kill them in the middle of a checkpoint; ``exit_for_requeue`` ends any child left
+before leaving.
 """
 
 from __future__ import annotations

@@ -14,11 +14,10 @@ perplexities: WORKDIR/stages/summary.json. Bad input is one line, exit code 2, b
 """
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
-from minitron_nemo import outputs, schemas
+from minitron_nemo import children, outputs, schemas
 from minitron_nemo.checkpoint import store
 from minitron_nemo.config import compose, parse_argv, split_flags
 from minitron_nemo.entry import user_errors_exit
@@ -29,14 +28,15 @@ DEFAULT_CONFIG = "smollm2_iterative"
 
 
 def run(script: str, args: list, n: int) -> None:
-    """One recipe in a subprocess (torchrun for n > 1); its failure ends the chain with its exit code."""
+    """One recipe in a subprocess (torchrun for n > 1); its failure ends the chain with its exit code. Ctrl-C
+    and SIGTERM go to the recipe, which checkpoints and stops; the chain stops after it (``children``)."""
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"] if n > 1 \
         else [sys.executable]
     print(f"[compress] {script} {' '.join(args)}", flush=True)
-    p = subprocess.run([*launch, str(RECIPES / script), *map(str, args)])
-    if p.returncode != 0:
-        print(f"[compress] {script} exited with {p.returncode}; re-run the same command to resume", flush=True)
-        sys.exit(p.returncode)
+    code = children.run([*launch, str(RECIPES / script), *map(str, args)])
+    if code != 0:
+        print(f"[compress] {script} exited with {code}; re-run the same command to resume", flush=True)
+        sys.exit(code)
 
 
 def print_summary(rows: list) -> None:

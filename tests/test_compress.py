@@ -180,7 +180,7 @@ ERRORS = [
 def test_bad_input(work, overrides, message, capsys, monkeypatch, tmp_path):
     tmp, ckpt = work
     mod = load_script(RECIPE, "compress_recipe")
-    monkeypatch.setattr(mod.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    monkeypatch.setattr(mod.children, "run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
     argv = job(tmp, ckpt, *[o.replace("HF", str(tmp / "hf_llama")) for o in overrides])
     argv = [a.replace(f"workdir={tmp / 'chain'}", f"workdir={tmp_path / 'never'}") for a in argv]
     monkeypatch.setattr(sys, "argv", ["compress.py", *argv])

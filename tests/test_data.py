@@ -153,7 +153,7 @@ tr, va, te = build_gpt_datasets(HFTokenizer(hf_dir), 64, blend=["0.5", a, "0.5",
                                 split="2,1,0", samples=(64, 16, 0), cache_dir=cache)
 h = hashlib.md5(b"".join(tr[i]["tokens"].numpy().tobytes() for i in range(len(tr)))).hexdigest()
 b = next(batches(tr, 2, dp_rank=dist.get_rank(), dp_size=2))
-line = f"RANK{dist.get_rank()} {len(tr)} {len(va)} {h} {b['tokens'][0, :4].tolist()}\n"
+line = f"RANK{dist.get_rank()} {len(tr)} {len(va)} {h} {b['tokens'][0, :4].tolist()}\\n"
 os.write(1, line.encode())  # one write per rank: the ranks share the pipe
 dist.barrier()
 dist.destroy_process_group()

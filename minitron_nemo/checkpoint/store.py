@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import queue
 import shutil
 from pathlib import Path
 
@@ -74,23 +75,21 @@ def tokenizer_digest(path) -> str | None:
     return None
 
 
-def _cpu_write_results_queue() -> None:
-    """CPU mode: give Megatron's filesystem writer its results queue from a *fork*-context Manager.
+def _in_process_results_queue() -> None:
+    """Give Megatron's filesystem writer a fresh in-process results queue for this save.
 
-    The writer starts that Manager with the spawn context, which re-imports the entry script (and with it
-    torch, megatron and transformers) in a new interpreter: seconds per saving process, a large share of a
-    short CPU job. Forking is safe here because no CUDA context exists; on GPU the writer's own path runs.
+    Saves here are synchronous: the writer's results are put and read in this process (its forked
+    workers report through their own queue), so no server process is needed. Megatron's default, a
+    ``multiprocessing.Manager`` started with the spawn context, re-imports the entry script (seconds per
+    saving process) and would outlive a killed run. A fresh queue per save leaves no result of a failed
+    save for the next one.
     """
-    from minitron_nemo.runtime import cpu_mode
-
     try:
         from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
     except ImportError:
         return
-    if cpu_mode() and getattr(fa, "_results_queue", False) is None:
-        import multiprocessing
-
-        fa._results_queue = multiprocessing.get_context("fork").Manager().Queue()
+    if hasattr(fa, "_results_queue"):
+        fa._results_queue = queue.Queue()
 
 
 def write_checkpoint(tmp, model, mc: ModelConfig, *, tokenizer_src=None, meta: dict | None = None,
@@ -117,7 +116,7 @@ def write_checkpoint(tmp, model, mc: ModelConfig, *, tokenizer_src=None, meta: d
     sharded = model.sharded_state_dict()
     if extra_state:
         sharded.update(extra_state)
-    _cpu_write_results_queue()
+    _in_process_results_queue()
     dist_checkpointing.save(sharded, str(tmp / "weights"))
 
 

@@ -39,6 +39,7 @@ from minitron_nemo import outputs, readers
 from minitron_nemo.checkpoint import store
 from minitron_nemo.errors import UserError
 from minitron_nemo.models.config import DTYPES  # the cached log-probabilities' dtype
+from minitron_nemo.training import faults
 
 FORMAT = 1
 SPLITS = ("train", "valid")
@@ -113,6 +114,13 @@ def num_shards(samples: int, shard_samples: int) -> int:
     return math.ceil(samples / shard_samples) if samples else 0
 
 
+def spread(n: int, count: int) -> list:
+    """Up to ``count`` indices spread evenly over ``0..n-1``, the first and the last among them (all if
+    ``n <= count``)."""
+    m = min(count, n)
+    return sorted({round(j * (n - 1) / max(m - 1, 1)) for j in range(m)})
+
+
 def shard_dir(root, split: str, s: int) -> Path:
     return Path(root) / split / f"{s:05d}"
 
@@ -182,6 +190,32 @@ def check_match(cache_id: dict, job_id: dict, where) -> None:
             raise UserError(f"distill.teacher_cache={where} does not match this job: {k} is {a!r} in the cache "
                             f"and {b!r} here; allowed: a cache written by recipes/cache_teacher.py with this "
                             f"job's config")
+
+
+# ----------------------------------------------------------------------------- values
+def sum_tolerance(dtype: str, padded_vocab_size: int) -> float:
+    """How far above 0 the log of the cached probabilities' sum may round: each log-probability is off by
+    at most half an ulp of its ``dtype`` relative to itself, which moves the log-sum by at most the
+    distribution's entropy (at most ln V) times that."""
+    return max(1e-4, float(torch.finfo(DTYPES[dtype]).eps) * math.log(padded_vocab_size))
+
+
+def bad_values(logp: torch.Tensor, lse: np.ndarray, target: np.ndarray, tol: float) -> tuple[str, str] | None:
+    """``(file, what)`` if one sample's cached values cannot be a teacher's: log-probabilities ``[s, K]``
+    not finite or above 0, or whose probabilities sum above 1 (+ rounding ``tol``); a non-finite
+    normaliser; a next-token log-probability not finite or above 0. None if they can."""
+    if not bool(torch.isfinite(logp).all()):
+        return "logp.bin", "non-finite log-probabilities"
+    if bool((logp > 0).any()):
+        return "logp.bin", f"log-probabilities above 0 (up to {float(logp.max()):.4g})"
+    total = float(torch.logsumexp(logp, dim=-1).max()) if logp.numel() else -math.inf
+    if total > tol:
+        return "logp.bin", f"probabilities summing to {math.exp(min(total, 700.0)):.4g} > 1"
+    if not np.isfinite(lse).all():
+        return "lse.bin", "a non-finite log-normaliser"
+    if not np.isfinite(target).all() or (target > tol).any():
+        return "target.bin", "next-token log-probabilities that are not finite or above 0"
+    return None
 
 
 # ----------------------------------------------------------------------------- reading
@@ -256,6 +290,33 @@ class TeacherCache:
     def hashes(self, split: str, index) -> list:
         return [int(self._shard(split, s)["hashes"][r]) for s, r, _ in self._rows(split, index)]
 
+    def _logp(self, a: dict, r: int) -> torch.Tensor:
+        """Sample row ``r``'s first ``topk`` log-probabilities ``[s, K]`` in fp32."""
+        lp = torch.from_numpy(np.array(a["logp"][r, :, :self.topk]))
+        return lp.view(DTYPES[self.layout.dtype]).float() if DTYPES[self.layout.dtype].itemsize == 2 else lp
+
+    def fault(self, split: str, i: int, logp: torch.Tensor | None = None) -> str | None:
+        """What is wrong with the cached values of ``split`` sample ``i`` (naming its shard file), or None."""
+        (s, r, _), = self._rows(split, [i])
+        a = self._shard(split, s)
+        logp = self._logp(a, r) if logp is None else logp
+        bad = bad_values(logp, a["lse"][r], a["target"][r], sum_tolerance(self.layout.dtype,
+                                                                             self.layout.padded_vocab_size))
+        if bad is None:
+            return None
+        return (f"teacher cache shard file {shard_dir(self.root, split, s) / bad[0]} holds {bad[1]} in {split} "
+                f"sample {i}, which no teacher gives (a damaged file)")
+
+    def check_values(self, split: str, count: int = 64) -> None:
+        """Before compute: the values of the first sample of up to ``count`` shards spread over ``split``
+        (a damaged shard file is refused at once; every sample is checked again when training reads it)."""
+        for s in spread(num_shards(self.samples[split], self.shard_samples), count):
+            why = self.fault(split, s * self.shard_samples)
+            if why is not None:
+                raise UserError(f"distill.teacher_cache={self.root}: {why}; allowed: a cache written by "
+                                f"recipes/cache_teacher.py (delete the shard's directory and "
+                                f"{MANIFEST}, then re-run it to write the shard again)")
+
     def lookup(self, split: str, index, tokens=None, labels=None, device=None) -> dict:
         """``{"ids" [b, s, K] int64, "logp" [b, s, K] fp32, "target" [b, s] fp32}`` of the samples (dense: no
         ``ids`` and ``logp`` ``[b, s, V]`` in vocabulary order)
@@ -270,8 +331,10 @@ class TeacherCache:
                                 f"this job's data")
             if not self.layout.dense:
                 ids.append(torch.from_numpy(a["ids"][r, :, :k].astype(np.int64)))
-            lp = torch.from_numpy(np.array(a["logp"][r, :, :k]))
-            logp.append(lp.view(DTYPES[self.layout.dtype]).float() if DTYPES[self.layout.dtype].itemsize == 2 else lp)
+            logp.append(self._logp(a, r))
+            why = self.fault(split, i, logp[-1])
+            if why is not None:  # the training loop stops every rank before the optimizer steps
+                faults.note(why)
             target.append(torch.from_numpy(np.array(a["target"][r])))
         out = {"logp": torch.stack(logp), "target": torch.stack(target), **({"ids": torch.stack(ids)} if ids else {})}
         return {k: v.to(device) for k, v in out.items()} if device is not None else out

@@ -55,13 +55,15 @@ def open_for_job(cfg, kd_cfg: DistillationConfig, t_path, t_mc) -> cache.Teacher
 
 
 def check_data(tc: cache.TeacherCache, counts: dict, train_ds, valid_ds, spread: int = 64) -> None:
-    """Sample counts, then the tokens of up to ``spread`` samples per split spread over the cache."""
+    """Sample counts, then the tokens of up to ``spread`` samples per split spread over the cache and the
+    values of the first sample of up to ``spread`` shards per split."""
     cache.check_match(tc.identity, {**tc.identity, **counts}, tc.root)
     for split, ds in (("train", train_ds), ("valid", valid_ds)):
         n = tc.samples[split]
         if not n:
             continue
-        idx = sorted({round(i * (n - 1) / max(spread - 1, 1)) for i in range(min(spread, n))})
+        tc.check_values(split, spread)
+        idx = cache.spread(n, spread)
         want = tc.hashes(split, idx)
         for i, h in zip(idx, want):
             s = ds[i]

@@ -5,7 +5,8 @@ A *step function* pair drives the model:
   * ``loss(batch, output) -> (loss, {name: 0-d tensor})`` on the last stage.
 Teacher correction (LM loss) and distillation (``distill/online.py``) plug different pairs into the
 same loop. The global batch is ``micro_batch x accumulation x data_parallel``; losses are means over
-each micro-batch's tokens, averaged over micro-batches and data-parallel ranks.
+each micro-batch's tokens, averaged over micro-batches and data-parallel ranks. Before each optimizer step
+(and after each validation) a non-finite loss or gradient, or bad data, stops every rank (``faults.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 
 from minitron_nemo import stop_signals, runtime
-from minitron_nemo.training import moe_aux
+from minitron_nemo.training import faults, moe_aux
 from minitron_nemo.training import state as ckpt
 from minitron_nemo.training.metrics import MetricsLog, plot_losses
 from minitron_nemo.training.optim import cuda_type_names
@@ -93,16 +94,21 @@ def _wrap_loss(loss, batch, output):
     return value, {k: v.detach().clone() for k, v in metrics.items()}
 
 
-def train_step(chunk, ddp, optimizer, scheduler, batches: list, forward, loss) -> tuple[dict, float | None]:
-    """One optimizer step; MoE students also log the router's load-balancing loss (``moe_aux``)."""
+def train_step(chunk, ddp, optimizer, scheduler, batches: list, forward, loss,
+               before_step: Callable[[dict], None] | None = None) -> tuple[dict, float | None]:
+    """One optimizer step; MoE students also log the router's load-balancing loss (``moe_aux``).
+    ``before_step(losses)`` runs after the backward pass and before the optimizer steps (it may stop the job)."""
     chunk.train()
     ddp.zero_grad_buffer()
     optimizer.zero_grad()
     results = run_schedule(chunk, batches, forward, loss, forward_only=False)
+    losses = reduce_metrics(results)
+    if before_step is not None:
+        before_step(losses)
     with cuda_type_names():
         _ok, grad_norm, _zeros = optimizer.step()
     scheduler.step(increment=1)
-    return {**reduce_metrics(results), **moe_aux.take(get_model_config(chunk), len(batches))}, grad_norm
+    return {**losses, **moe_aux.take(get_model_config(chunk), len(batches))}, grad_norm
 
 
 def evaluate(chunk, batches: list, forward, loss) -> dict:
@@ -161,10 +167,21 @@ class Trainer:
                          {"consumed_samples": self.consumed_samples}, tokenizer_src=self.tokenizer_src,
                          meta=self.meta, keep_last=int(self.ccfg.keep_last))
 
+    def check_step(self, where: str, metrics: dict, training: bool) -> None:
+        """Stop all ranks on a non-finite loss, gradient (``training``, before the optimizer steps) or
+        noted data fault (``faults.check``); the checkpoints on disk are left as they are. Gradients are
+        not checked under fp16 loss scaling, whose optimizer skips overflowing steps itself."""
+        latest = ckpt.latest(self.ckpt_root)
+        keep = ("; the optimizer did not step on it" if training else "") + (
+            f"; the latest checkpoint {latest} is kept" if latest else "; no checkpoint was saved")
+        grads = training and not get_model_config(self.chunk).fp16
+        faults.check(f"{where} of {self.train_iters}", metrics, self.ddp.module, grads=grads, keep=keep)
+
     def validate(self, log: MetricsLog) -> dict:
         if not self.valid_batches:
             return {}
         v = evaluate(self.chunk, self.valid_batches, self.forward, self.valid_loss)
+        self.check_step(f"validation after iteration {self.iteration}", v, training=False)
         log.valid(self.iteration, v)
         self.history.append({"kind": "valid", "iteration": self.iteration, **v})
         return v
@@ -177,6 +194,7 @@ class Trainer:
         log = MetricsLog(self.workdir, self.train_iters, float(t.peak_tflops) * 1e12 if t.peak_tflops else None,
                          bool(t.tensorboard))
         end = min(self.train_iters, stop_at or self.train_iters)
+        faults.take()  # faults noted before this run are not its own
         data = self.train_batches(self.consumed_samples)
         world = dist.get_world_size() if dist.is_initialized() else 1
         last_valid = {}
@@ -199,8 +217,10 @@ class Trainer:
         while self.iteration < end:
             batches = [next(data) for _ in range(self.num_microbatches)]
             t0 = time.time()
+            where = f"iteration {self.iteration + 1}"
             losses, grad_norm = train_step(self.chunk, self.ddp, self.optimizer, self.scheduler, batches,
-                                           self.forward, self.loss)
+                                           self.forward, self.loss,
+                                           before_step=lambda m: self.check_step(where, m, training=True))
             dt = time.time() - t0
             self.iteration += 1
             self.consumed_samples += self.global_batch_size

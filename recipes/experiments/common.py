@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from minitron_nemo import children
 from minitron_nemo.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,16 +34,17 @@ def warmup(iters: int) -> int:
 
 # ----------------------------------------------------------------------------- running recipes
 def run(script: Path, args: list, log: Path) -> None:
-    """Run one recipe, its output appended to ``log``; a failure stops the experiment. Wall times are
+    """Run one recipe, its output appended to ``log``; a failure stops the experiment, and so does Ctrl-C /
+    SIGTERM once the recipe has checkpointed and stopped (``minitron_nemo.children``). Wall times are
     added up per log name in ``LOG_DIR/seconds.json`` (for the report)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     print(f"[experiment] {script.relative_to(ROOT)} {' '.join(args)}", flush=True)
     with open(log, "a") as f:
-        p = subprocess.run([sys.executable, str(script), *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    if p.returncode != 0:
+        code = children.run([sys.executable, str(script), *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if code != 0:
         tail = log.read_text().strip().splitlines()[-1:] or [""]
-        raise UserError(f"{script.name} failed (exit {p.returncode}): {tail[0][:300]}; full log {log}")
+        raise UserError(f"{script.name} failed (exit {code}): {tail[0][:300]}; full log {log}")
     secs = time.time() - t0
     times = log.parent / "seconds.json"
     spent = json.loads(times.read_text()) if times.is_file() else {}
