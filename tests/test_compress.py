@@ -24,15 +24,16 @@ def work(small_llama, tmp_path_factory):
     return module_dir(small_llama, tmp_path_factory.mktemp("compress"))
 
 
-def job(tmp, ckpt, *extra):
+def job(tmp, ckpt, *extra, iters: int = 2, eval_interval: int = 1):
+    """A chain on the session's tiny Llama (prune, then distil ``iters`` steps), plus ``extra`` overrides."""
     return ["--config-name", "smollm2_iterative", f"workdir={tmp / 'chain'}", f"teacher.checkpoint={ckpt}",
             "teacher.corrected_checkpoint=null", "~model", "teacher.max_loss_fraction=10", "teacher.held_out=false",
             "data=text", f"data.train_text={tmp / 'calib.txt'}", f"data.valid_text={tmp / 'valid.txt'}",
             f"data.test_text={tmp / 'valid.txt'}", "data.seq_length=32", "data.valid_samples=4", "data.test_tokens=256",
             "prune.grid=16", "prune.calibration.num_samples=8", "prune.calibration.seq_length=32",
             "prune.calibration.micro_batch_size=4", "prune.calibration.loss_samples=4", "trainer.micro_batch_size=2",
-            "trainer.global_batch_size=2", "trainer.train_iters=2", "trainer.warmup_iters=0", "trainer.eval_interval=1",
-            "trainer.tensorboard=false", "checkpointing.save_interval=null", *extra]
+            "trainer.global_batch_size=2", f"trainer.train_iters={iters}", "trainer.warmup_iters=0",
+            f"trainer.eval_interval={eval_interval}", "trainer.tensorboard=false", "checkpointing.save_interval=null", *extra]
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, module_dir
+from test_compress import job as compress_job
 
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}  # what a user's terminal shows
 
@@ -146,15 +147,7 @@ def work(small_llama, tmp_path_factory):
 
 def chain_args(tmp: Path, ckpt, iters: int) -> list:
     """A one-stage chain on the session's tiny Llama: prune hidden 64 -> 48, distil ``iters`` steps."""
-    return ["--config-name", "smollm2_iterative", f"workdir={tmp / 'chain'}", f"teacher.checkpoint={ckpt}",
-            "teacher.corrected_checkpoint=null", "~model", "teacher.max_loss_fraction=10", "teacher.held_out=false",
-            "data=text", f"data.train_text={tmp / 'calib.txt'}", f"data.valid_text={tmp / 'valid.txt'}",
-            f"data.test_text={tmp / 'valid.txt'}", "data.seq_length=32", "data.valid_samples=4", "data.test_tokens=256",
-            "prune.grid=16", "prune.calibration.num_samples=8", "prune.calibration.seq_length=32",
-            "prune.calibration.micro_batch_size=4", "prune.calibration.loss_samples=4", "trainer.micro_batch_size=2",
-            "trainer.global_batch_size=2", f"trainer.train_iters={iters}", "trainer.warmup_iters=0",
-            "trainer.eval_interval=0", "trainer.tensorboard=false", "checkpointing.save_interval=null",
-            "stages=[{name:a,prune:{target_hidden_size:48}}]"]
+    return compress_job(tmp, ckpt, "stages=[{name:a,prune:{target_hidden_size:48}}]", iters=iters, eval_interval=0)
 
 
 def processes_naming(text: str) -> list:
