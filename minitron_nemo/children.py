@@ -50,7 +50,7 @@ def _send(child: subprocess.Popen, signum: int) -> None:
         child.send_signal(signum)  # a no-op once the child has been waited for
 
 
-def _sigterm_when_parent_dies():
+def sigterm_when_parent_dies():
     """``preexec_fn`` (Linux): the kernel sends the child SIGTERM when the process that started it dies."""
     if not sys.platform.startswith("linux"):
         return None
@@ -76,7 +76,7 @@ def run(cmd: list, **popen) -> int:
         signal.signal(s, forward)
     child = None
     try:
-        child = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_sigterm_when_parent_dies(), **popen)
+        child = subprocess.Popen(cmd, start_new_session=True, preexec_fn=sigterm_when_parent_dies(), **popen)
         forward.started(child)
         code = child.wait()
     finally:

@@ -9,6 +9,8 @@ become one line on stderr:
 * stdout closed by its reader (``--help | head``): exit 141 quietly, as a shell tool does;
 * Ctrl-C / SIGTERM outside the training loop: ``interrupted by SIGINT ...``, exit 130 / 143 (the
   training loop handles them itself: ``stop_signals``).
+
+Under a launcher of several ranks, rank 0 prints the line and the others exit quietly (``_say``).
 """
 
 from __future__ import annotations
@@ -17,13 +19,29 @@ import functools
 import os
 import signal
 import sys
+import time
 
-from minitron_nemo import stop_signals
+from minitron_nemo import runtime, stop_signals
 from minitron_nemo.errors import UserError
 from minitron_nemo.outputs import write_error
 
 
-def _say(line: str, code: int):
+PEER_WAIT_S = 3.0  # how long a rank other than 0 holds its line back (see ``_say``)
+
+
+def _say(line: str, code: int, peers_too: bool = True):
+    """Print ``line`` and exit ``code``: at once on rank 0 (and in a single process). Every rank of a job
+    checks the same config and files, so rank 0 normally meets the same failure and speaks for all; the
+    launcher (torchrun, ``srun --kill-on-bad-exit``) then stops the other ranks while they wait, quietly. A
+    failure met by one other rank alone is still shown after the wait, naming the rank (``peers_too``)."""
+    r = runtime.rank()
+    if r != 0:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, lambda *_: os._exit(code))
+        if not peers_too:
+            sys.exit(code)
+        time.sleep(PEER_WAIT_S)
+        line = line.replace("error: ", f"error: rank {r}: ", 1)
     print(line, file=sys.stderr, flush=True)
     sys.exit(code)
 
@@ -41,7 +59,7 @@ def user_errors_exit(fn):
         except (KeyboardInterrupt, stop_signals.Interrupted) as e:
             signum = getattr(e, "signum", signal.SIGINT)
             _say(f"interrupted by {signal.Signals(signum).name}; outputs are written atomically, so none was "
-                 f"left half-written; re-run the same command to continue", 128 + signum)
+                 f"left half-written; re-run the same command to continue", 128 + signum, peers_too=False)
         except BrokenPipeError:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
             sys.exit(128 + signal.SIGPIPE)

@@ -53,6 +53,24 @@ def _env_from_slurm() -> None:
     os.environ.setdefault("MASTER_PORT", "29500")
 
 
+def world_size() -> int:
+    """The number of ranks: torch.distributed's once it is initialised, before that the launcher's."""
+    if dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ else 1
+
+
+def check_world(world: int, tp: int, pp: int, ep: int) -> None:
+    """The launcher's world size against the layout, before any process group starts (every rank reaches
+    the same verdict, so rank 0's line is the one shown)."""
+    if world % (tp * pp) != 0:
+        raise UserError(f"world size {world} is not divisible by tensor x pipeline parallel {tp}x{pp}; "
+                        f"allowed: a multiple of {tp * pp} processes")
+    if world % (tp * pp * ep) != 0:
+        raise UserError(f"world size {world} is not divisible by tensor x pipeline x expert parallel "
+                        f"{tp}x{pp}x{ep}; allowed: a multiple of {tp * pp * ep} processes")
+
+
 def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
                      seed: int = 1234, timeout_minutes: int = 30, expert_model_parallel_size: int = 1) -> None:
     """Initialise torch.distributed (torchrun, srun or a single process) and Megatron parallel state.
@@ -65,6 +83,7 @@ def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_paralle
     if cpu_mode():
         enable_cpu_mode()
     _env_from_slurm()
+    check_world(world_size(), tensor_model_parallel_size, pipeline_model_parallel_size, expert_model_parallel_size)
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -74,14 +93,6 @@ def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_paralle
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="gloo" if cpu_mode() else "nccl",
                                 timeout=datetime.timedelta(minutes=timeout_minutes))
-    world = dist.get_world_size()
-    mp = tensor_model_parallel_size * pipeline_model_parallel_size
-    if world % mp != 0:
-        raise UserError(f"world size {world} is not divisible by tensor x pipeline parallel "
-                        f"{tensor_model_parallel_size}x{pipeline_model_parallel_size}")
-    if world % (mp * expert_model_parallel_size) != 0:
-        raise UserError(f"world size {world} is not divisible by tensor x pipeline x expert parallel "
-                        f"{tensor_model_parallel_size}x{pipeline_model_parallel_size}x{expert_model_parallel_size}")
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
