@@ -197,37 +197,66 @@ def iter_documents(paths: list[Path], doc: str = "file", json_key: str = "text")
         yield from (t for t in parts if t.strip())
 
 
+@contextlib.contextmanager
+def atomic_indexed(prefixes: dict):
+    """``IndexedDatasetBuilder`` per output prefix (``{prefix: numpy dtype}``), written under temp names and
+    renamed together when the block ends without an error; on any failure (bad input, disk full, interrupt)
+    the temp files are removed and existing outputs stay intact. An ``OSError`` while writing (e.g. ENOSPC)
+    becomes a ``UserError`` naming the output. Yields ``{prefix: builder}``."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    tmps = {str(p): f"{p}.tmp-{os.getpid()}" for p in prefixes}
+    builders = {}
+    try:
+        for p, dtype in prefixes.items():
+            Path(p).parent.mkdir(parents=True, exist_ok=True)
+            builders[str(p)] = IndexedDatasetBuilder(tmps[str(p)] + ".bin", dtype=dtype)
+        yield builders
+        for p, b in builders.items():
+            b.finalize(tmps[p] + ".idx")  # closes the .bin, writes the .idx
+        for p, tmp in tmps.items():
+            os.replace(tmp + ".bin", p + ".bin")
+            os.replace(tmp + ".idx", p + ".idx")
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        names = ", ".join(f"{p}.bin/.idx" for p in tmps)
+        raise UserError(f"cannot write the dataset {names}{where}: {e.strerror or e}") from None
+    finally:
+        for b in builders.values():
+            with contextlib.suppress(OSError):  # closing may fail again on a full disk
+                b.data_file.close()
+        for tmp in tmps.values():
+            for ext in (".bin", ".idx"):
+                with contextlib.suppress(OSError):
+                    os.remove(tmp + ext)
+
+
 def write_indexed_dataset(docs: Iterable[str], tokenizer: HFTokenizer, output_prefix, batch_docs: int = 256,
                           log: Callable[[str], None] | None = None, source: str | None = None) -> dict:
-    """Tokenize ``docs`` (EOD appended to each) into ``output_prefix.bin/.idx``; returns stats.
-
-    Written under temp names and renamed at the end, so an existing dataset stays intact on failure;
-    the temp files are removed on any failure (bad input, disk full, interrupt). No documents at all is
-    a ``UserError`` (naming ``source``, the input's description): a 0-document dataset cannot train. An
-    ``OSError`` while writing (e.g. ENOSPC) becomes a ``UserError`` naming the output.
+    """Tokenize ``docs`` (EOD appended to each) into ``output_prefix.bin/.idx`` (``atomic_indexed``);
+    returns stats. No documents at all is a ``UserError`` (naming ``source``, the input's description): a
+    0-document dataset cannot train.
     """
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+    from megatron.core.datasets.indexed_dataset import DType
 
     if batch_docs < 1:
         raise ValueError(f"batch_docs must be >= 1, got {batch_docs}")
     prefix = str(output_prefix)
-    tmp = f"{prefix}.tmp-{os.getpid()}"
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     n_docs = n_tokens = 0
     t0 = last = time.time()
-    builder = None
 
-    def flush(batch):
-        nonlocal n_docs, n_tokens
-        for ids in tokenizer.tokenize_batch(batch):
-            if not ids or ids[-1] != tokenizer.eod:
-                ids = ids + [tokenizer.eod]
-            builder.add_document(np.asarray(ids, dtype=dtype), [len(ids)])
-            n_docs, n_tokens = n_docs + 1, n_tokens + len(ids)
+    with atomic_indexed({prefix: dtype}) as builders:
+        builder = builders[prefix]
 
-    try:
-        Path(prefix).parent.mkdir(parents=True, exist_ok=True)
-        builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
+        def flush(batch):
+            nonlocal n_docs, n_tokens
+            for ids in tokenizer.tokenize_batch(batch):
+                if not ids or ids[-1] != tokenizer.eod:
+                    ids = ids + [tokenizer.eod]
+                builder.add_document(np.asarray(ids, dtype=dtype), [len(ids)])
+                n_docs, n_tokens = n_docs + 1, n_tokens + len(ids)
+
         batch = []
         for d in docs:
             batch.append(d)
@@ -242,19 +271,6 @@ def write_indexed_dataset(docs: Iterable[str], tokenizer: HFTokenizer, output_pr
         if n_docs == 0:
             raise UserError(f"{source or 'the input'} holds no documents (only empty or blank text); "
                             f"allowed: input with at least one non-blank document")
-        builder.finalize(tmp + ".idx")  # closes the .bin, writes the .idx
-        os.replace(tmp + ".bin", prefix + ".bin")
-        os.replace(tmp + ".idx", prefix + ".idx")
-    except OSError as e:
-        where = f" ({e.filename})" if e.filename else ""
-        raise UserError(f"cannot write the dataset {prefix}.bin/.idx{where}: {e.strerror or e}") from None
-    finally:
-        if builder is not None:
-            with contextlib.suppress(OSError):  # closing may fail again on a full disk
-                builder.data_file.close()
-        for ext in (".bin", ".idx"):
-            with contextlib.suppress(OSError):
-                os.remove(tmp + ext)
     dt = max(time.time() - t0, 1e-9)
     return {"docs": n_docs, "tokens": n_tokens, "seconds": dt, "tokens_per_s": n_tokens / dt}
 
