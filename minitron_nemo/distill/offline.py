@@ -32,7 +32,7 @@ def identity(cfg, kd_cfg: DistillationConfig, t_path, t_mc) -> dict:
     d = cfg.data
     return {"format": cache.FORMAT, "teacher": str(t_path), "teacher_fingerprint": cache.teacher_fingerprint(t_path),
             "tokenizer": store.tokenizer_digest(t_path), "data_source": d.source, "seq_length": int(d.seq_length),
-            "seed": int(cfg.seed), "split": str(d.split) if d.source == "indexed" else None,
+            "seed": int(cfg.seed), "split": str(d.split) if d.source in ("indexed", "chat") else None,
             "temperature": float(kd_cfg.logit_kl_temperature), "padded_vocab_size": t_mc.padded_vocab_size}
 
 

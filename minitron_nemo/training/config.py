@@ -27,6 +27,7 @@ class DataConfig:
     seq_length: int = 1024
     valid_samples: int = 16
     test_tokens: Optional[int] = None
+    answer_only: bool = True             # data.source=chat: the loss on answer tokens only (else all tokens)
 
     def check(self, at: str) -> None:
         tdata.check(self)  # the source and what it needs (text files, a readable blend)

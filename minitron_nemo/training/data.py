@@ -1,8 +1,10 @@
 """Training data for the recipes: text files or Megatron blends -> GPT datasets -> micro-batches.
 
 ``data.source``: ``shakespeare`` (the cached by-play split), ``text`` (``data.train_text`` /
-``valid_text`` / ``test_text``, tokenized once into ``WORKDIR/data``) or ``indexed`` (``data.blend``
-split by ``data.split``, or ``data.blend`` + ``data.valid_blend``).
+``valid_text`` / ``test_text``, tokenized once into ``WORKDIR/data``), ``indexed`` (``data.blend``
+split by ``data.split``, or ``data.blend`` + ``data.valid_blend``) or ``chat`` (conversations written by
+``recipes/preprocess_data.py format=chat``, one per sample, the loss on answer tokens unless
+``data.answer_only=false``: ``data/chat_samples.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from minitron_nemo import runtime
 from minitron_nemo.data import indexed
 from minitron_nemo.errors import UserError
 
-SOURCES = ("shakespeare", "text", "indexed")
+SOURCES = ("shakespeare", "text", "indexed", "chat")
 
 
 def text_files(dcfg) -> dict:
@@ -37,6 +39,15 @@ def check(dcfg) -> None:
         raise UserError(f"data.source={dcfg.source!r}; allowed: {', '.join(SOURCES)}")
     if dcfg.source == "text" and not dcfg.train_text:
         raise UserError("data.source=text needs data.train_text=FILE")
+    if dcfg.source == "chat":
+        if not dcfg.blend:
+            raise UserError("data.source=chat needs data.blend=PREFIX (written by recipes/preprocess_data.py "
+                            "format=chat)")
+        from minitron_nemo.data.chat_samples import open_chat_prefix
+
+        open_chat_prefix(dcfg.blend, "data.blend")
+        if dcfg.valid_blend:
+            open_chat_prefix(dcfg.valid_blend, "data.valid_blend")
     if dcfg.source == "indexed":
         if not dcfg.blend:
             raise UserError("data.source=indexed needs data.blend=PREFIX (or a weighted blend)")
@@ -68,6 +79,11 @@ def build(dcfg, tokenizer_dir, workdir, train_samples: int, seed: int):
     tok = indexed.HFTokenizer(tokenizer_dir)
     seq = int(dcfg.seq_length)
     valid_samples = int(dcfg.valid_samples)
+    if dcfg.source == "chat":
+        from minitron_nemo.data.chat_samples import build_chat_datasets
+
+        return build_chat_datasets(dcfg, tok.pad if tok.pad >= 0 else tok.eod, (train_samples, valid_samples), seed,
+                                   log=runtime.print0)
     if dcfg.source == "indexed":
         if dcfg.valid_blend:
             per = [dcfg.blend, dcfg.valid_blend, None]

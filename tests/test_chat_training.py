@@ -1,0 +1,113 @@
+"""Training on chat data (``data.source=chat``): one conversation per sample, the loss on answer tokens;
+the validation loss ``recipes/distill.py`` reports equals the answer-token loss ``transformers`` computes
+for the same conversation, and differs from the all-token loss it reports with ``data.answer_only=false``."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_main
+
+WORDS = "love death crown storm night king sea ghost sword letter".split()
+
+
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's real tokenizer and chat template (HF and imported), and 40
+    short conversations preprocessed in that template."""
+    import transformers as tf
+
+    from hf_models import hf_config
+    from minitron_nemo.data import assets
+
+    d = tmp_path_factory.mktemp("chat")
+    smol = assets.smollm2_hf_dir()
+    cfg = hf_config("llama")
+    cfg.vocab_size = 49152  # SmolLM2's vocabulary
+    torch.manual_seed(0)
+    tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(d / "hf")
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(smol / f, d / "hf" / f)
+    rng = random.Random(0)
+    with open(d / "c.jsonl", "w") as f:
+        for i in range(40):
+            a, b = rng.sample(WORDS, 2)
+            f.write(json.dumps({"messages": [
+                {"role": "user", "content": f"Tell me about the {a} and the {b}."},
+                {"role": "assistant", "content": f"The {a} meets the {b} in act {i % 5 + 1}."}]}) + "\n")
+    for script, args in (("recipes/import_hf.py", [f"source={d / 'hf'}", f"output={d / 'ckpt'}"]),
+                         ("recipes/preprocess_data.py", ["format=chat", f"input={d / 'c.jsonl'}",
+                                                         f"tokenizer={d / 'hf'}", f"output_prefix={d / 'chat'}"])):
+        p = run_main(script, *args)
+        assert p.returncode == 0, p.stderr[-3000:]
+    return d
+
+
+def example(prefix, index: int) -> dict:
+    p = run_main("recipes/inspect_data.py", f"prefix={prefix}", f"index={index}")
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+def test_samples_are_conversations_with_shifted_answer_masks(chat):
+    from omegaconf import OmegaConf
+
+    from minitron_nemo.data.chat_samples import build_chat_datasets
+
+    dcfg = OmegaConf.create({"blend": str(chat / "chat"), "valid_blend": None, "split": "969,30,1",
+                             "seq_length": 32, "answer_only": True})
+    train, valid = build_chat_datasets(dcfg, pad_id=2, samples=(80, 1), seed=5, log=lambda m: None)
+    assert len(train) == 80 and len(valid) == 1
+    seen = []
+    for i in range(len(train)):
+        s, d = train[i], train.doc_of(i)
+        ex = example(chat / "chat", d) if i < 3 else None
+        seen.append(d)
+        if ex is None:
+            continue
+        ids, mask, n = ex["tokens"], ex["loss_mask"], min(len(ex["tokens"]) - 1, 32)
+        assert s["tokens"][:n].tolist() == ids[:n] and s["labels"][:n].tolist() == ids[1:n + 1]
+        assert s["loss_mask"][:n].tolist() == mask[1:n + 1] and not s["loss_mask"][n:].any()
+        assert (s["tokens"][n:] == 2).all()
+    assert sorted(seen[:39]) == list(range(39)) and sorted(seen[39:78]) == list(range(39))  # every conversation
+    assert seen[:39] != seen[39:78]  # once per epoch, in a new order each epoch
+    again, _ = build_chat_datasets(dcfg, pad_id=2, samples=(80, 1), seed=5, log=lambda m: None)
+    assert all(torch.equal(train[i]["tokens"], again[i]["tokens"]) for i in (0, 41, 79))  # the seed fixes it
+    assert valid.doc_of(0) == 39
+
+
+def reference_loss(chat, answer_only: bool) -> float:
+    """The teacher's next-token loss on the validation conversation (document 39), from transformers."""
+    import transformers as tf
+
+    ex = example(chat / "chat", 39)
+    model = tf.AutoModelForCausalLM.from_pretrained(chat / "hf", dtype=torch.float32).eval()
+    ids = torch.tensor([ex["tokens"]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+    nll = -logp.gather(1, ids[0, 1:, None])[:, 0]
+    mask = torch.tensor(ex["loss_mask"][1:], dtype=torch.float64) if answer_only else torch.ones_like(nll)
+    return float((nll * mask).sum() / mask.sum())
+
+
+@pytest.mark.parametrize("answer_only", [True, False])
+def test_distill_reports_the_answer_token_loss(tmp_path, chat, answer_only):
+    p = run_main("recipes/distill.py", "~model", f"teacher.checkpoint={chat / 'ckpt'}", "teacher.corrected_checkpoint=null",
+                 "teacher.held_out=false", "teacher.max_loss_fraction=10", f"student.checkpoint={chat / 'ckpt'}",
+                 f"workdir={tmp_path / 'job'}", "data=chat", f"data.blend={chat / 'chat'}",
+                 f"data.answer_only={str(answer_only).lower()}", "data.seq_length=64", "data.valid_samples=1",
+                 "trainer.train_iters=2", "trainer.warmup_iters=0", "trainer.micro_batch_size=1", "trainer.global_batch_size=2",
+                 "trainer.tensorboard=false", "checkpointing.save_interval=null")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"loss on {'answer' if answer_only else 'all'} tokens" in p.stdout
+    got = float(re.search(r"\[valid\] iter 0 \| .*teacher_lm ([0-9.]+)", p.stdout).group(1))
+    want, other = reference_loss(chat, answer_only), reference_loss(chat, not answer_only)
+    assert abs(got - want) < 2e-4 and abs(other - want) > 1e-2, (got, want, other)
+    assert np.isfinite(json.loads((tmp_path / "job" / "results.json").read_text())["seconds"])
