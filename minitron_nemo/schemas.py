@@ -186,6 +186,9 @@ class TrainingJob(Common):
         super().check(at)
         t = self.trainer
         t.check_batches()
+        if self.data.packing and t.micro_batch_size != 1:
+            raise UserError(f"data.packing=true needs trainer.micro_batch_size=1 (a packed sequence is the "
+                            f"micro-batch), got {t.micro_batch_size}; allowed: 1, with a longer data.seq_length")
         if t.train_iters is None and t.train_tokens is None:
             raise UserError("set trainer.train_iters=N or trainer.train_tokens=N")
 

@@ -1,6 +1,7 @@
-"""Training on chat data (``data.source=chat``): one conversation per sample, the loss on answer tokens;
-the validation loss ``recipes/distill.py`` reports equals the answer-token loss ``transformers`` computes
-for the same conversation, and differs from the all-token loss it reports with ``data.answer_only=false``."""
+"""Training on chat data (``data.source=chat``): one conversation per sample (or several, packed), the
+loss on answer tokens; the validation loss ``recipes/distill.py`` reports equals the answer-token loss
+``transformers`` computes for the same conversation, and differs from the all-token loss it reports with
+``data.answer_only=false``; packed documents' logits equal their logits alone at TP=2 and PP=2."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_main
+from conftest import ROOT, run_main, run_torchrun
+from test_user_errors import assert_one_line
 
 WORDS = "love death crown storm night king sea ghost sword letter".split()
 
@@ -31,6 +33,7 @@ def chat(tmp_path_factory):
     smol = assets.smollm2_hf_dir()
     cfg = hf_config("llama")
     cfg.vocab_size = 49152  # SmolLM2's vocabulary
+    cfg.max_position_embeddings = 8192  # as long as its rope scaling's original context
     torch.manual_seed(0)
     tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(d / "hf")
     for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
@@ -97,17 +100,63 @@ def reference_loss(chat, answer_only: bool) -> float:
     return float((nll * mask).sum() / mask.sum())
 
 
-@pytest.mark.parametrize("answer_only", [True, False])
-def test_distill_reports_the_answer_token_loss(tmp_path, chat, answer_only):
-    p = run_main("recipes/distill.py", "~model", f"teacher.checkpoint={chat / 'ckpt'}", "teacher.corrected_checkpoint=null",
-                 "teacher.held_out=false", "teacher.max_loss_fraction=10", f"student.checkpoint={chat / 'ckpt'}",
-                 f"workdir={tmp_path / 'job'}", "data=chat", f"data.blend={chat / 'chat'}",
-                 f"data.answer_only={str(answer_only).lower()}", "data.seq_length=64", "data.valid_samples=1",
-                 "trainer.train_iters=2", "trainer.warmup_iters=0", "trainer.micro_batch_size=1", "trainer.global_batch_size=2",
-                 "trainer.tensorboard=false", "checkpointing.save_interval=null")
+def distill(chat, work, *extra):
+    return run_main("recipes/distill.py", "~model", f"teacher.checkpoint={chat / 'ckpt'}",
+                    "teacher.corrected_checkpoint=null", "teacher.held_out=false", "teacher.max_loss_fraction=10",
+                    f"student.checkpoint={chat / 'ckpt'}", f"workdir={work}", "data=chat", f"data.blend={chat / 'chat'}",
+                    "data.seq_length=64", "data.valid_samples=1", "trainer.train_iters=2", "trainer.warmup_iters=0",
+                    "trainer.micro_batch_size=1", "trainer.global_batch_size=2", "trainer.tensorboard=false",
+                    "checkpointing.save_interval=null", *extra)
+
+
+@pytest.mark.parametrize("answer_only, packing", [(True, False), (False, False), (True, True)])
+def test_distill_reports_the_answer_token_loss(tmp_path, chat, answer_only, packing):
+    p = distill(chat, tmp_path / "job", f"data.answer_only={str(answer_only).lower()}",
+                f"data.packing={str(packing).lower()}")
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"loss on {'answer' if answer_only else 'all'} tokens" in p.stdout
+    assert ("[data] packing: padding" in p.stdout) == packing
     got = float(re.search(r"\[valid\] iter 0 \| .*teacher_lm ([0-9.]+)", p.stdout).group(1))
     want, other = reference_loss(chat, answer_only), reference_loss(chat, not answer_only)
     assert abs(got - want) < 2e-4 and abs(other - want) > 1e-2, (got, want, other)
     assert np.isfinite(json.loads((tmp_path / "job" / "results.json").read_text())["seconds"])
+
+
+def test_packed_samples_hold_whole_conversations(chat):
+    from omegaconf import OmegaConf
+
+    from minitron_nemo.data.chat_samples import build_chat_datasets
+
+    dcfg = OmegaConf.create({"blend": str(chat / "chat"), "valid_blend": None, "split": "98,2,0",
+                             "seq_length": 128, "answer_only": True, "packing": True})
+    said = []
+    train, _ = build_chat_datasets(dcfg, pad_id=2, samples=(24, 1), seed=5, log=said.append)
+    fractions = re.search(r"padding ([0-9.]+)% of positions unpacked, ([0-9.]+)% packed", said[-1])
+    assert float(fractions.group(2)) < float(fractions.group(1)) / 2, said
+    seen = []
+    for i in range(len(train)):
+        s, docs = train[i], train.bin(i)
+        seg = s["segment_ids"].tolist()
+        at = 0
+        for k, d in enumerate(docs):
+            ex = example(chat / "chat", d)
+            n = len(ex["tokens"])
+            assert s["tokens"][at:at + n].tolist() == ex["tokens"] and seg[at:at + n] == [k] * n
+            assert s["position_ids"][at:at + n].tolist() == list(range(n))
+            assert s["labels"][at:at + n - 1].tolist() == ex["tokens"][1:]
+            assert s["loss_mask"][at:at + n].tolist() == ex["loss_mask"][1:] + [0.0]  # nothing across documents
+            at += n
+        assert not s["loss_mask"][at:].any() and set(seg[at:]) <= {len(docs)} and at > 128 - 60
+        seen += docs
+    assert sorted(seen[:39]) == list(range(39))  # the first epoch: every conversation once
+
+
+def test_packed_logits_equal_each_conversation_alone_at_tp2_and_pp2(chat):
+    p = run_torchrun(ROOT / "tests" / "workers" / "packing_worker.py", 2, chat / "ckpt")
+    assert p.stdout.count("max|packed - alone|") == 2
+
+
+def test_packing_needs_one_sequence_per_micro_batch(tmp_path, chat):
+    p = distill(chat, tmp_path / "job", "data.packing=true", "trainer.micro_batch_size=2")
+    assert_one_line(p, 2, "data.packing=true needs trainer.micro_batch_size=1", "got 2")
+    assert not (tmp_path / "job").exists()

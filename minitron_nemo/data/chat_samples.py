@@ -6,6 +6,10 @@ A sample holds ``tokens`` (the conversation's first ``seq_length`` tokens), ``la
 ``position_ids``, as ``indexed.batches`` expects. Padding has loss mask 0. A conversation longer than
 ``seq_length + 1`` tokens is cut (counted when the datasets are built). Samples visit the conversations
 in a seeded order, reshuffled every epoch, so a job's data order depends on the seed alone.
+
+``data.packing=true`` (``PackedChatSamples``): consecutive conversations of that order fill a sample until
+the next one does not fit, each with its own positions and labels (its last token predicts nothing), and
+``segment_ids`` tell the model where each begins (``models/packing.py``: no attention across them).
 """
 
 from __future__ import annotations
@@ -70,6 +74,63 @@ class ChatSamples(torch.utils.data.Dataset):
                 "loss_mask": torch.from_numpy(loss_mask), "position_ids": torch.arange(self.seq)}
 
 
+class PackedChatSamples(ChatSamples):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._bins: list = []   # the conversations of each packed sample, built in order on demand
+        self._next = 0          # the next position in the conversation stream
+
+    def bin(self, i: int) -> list:
+        while len(self._bins) <= i:
+            docs, used = [], 0
+            while True:
+                d = self.doc_of(self._next)
+                n = min(int(self.tokens.sequence_lengths[d]), self.seq)
+                if docs and used + n > self.seq:
+                    break
+                docs.append(d)
+                used += n
+                self._next += 1
+            self._bins.append(docs)
+        return self._bins[i]
+
+    def __getitem__(self, i: int) -> dict:
+        tokens = np.full(self.seq, self.pad, dtype=np.int64)
+        labels = np.full(self.seq, self.pad, dtype=np.int64)
+        loss_mask = np.zeros(self.seq, dtype=np.float32)
+        positions = np.zeros(self.seq, dtype=np.int64)
+        segments = np.zeros(self.seq, dtype=np.int64)
+        at = 0
+        for k, d in enumerate(self.bin(i)):
+            ids = np.asarray(self.tokens[d][: self.seq], dtype=np.int64)
+            n = len(ids)
+            tokens[at:at + n], labels[at:at + n - 1] = ids, ids[1:]
+            if self.answer_only:
+                loss_mask[at:at + n - 1] = np.asarray(self.masks[d][1:n], dtype=np.float32)
+            else:
+                loss_mask[at:at + n - 1] = 1.0
+            positions[at:at + n], segments[at:at + n] = np.arange(n), k
+            at += n
+        segments[at:] = len(self.bin(i))  # the padding: a segment of its own
+        positions[at:] = np.arange(self.seq - at)
+        return {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
+                "loss_mask": torch.from_numpy(loss_mask), "position_ids": torch.from_numpy(positions),
+                "segment_ids": torch.from_numpy(segments)}
+
+
+def padding_fractions(lengths: np.ndarray, seq: int) -> tuple:
+    """The fraction of padding positions one epoch of these conversations has unpacked (one per sample)
+    and packed (greedily, in this order)."""
+    n = np.minimum(lengths, seq)
+    unpacked = 1 - np.minimum(lengths - 1, seq).sum() / (len(lengths) * seq)
+    bins, used = 1, 0
+    for x in n:
+        if used and used + x > seq:
+            bins, used = bins + 1, 0
+        used += x
+    return float(unpacked), float(1 - n.sum() / (bins * seq))
+
+
 def split_documents(n: int, split: str) -> tuple:
     """Document indices for train and valid from ``split`` weights ("969,30,1": the first two used)."""
     try:
@@ -97,7 +158,12 @@ def build_chat_datasets(dcfg, pad_id: int, samples: tuple, seed: int, log=print)
     log(f"[data] chat {Path(str(dcfg.blend)).name}: {len(train_docs)} train / {len(valid_docs)} valid "
         f"conversations, loss on {'answer tokens' if answer_only else 'all tokens'}"
         f"{f', {cut} longer than seq_length+1 cut' if cut else ''}")
-    train = ChatSamples(tokens, masks, train_docs, seq, samples[0] or len(train_docs), seed, pad_id, answer_only)
-    valid = ChatSamples(*valid_source, valid_docs, seq, samples[1] or len(valid_docs), seed + 1, pad_id,
-                        answer_only) if len(valid_docs) and samples[1] else None
+    packing = bool(dcfg.get("packing", False))
+    if packing:
+        unpacked, packed = padding_fractions(tokens.sequence_lengths[train_docs], seq)
+        log(f"[data] packing: padding {unpacked:.1%} of positions unpacked, {packed:.1%} packed")
+    kind = PackedChatSamples if packing else ChatSamples
+    train = kind(tokens, masks, train_docs, seq, samples[0] or len(train_docs), seed, pad_id, answer_only)
+    valid = kind(*valid_source, valid_docs, seq, samples[1] or len(valid_docs), seed + 1, pad_id,
+                 answer_only) if len(valid_docs) and samples[1] else None
     return train, valid

@@ -31,6 +31,7 @@ import torch
 from minitron_nemo.errors import UserError
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+PACKED_KEYS = ("segment_ids",)  # packed samples (data/chat_samples.py): the document of each position
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
@@ -492,7 +493,7 @@ def batches(dataset, micro_batch_size: int, dp_rank: int | None = None, dp_size:
             i = 0
         first = i + dp_rank * micro_batch_size
         items = [dataset[j] for j in range(first, first + micro_batch_size)]
-        batch = {k: torch.stack([s[k] for s in items]) for k in BATCH_KEYS}
+        batch = {k: torch.stack([s[k] for s in items]) for k in BATCH_KEYS + PACKED_KEYS if k in items[0]}
         batch["index"] = torch.arange(first, first + micro_batch_size)  # dataset sample ids (teacher cache)
         yield batch
         i += step

@@ -25,6 +25,7 @@ from minitron_nemo.distill.losses import _masked, balance, logits_kl_loss, resol
 from minitron_nemo.distill.online import token_nll
 from minitron_nemo.distill.bucket_kl import bucket_kl
 from minitron_nemo.errors import UserError
+from minitron_nemo.models.packing import model_inputs
 
 
 def identity(cfg, kd_cfg: DistillationConfig, t_path, t_mc) -> dict:
@@ -80,8 +81,8 @@ def tag_valid(batches: list) -> list:
 
 def make_forward(tc: cache.TeacherCache):
     def forward(model, batch):
-        dev = runtime.device()
-        out = model(batch["tokens"].to(dev), batch["position_ids"].to(dev), None)
+        args, kwargs = model_inputs(batch, runtime.device())
+        out = model(*args, **kwargs)
         if not parallel_state.is_pipeline_last_stage():
             return out
         return {"student": out, "cached": tc.lookup(batch.get("split", "train"), batch["index"], batch["tokens"],

@@ -25,6 +25,7 @@ from minitron_nemo.distill.config import DistillationConfig
 from minitron_nemo.distill.losses import HiddenProjection, distillation_loss
 from minitron_nemo.errors import UserError
 from minitron_nemo.models.config import ModelConfig
+from minitron_nemo.models.packing import model_inputs
 
 
 def _unwrap(m):
@@ -89,11 +90,11 @@ class KDStage(nn.Module):
         _unwrap(self.student).set_input_tensor(s_in)
         self.teacher[0].set_input_tensor(t_in.detach() if t_in is not None else None)
 
-    def forward(self, tokens, position_ids, attention_mask, labels=None):
+    def forward(self, tokens, position_ids, attention_mask, labels=None, packed_seq_params=None):
         self._captured.clear()
         with torch.no_grad():
-            t_out = self.teacher[0](tokens, position_ids, attention_mask)
-        s_out = self.student(tokens, position_ids, attention_mask)
+            t_out = self.teacher[0](tokens, position_ids, attention_mask, packed_seq_params=packed_seq_params)
+        s_out = self.student(tokens, position_ids, attention_mask, packed_seq_params=packed_seq_params)
         if not self.post_process:
             return torch.cat([s_out, t_out.detach().to(s_out.dtype)], dim=-1)
         n = len(self.kd_cfg.intermediate_layer_pairs)
@@ -126,8 +127,8 @@ def token_nll(logits, labels):
 
 
 def kd_forward(model, batch):
-    dev = runtime.device()
-    return model(batch["tokens"].to(dev), batch["position_ids"].to(dev), None)
+    args, kwargs = model_inputs(batch, runtime.device())
+    return model(*args, **kwargs)
 
 
 def _masked_mean(x, mask):

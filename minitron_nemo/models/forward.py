@@ -15,6 +15,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from minitron_nemo import runtime
+from minitron_nemo.models.packing import model_inputs
 
 
 def position_ids_like(tokens: torch.Tensor) -> torch.Tensor:
@@ -35,9 +36,8 @@ def run_forward(model, batches: List[dict], on_output: Callable[[torch.Tensor, d
 
     def step(data_iterator, m):
         batch = next(data_iterator)
-        tokens = batch["tokens"].to(dev)
-        out = m(tokens, position_ids_like(tokens), None,
-                labels=batch["labels"].to(dev) if labels else None)
+        args, kwargs = model_inputs({k: v for k, v in batch.items() if k != "position_ids"}, dev)
+        out = m(*args, labels=batch["labels"].to(dev) if labels else None, **kwargs)
 
         def loss_func(output):
             on_output(output, batch)
@@ -55,14 +55,15 @@ def run_forward(model, batches: List[dict], on_output: Callable[[torch.Tensor, d
     model.train(was_training)
 
 
-def full_logits(model, tokens: torch.Tensor):
-    """Full-vocabulary fp32 logits ``[b, s, V_padded]`` on every rank (for checks and small evals)."""
+def full_logits(model, tokens: torch.Tensor, segment_ids: torch.Tensor | None = None):
+    """Full-vocabulary fp32 logits ``[b, s, V_padded]`` on every rank (for checks and small evals);
+    ``segment_ids``: a packed row's documents (``models/packing.py``)."""
     results = []
 
     def keep(output, batch):
         results.append(tensor_parallel.gather_from_tensor_model_parallel_region(output).float())
 
-    run_forward(model, [{"tokens": tokens}], keep)
+    run_forward(model, [{"tokens": tokens, "segment_ids": segment_ids}], keep)
     out = results[0] if results else None
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         holder = [out]

@@ -21,19 +21,31 @@ class SDPAttention(DotProductAttention):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
-        assert packed_seq_params is None and attention_bias is None
-        q = query.permute(1, 2, 0, 3)
-        k = key.permute(1, 2, 0, 3)
-        v = value.permute(1, 2, 0, 3)
+        assert attention_bias is None
+        if packed_seq_params is not None:
+            return self._packed(query, key, value, packed_seq_params)
+        ctx = self._causal(query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3))
+        sq, b = query.shape[0], query.shape[1]
+        return ctx.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+
+    def _causal(self, q, k, v):
+        """Causal attention of ``[b, heads, s, d]`` queries over ``[b, groups, s, d]`` keys and values."""
         groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
         p = self.config.attention_dropout if self.training else 0.0
-        ctx = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True,
-                                             scale=self.softmax_scale)
-        sq, b = query.shape[0], query.shape[1]
-        return ctx.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=self.softmax_scale)
+
+    def _packed(self, query, key, value, params):
+        """THD format (``[t, heads, d]``, documents delimited by ``cu_seqlens_q``): causal within each document."""
+        assert params.qkv_format == "thd"
+        cu = params.cu_seqlens_q.tolist()
+        out = []
+        for a, b in zip(cu[:-1], cu[1:]):
+            q, k, v = (x[a:b].permute(1, 0, 2).unsqueeze(0) for x in (query, key, value))
+            out.append(self._causal(q, k, v)[0].permute(1, 0, 2))
+        return torch.cat(out).reshape(query.shape[0], self.hidden_size_per_partition)
 
 
 class TorchNorm(torch.nn.Module):

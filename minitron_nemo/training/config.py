@@ -28,12 +28,16 @@ class DataConfig:
     valid_samples: int = 16
     test_tokens: Optional[int] = None
     answer_only: bool = True             # data.source=chat: the loss on answer tokens only (else all tokens)
+    packing: bool = False                # data.source=chat: several conversations per sample (data/chat_samples.py)
 
     def check(self, at: str) -> None:
         tdata.check(self)  # the source and what it needs (text files, a readable blend)
         at_least(f"{at}.seq_length", self.seq_length, 1)
         at_least(f"{at}.valid_samples", self.valid_samples, 0)
         at_least(f"{at}.test_tokens", self.test_tokens, 1, optional=True)
+        if self.packing and self.source != "chat":
+            raise UserError(f"{at}.packing=true needs {at}.source=chat (got {self.source}); text sources fill every "
+                            f"sample already")
 
 
 @dataclass

@@ -24,6 +24,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 
 from minitron_nemo import stop_signals, runtime
+from minitron_nemo.models.packing import model_inputs
 from minitron_nemo.training import faults, moe_aux
 from minitron_nemo.training import state as ckpt
 from minitron_nemo.training.metrics import MetricsLog, plot_losses
@@ -33,7 +34,8 @@ from minitron_nemo.training.optim import cuda_type_names
 def lm_forward(model, batch):
     """Per-token LM loss ``[b, s]`` (last stage) or the hidden states (other stages)."""
     dev = runtime.device()
-    return model(batch["tokens"].to(dev), batch["position_ids"].to(dev), None, labels=batch["labels"].to(dev))
+    args, kwargs = model_inputs(batch, dev)
+    return model(*args, labels=batch["labels"].to(dev), **kwargs)
 
 
 def lm_loss(batch, output):
