@@ -100,11 +100,11 @@ def reference_loss(chat, answer_only: bool) -> float:
     return float((nll * mask).sum() / mask.sum())
 
 
-def distill(chat, work, *extra):
-    return run_main("recipes/distill.py", "~model", f"teacher.checkpoint={chat / 'ckpt'}",
+def distill(chat, work, *extra, script="recipes/distill.py", seq=64):
+    return run_main(script, "~model", f"teacher.checkpoint={chat / 'ckpt'}",
                     "teacher.corrected_checkpoint=null", "teacher.held_out=false", "teacher.max_loss_fraction=10",
                     f"student.checkpoint={chat / 'ckpt'}", f"workdir={work}", "data=chat", f"data.blend={chat / 'chat'}",
-                    "data.seq_length=64", "data.valid_samples=1", "trainer.train_iters=2", "trainer.warmup_iters=0",
+                    f"data.seq_length={seq}", "data.valid_samples=1", "trainer.train_iters=2", "trainer.warmup_iters=0",
                     "trainer.micro_batch_size=1", "trainer.global_batch_size=2", "trainer.tensorboard=false",
                     "checkpointing.save_interval=null", *extra)
 
@@ -160,3 +160,48 @@ def test_packing_needs_one_sequence_per_micro_batch(tmp_path, chat):
     p = distill(chat, tmp_path / "job", "data.packing=true", "trainer.micro_batch_size=2")
     assert_one_line(p, 2, "data.packing=true needs trainer.micro_batch_size=1", "got 2")
     assert not (tmp_path / "job").exists()
+
+
+def test_offline_distillation_from_a_cache_of_packed_chat_data(tmp_path, chat):
+    """The teacher cache of packed chat samples holds each conversation's log-probabilities as if it were
+    alone (checked against transformers), and distillation from it reports the teacher's answer-token
+    validation loss that transformers computes."""
+    import transformers as tf
+    from omegaconf import OmegaConf
+
+    from minitron_nemo.data.chat_samples import build_chat_datasets
+    from minitron_nemo.distill.cache import TeacherCache
+
+    p = distill(chat, tmp_path / "cache_job", "data.packing=true", f"cache.dir={tmp_path / 'cache'}",
+                script="recipes/cache_teacher.py", seq=128)
+    assert p.returncode == 0, p.stderr[-3000:]
+    tc = TeacherCache(tmp_path / "cache")
+    dcfg = OmegaConf.create({"blend": str(chat / "chat"), "valid_blend": None, "split": "98,2,0",
+                             "seq_length": 128, "answer_only": True, "packing": True})
+    train, _ = build_chat_datasets(dcfg, 2, (4, 1), int(tc.identity["seed"]), log=lambda m: None)
+    sample, docs = train[0], train.bin(0)
+    assert len(docs) >= 2
+    target = tc.lookup("train", [0], sample["tokens"][None], sample["labels"][None])["target"][0]
+    model = tf.AutoModelForCausalLM.from_pretrained(chat / "hf", dtype=torch.float32).eval()
+    at = 0
+    for d in docs:
+        ids = torch.tensor([example(chat / "chat", d)["tokens"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None])[:, 0]
+        n = ids.shape[1]
+        assert (target[at:at + n - 1] - logp).abs().max() < 1e-4, d
+        at += n
+
+    p = distill(chat, tmp_path / "job", "data.packing=true", f"distill.teacher_cache={tmp_path / 'cache'}", seq=128)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = float(re.search(r"\[valid\] iter 0 \| .*teacher_lm ([0-9.]+)", p.stdout).group(1))
+    assert abs(got - reference_loss(chat, True)) < 2e-4, got
+
+
+def test_the_first_kd_step_of_a_student_equal_to_its_teacher_is_zero(tmp_path, chat):
+    """fp32: the LM loss computed beside the KD loss must not change the student's logits (Megatron's
+    cross entropy works in place)."""
+    p = distill(chat, tmp_path / "job", "data.packing=true")
+    assert p.returncode == 0, p.stderr[-3000:]
+    line = re.search(r"\[train\] iter 1/2 \| lm [0-9.]+ logits (-?[0-9.]+) .*grad ([0-9.]+)", p.stdout)
+    assert float(line.group(1)) == 0.0 and float(line.group(2)) == 0.0, line.group(0)

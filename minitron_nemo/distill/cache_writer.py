@@ -15,7 +15,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 from minitron_nemo import runtime
-from minitron_nemo.data.indexed import BATCH_KEYS
+from minitron_nemo.data.indexed import BATCH_KEYS, PACKED_KEYS
 from minitron_nemo.distill import cache
 from minitron_nemo.distill.online import token_nll
 from minitron_nemo.distill.bucket_kl import teacher_topk
@@ -28,7 +28,7 @@ def micro_batches(samples: list, mbs: int) -> list:
     for j in range(0, len(samples), mbs):
         items = samples[j:j + mbs]
         items = items + [items[-1]] * (mbs - len(items))
-        out.append({k: torch.stack([s[k] for s in items]) for k in BATCH_KEYS})
+        out.append({k: torch.stack([s[k] for s in items]) for k in BATCH_KEYS + PACKED_KEYS if k in items[0]})
     return out
 
 

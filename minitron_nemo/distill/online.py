@@ -121,9 +121,13 @@ def freeze(model) -> None:
 
 
 def token_nll(logits, labels):
-    """Per-token next-token NLL ``[b, s]`` of vocab-parallel logits ``[b, s, V/TP]``."""
-    return tensor_parallel.vocab_parallel_cross_entropy(logits.float().transpose(0, 1).contiguous(),
-                                                        labels.transpose(0, 1).contiguous()).transpose(0, 1)
+    """Per-token next-token NLL ``[b, s]`` of vocab-parallel logits ``[b, s, V/TP]``. Megatron's
+    cross entropy works in place on the tensor it is given, so it gets a copy: ``logits`` (an fp32 model
+    output the KD loss reads next) stay as they were."""
+    x = logits.transpose(0, 1).contiguous().float()
+    if x.data_ptr() == logits.data_ptr():
+        x = x.clone()
+    return tensor_parallel.vocab_parallel_cross_entropy(x, labels.transpose(0, 1).contiguous()).transpose(0, 1)
 
 
 def kd_forward(model, batch):
