@@ -62,3 +62,23 @@ def make_hf_model(family: str, path: Path, seed: int = 0, std: float | None = No
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(path, safe_serialization=True)
     return Path(path)
+
+
+def make_chat_model(path: Path, seed: int = 0) -> Path:
+    """The random tiny Llama with SmolLM2-135M-Instruct's real tokenizer files and chat template (its
+    vocabulary of 49152), saved as an HF directory."""
+    import shutil
+
+    import transformers as tf
+
+    from minitron_nemo.data import assets
+
+    cfg = hf_config("llama")
+    cfg.vocab_size = 49152
+    cfg.max_position_embeddings = 16384  # longer than its rope scaling's original context
+    torch.manual_seed(seed)
+    tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(path)
+    smol = assets.smollm2_hf_dir()
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(smol / f, Path(path) / f)
+    return Path(path)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import random
 import re
-import shutil
 
 import numpy as np
 import pytest
@@ -24,20 +23,10 @@ WORDS = "love death crown storm night king sea ghost sword letter".split()
 def chat(tmp_path_factory):
     """A tiny random Llama with SmolLM2's real tokenizer and chat template (HF and imported), and 40
     short conversations preprocessed in that template."""
-    import transformers as tf
-
-    from hf_models import hf_config
-    from minitron_nemo.data import assets
+    from hf_models import make_chat_model
 
     d = tmp_path_factory.mktemp("chat")
-    smol = assets.smollm2_hf_dir()
-    cfg = hf_config("llama")
-    cfg.vocab_size = 49152  # SmolLM2's vocabulary
-    cfg.max_position_embeddings = 8192  # as long as its rope scaling's original context
-    torch.manual_seed(0)
-    tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(d / "hf")
-    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy(smol / f, d / "hf" / f)
+    make_chat_model(d / "hf")
     rng = random.Random(0)
     with open(d / "c.jsonl", "w") as f:
         for i in range(40):
