@@ -194,3 +194,19 @@ def test_the_first_kd_step_of_a_student_equal_to_its_teacher_is_zero(tmp_path, c
     assert p.returncode == 0, p.stderr[-3000:]
     line = re.search(r"\[train\] iter 1/2 \| lm [0-9.]+ logits (-?[0-9.]+) .*grad ([0-9.]+)", p.stdout)
     assert float(line.group(1)) == 0.0 and float(line.group(2)) == 0.0, line.group(0)
+
+
+def test_teacher_correction_and_pruning_calibration_on_chat_data(tmp_path, chat):
+    """The same chat data serves teacher correction (an answer-only fine-tune: its validation loss is the
+    answer-token loss transformers computes) and pruning calibration (the conversations' tokens)."""
+    p = distill(chat, tmp_path / "cw", "data.packing=true", f"teacher.corrected_checkpoint={tmp_path / 'corrected'}",
+                "correction.train_iters=1", "correction.warmup_iters=0", script="recipes/correct_teacher.py")
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = float(re.search(r"\[valid\] iter 0 \| lm ([0-9.]+)", p.stdout).group(1))
+    assert abs(got - reference_loss(chat, True)) < 2e-4, got
+    assert (tmp_path / "corrected" / "model.yaml").is_file()
+    p = run_main("recipes/prune.py", f"checkpoint={chat / 'ckpt'}", f"output={tmp_path / 'pruned'}",
+                 f"prune.calibration.data={chat / 'chat'}", "prune.calibration.num_samples=4",
+                 "prune.calibration.seq_length=32", "prune.target_ffn_hidden_size=48", "prune.grid=16")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "ffn 96->48" in p.stdout
