@@ -99,3 +99,13 @@ def test_bad_input_is_one_line(tmp_path, chat_model, name):
     p = run_main(RECIPE, *args)
     assert_one_line(p, 2, *needles)
     assert snapshot(tmp_path, chat_model) == before
+
+
+def test_batched_answers_equal_one_at_a_time(chat_model):
+    from minitron_nemo.eval.generate import load_hf
+    from minitron_nemo.eval.instruct import generate_chat, prompt_set
+
+    model, tok = load_hf(chat_model)
+    prompts = [p["prompt"] for p in prompt_set(5)]  # different lengths: left padding in a batch
+    one = generate_chat(model, tok, prompts, 6, batch_size=1, log=None)
+    assert generate_chat(model, tok, prompts, 6, batch_size=4, log=None) == one and all(one)

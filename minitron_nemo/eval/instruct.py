@@ -108,21 +108,27 @@ def score(prompts: list[dict], responses: list[str]) -> dict:
             **{k: v / (n if k.startswith("prompt") else max(n_instr, 1)) for k, v in acc.items()}, "rows": rows}
 
 
-def generate_chat(model, tok, prompts: list[str], max_new_tokens: int, log=print) -> list[str]:
-    """Greedy answers to single-turn user prompts through the tokenizer's chat template (stops at EOS);
-    progress with tokens/s and ETA."""
+def generate_chat(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int = 8, log=print) -> list[str]:
+    """Greedy answers to single-turn user prompts through the tokenizer's chat template (each stops at EOS),
+    ``batch_size`` prompts at a time (left-padded); progress with tokens/s and ETA."""
     out, t0, new = [], time.time(), 0
-    for i, prompt in enumerate(prompts):
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)["input_ids"].to(model.device)
-        with torch.no_grad():
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=max_new_tokens, pad_token_id=tok.eos_token_id)
-        answer = gen[0, ids.shape[1]:]
-        new += len(answer)
-        out.append(tok.decode(answer, skip_special_tokens=True))
-        dt = time.time() - t0
-        if log and (i + 1 == len(prompts) or dt > 10 * (1 + i // 10)):
-            log(f"[instruct] {i + 1}/{len(prompts)} prompts, {new / dt:.0f} tokens/s, "
-                f"ETA {dt / (i + 1) * (len(prompts) - i - 1):.0f}s")
+    side, tok.padding_side = tok.padding_side, "left"
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    try:
+        for i in range(0, len(prompts), batch_size):
+            texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                             tokenize=False) for p in prompts[i:i + batch_size]]
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            with torch.no_grad():
+                gen = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad)
+            for row in gen[:, enc["input_ids"].shape[1]:]:
+                answer = row[: int((row != pad).cumprod(0).sum()) + 1] if pad == tok.eos_token_id else row
+                new += int((row != pad).sum())
+                out.append(tok.decode(answer, skip_special_tokens=True))
+            dt, done = time.time() - t0, len(out)
+            if log:
+                log(f"[instruct] {done}/{len(prompts)} prompts, {new / dt:.0f} tokens/s, "
+                    f"ETA {dt / done * (len(prompts) - done):.0f}s")
+    finally:
+        tok.padding_side = side
     return out
