@@ -19,7 +19,8 @@ run themselves and leaves its outputs under WORKDIR; a rerun skips the stages al
   4. evaluate   recipes/evaluate.py: lm-eval tasks, greedy samples and generation throughput of the
                 corrected teacher and the width and depth students
   then         recipes/experiments/compression_study.py: the budget search ranked by short distillation
-                (recipes/prune.py) and iterative vs one-shot compression (recipes/compress.py), section 7
+                (recipes/prune.py) and iterative vs one-shot compression (recipes/compress.py), section 7;
+               recipes/experiments/chat_study.py: KD on raw text vs conversations vs answer tokens only
   5. report     RESULTS/results.md, RESULTS/img/*.png and the results block of the README
 """
 
@@ -36,6 +37,7 @@ from minitron_nemo.errors import UserError
 from minitron_nemo.eval import report
 from minitron_nemo.models.config import DTYPES
 
+import chat_study  # noqa: E402  (recipes/experiments/: the chat stage and section)
 import compression_study  # noqa: E402  (recipes/experiments/: stage 6 and section 7)
 from common import CACHES, RECIPES, arm_names, cached_arms, claim, load, run, scaled, train_args, warmup
 
@@ -223,6 +225,7 @@ def write_report(cfg, work: Path, evaluated: list) -> Path:
     if cfg.teacher_cache.enabled:
         L += offline_section(cfg, work, arms, final, zs, spent, params["width"])
     L += compression_study.section(cfg, work, img)
+    L += chat_study.section(cfg, work)
     L += ["## Time per stage", "", report.md_table(["stage", "minutes"], [[k, v / 60] for k, v in spent.items()])]
     md = out / "results.md"
     md.write_text("\n".join(L) + "\n")
@@ -357,6 +360,7 @@ def main():
                  f"eval.lm_eval_limit={scaled(cfg, cfg.budget.lm_eval_limit)}", f"eval.output={out}"], logs / "evaluate.log")
 
     compression_study.run_stage(cfg, work)  # search ranked by short distillation; iterative vs one-shot
+    chat_study.run_stage(cfg, work)  # raw text vs conversations vs answer tokens only
 
     # 5. report
     md = write_report(cfg, work, list(evaluated))
