@@ -57,7 +57,20 @@ def tok(tmp_path_factory):
         if tmpl is None:
             (d / name / "chat_template.jinja").unlink(missing_ok=True)
         out[name] = d / name
+    t = AutoTokenizer.from_pretrained(str(real))  # header tokens and an end-of-turn token of their own
+    t.add_special_tokens({"additional_special_tokens": list(HEADER_TOKENS)})
+    t.eos_token = "<|eot|>"
+    t.chat_template = HEADERS
+    t.save_pretrained(str(d / "headers"))
+    out["headers"] = d / "headers"
     return out
+
+
+HEADER_TOKENS = ("<|begin|>", "<|start_header|>", "<|end_header|>", "<|eot|>")
+HEADERS = ("{{- '<|begin|>' -}}{%- for m in messages -%}"
+           "{{- '<|start_header|>' + m.role + '<|end_header|>\n\n' + m.content | trim + '<|eot|>' -}}"
+           "{%- endfor -%}{%- if add_generation_prompt -%}{{- '<|start_header|>assistant<|end_header|>\n\n' -}}"
+           "{%- endif -%}")
 
 
 CONVERSATIONS = [
@@ -210,3 +223,18 @@ def test_inspect_refuses_an_index_out_of_range(tmp_path, tok):
     preprocess(jsonl(tmp_path / "c.jsonl"), tok["smollm2"], tmp_path / "chat")
     p = run_main(INSPECT, f"prefix={tmp_path / 'chat'}", "index=3")
     assert_one_line(p, 2, "index=3 is out of range", "0..2")
+
+
+def test_a_header_template_with_its_own_end_of_turn_token(tmp_path, tok):
+    """A template in the style of Llama 3: a begin token once, role headers between special tokens, content
+    trimmed, a dedicated end-of-turn token (the tokenizer's EOS) and nothing after it."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(tok["headers"]))
+    preprocess(jsonl(tmp_path / "c.jsonl"), tok["headers"], tmp_path / "h")
+    ex = inspect(tmp_path / "h", 2)  # the conversation with a tool turn
+    conv = CONVERSATIONS[3]
+    assert ex["tokens"] == list(hf.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"])
+    assert ex["answer"] == "Calling it.<|eot|>\nThe result is 42.<|eot|>"
+    eot = hf.convert_tokens_to_ids("<|eot|>")
+    assert [t for t, m in zip(ex["tokens"], ex["loss_mask"]) if m].count(eot) == 2
