@@ -14,11 +14,13 @@ A field without a default (``MISSING``) is required; YAML files may still give i
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
+from minitron_nemo.align.dpo import DPOConfig
 from minitron_nemo.checks import at_least, choice, fail, positive_number
 from minitron_nemo.distill.config import CacheConfig, DistillationConfig
 from minitron_nemo.errors import UserError
@@ -192,3 +194,38 @@ class TrainingJob(Common):
         if t.train_iters is None and t.train_tokens is None:
             raise UserError("set trainer.train_iters=N or trainer.train_tokens=N")
 
+
+
+@dataclass
+class PreferenceData:
+    """recipes/dpo.py's data: preference pairs (``align/preferences.py``)."""
+    preference_file: str = MISSING
+    valid_file: Optional[str] = None    # held-out pairs for validation (null: the first pairs of the file)
+    seq_length: int = 1024
+    valid_samples: int = 16
+
+    def check(self, at: str) -> None:
+        at_least(f"{at}.seq_length", self.seq_length, 2)
+        at_least(f"{at}.valid_samples", self.valid_samples, 0)
+        for key in ("preference_file", "valid_file"):
+            v = getattr(self, key)
+            if v is not None and not Path(v).is_file():
+                raise UserError(f"{at}.{key}={v} does not exist; allowed: a JSONL file of preference pairs")
+
+
+@dataclass
+class DPOJob(Common):
+    """recipes/dpo.py: preference optimization of a checkpoint against itself, frozen, as the reference."""
+    checkpoint: str = MISSING
+    workdir: str = MISSING
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
+    data: PreferenceData = field(default_factory=PreferenceData)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+
+    def check(self, at: str) -> None:
+        super().check(at)
+        self.trainer.check_batches()
+        if self.trainer.train_iters is None:
+            raise UserError("set trainer.train_iters=N")

@@ -85,7 +85,9 @@ def run_schedule(chunk, batches: list, forward, loss, *, forward_only: bool) -> 
         batch = next(data_iterator)
         return forward(model, batch), partial(_wrap_loss, loss, batch)
 
-    b, s = batches[0]["tokens"].shape
+    tokens = batches[0]["tokens"]  # [b, s], or [b, 2, s] of preference pairs (rows of the model: b x 2)
+    s = tokens.shape[-1]
+    b = tokens.numel() // s
     return get_forward_backward_func()(forward_step_func=step, data_iterator=iter(batches), model=[chunk],
                                        num_microbatches=len(batches), seq_length=s, micro_batch_size=b,
                                        forward_only=forward_only)

@@ -99,7 +99,7 @@ def plot_losses(metrics_file, out_png, title: str = "loss") -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for kind, style in (("train", "-"), ("valid", "o--")):
         rows = sorted((r for (k, _), r in last.items() if k == kind), key=lambda r: r["iteration"])
-        keys = [k for k in ("total", "lm", "logits", "intermediate", "student_lm", "kd", "teacher_lm")
+        keys = [k for k in ("total", "lm", "logits", "intermediate", "student_lm", "kd", "teacher_lm", "dpo")
                 if rows and any(isinstance(r.get(k), float) and r.get(k) for r in rows)]
         for k in keys:
             ax.plot([r["iteration"] for r in rows], [r.get(k) for r in rows], style, label=f"{kind} {k}")

@@ -1,0 +1,1 @@
+"""Alignment after distillation: preference pairs (``preferences.py``) and DPO (``dpo.py``)."""
