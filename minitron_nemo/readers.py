@@ -7,6 +7,11 @@ parse, type, shape and I/O failures into a one-line ``UserError`` naming the fil
     read_yaml(path, "model config")              # a YAML mapping, or a UserError
     typed_model_config(d, path)                  # a ModelConfig with checked types, or a UserError
     torch_load(path, "training state")
+    read_jsonl(path, "training metrics")         # the JSON objects of a JSON-lines log, or a UserError
+
+Records the project wrote itself and reads back on a re-run: ``read_cache`` for one that caches redoable
+work (unreadable: a one-line note, and the caller computes it again), ``read_own_record`` for one that
+cannot be redone safely (unreadable: a UserError that says what to remove).
 """
 
 from __future__ import annotations
@@ -117,3 +122,41 @@ def check_shapes(expected: dict, got: dict, source) -> None:
         if want is not None and tuple(t.shape) != tuple(want):
             raise UserError(f"{source}: tensor {k} has shape {tuple(t.shape)} but the model config implies "
                             f"{tuple(want)}; allowed: weights that match the config")
+
+
+def read_jsonl(path, what: str) -> list:
+    """Every non-blank line of a JSON-lines file, each a JSON object; a bad line is a UserError naming the
+    file and the line number."""
+    p = Path(path)
+    with reading(p, what):
+        lines = p.read_text().splitlines()
+    out = []
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            with reading(f"{p} line {n}", what):
+                out.append(json.loads(line))
+            if not isinstance(out[-1], dict):
+                raise UserError(f"{what} {p} line {n} holds a JSON {type(out[-1]).__name__}; allowed: a JSON object")
+    return out
+
+
+def read_own_record(path, what: str, redo: str):
+    """A JSON object the project wrote itself that cannot be redone safely: unreadable, the UserError says
+    what to remove (``redo``, e.g. "remove DIR to rerun the stage")."""
+    try:
+        return read_json(path, what)
+    except UserError as e:
+        raise UserError(f"{e}; {redo}") from None
+
+
+def read_cache(path, what: str, kind=dict, log=print):
+    """A JSON object the project wrote itself as a cache of redoable work: None when absent, and None with
+    a one-line note (``log``) when unreadable, so that the caller recomputes it and writes it anew."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    try:
+        return read_json(p, what, kind)
+    except UserError as e:
+        log(f"note: {e}; recomputing it")
+        return None

@@ -36,6 +36,7 @@ from minitron_nemo.errors import UserError
 from minitron_nemo.eval import perplexity as ppl
 from minitron_nemo.models.builder import build_model, count_parameters, grouped_gemm_default
 from minitron_nemo.models.forward import lm_loss_sums
+from minitron_nemo.readers import read_cache
 from minitron_nemo.training import data as tdata
 from minitron_nemo.training import optim
 from minitron_nemo.training.setup import build_trainer, check_model_shape, teacher_source
@@ -160,8 +161,10 @@ def main():
     windows = (tiled_windows(load_tokenizer(t_path), test_text, seq, cfg.data.test_tokens)
                if test_text else None)
     zs_file = work / "zero_shot.json"  # measured once: a resumed job reports the same zero-shot number
-    if zs_file.is_file():
-        zero_shot = json.loads(zs_file.read_text())["student_zero_shot"]
+    # a cache of redoable work (the student is still its initial weights here): unreadable, measured again
+    measured = read_cache(zs_file, "student zero-shot perplexity", log=runtime.print0)
+    if isinstance(measured, dict) and isinstance(measured.get("student_zero_shot"), (int, float)):
+        zero_shot = measured["student_zero_shot"]
     else:  # every rank takes part; rank 0 writes it after the collective, so no rank reads a partial file
         zero_shot = perplexity(student, windows, int(t.micro_batch_size))
         if runtime.is_rank0():

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import platform
 from pathlib import Path
+
+from minitron_nemo.readers import read_jsonl
 
 
 def valid_curve(metrics_file, key: str = "student_lm", tokens_per_iter: int = 1) -> tuple[list, list]:
     """(tokens seen, validation ``key``) of one run; a resumed run's repeated points keep the latest."""
     last = {}
-    for line in Path(metrics_file).read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            if r.get("kind") == "valid" and key in r:
-                last[r["iteration"]] = r[key]
+    for r in read_jsonl(metrics_file, "training metrics"):
+        if r.get("kind") == "valid" and key in r:
+            last[r["iteration"]] = r[key]
     its = sorted(last)
     return [i * tokens_per_iter for i in its], [last[i] for i in its]
 

@@ -7,7 +7,9 @@ import time
 from pathlib import Path
 
 from minitron_nemo import runtime
+from minitron_nemo.errors import UserError
 from minitron_nemo.models.config import ModelConfig
+from minitron_nemo.readers import read_jsonl
 
 
 def flops_per_token(mc: ModelConfig, seq_length: int, backward: bool) -> float:
@@ -92,7 +94,11 @@ def plot_losses(metrics_file, out_png, title: str = "loss") -> Path | None:
         import matplotlib.pyplot as plt
     except Exception:
         return None
-    recs = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line.strip()]
+    try:  # the plot is a by-product of training: an unreadable log skips it, the run itself stands
+        recs = read_jsonl(metrics_file, "training metrics")
+    except UserError as e:
+        runtime.print0(f"note: {e}; loss plot not drawn")
+        return None
     last = {}
     for r in recs:  # a resumed run re-logs iterations: keep the latest record of each
         last[(r["kind"], r["iteration"])] = r

@@ -41,6 +41,7 @@ from minitron_nemo.models.config import ModelConfig
 from minitron_nemo.prune import api, from_config
 from minitron_nemo.prune.artifacts import counted_column, load_scores, save_scores, write_candidates
 from minitron_nemo.prune.targets import Targets, budget, new_config
+from minitron_nemo.readers import read_cache, read_json, read_own_record
 
 SHAPE = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
 MOE_SHAPE = ("num_moe_experts", "moe_ffn_hidden_size", "active_params")  # in the rows of MoE candidates
@@ -118,10 +119,12 @@ def zero_shot(p, model, mc: ModelConfig, tok, sdir: Path) -> tuple[dict, dict, l
     from megatron.core import parallel_state as ps
 
     cache = sdir / "zero_shot"
-    if (cache / "table.json").is_file():
+    # table.json caches the zero-shot pass, which is redoable: unreadable, it is computed again
+    table = read_cache(cache / "table.json", "zero-shot table", list, log=runtime.print0)
+    if table is not None:
         scores, meta = load_scores(cache, mc)
         runtime.print0(f"[search] zero-shot ranking and importance read from {cache}")
-        return scores, meta, json.loads((cache / "table.json").read_text())
+        return scores, meta, table
     t, _, agg, loaded = from_config.check_config(mc, p, ps.get_tensor_model_parallel_world_size(),
                                          ps.get_pipeline_model_parallel_world_size(), ranked_search=True,
                                          ep=ps.get_expert_model_parallel_world_size())
@@ -228,7 +231,8 @@ def run_candidate(cfg, teacher, mc: ModelConfig, row: dict, scores: dict, data: 
     done = work / "result.json"
     if agree(done.is_file()):
         runtime.print0(f"[search] {work.name}: finished earlier ({done}); not retrained")
-        return json.loads(done.read_text())
+        # refused when unreadable, not retrained: the candidate's workdir holds its run, which a retrain would mix
+        return read_own_record(done, "search candidate result", f"remove {work} to train the candidate again")
     outputs.claim_workdir(work, key="prune.search candidate workdir", lock=False)
     c_mc = candidate_config(mc, row)
     runtime.print0(f"[search] {work.name}: zero-shot rank {row['rank']}, {row['params']:,} params; distilling "
@@ -247,7 +251,7 @@ def run_candidate(cfg, teacher, mc: ModelConfig, row: dict, scores: dict, data: 
                "valid_loss_end": curve[-1][1]}
         outputs.write_text_atomic(done, json.dumps(res, indent=1))
     runtime.barrier()
-    return json.loads(done.read_text())
+    return read_json(done, "search candidate result")
 
 
 # ----------------------------------------------------------------------------- the search

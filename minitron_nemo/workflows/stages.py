@@ -28,7 +28,6 @@ Runners: ``recipes/compress.py`` (here, subprocesses) and ``launchers/submit.py 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from omegaconf import OmegaConf
 
 from minitron_nemo import schemas
 from minitron_nemo.errors import UserError
+from minitron_nemo.readers import read_own_record
 
 TEACHERS = ("original", "source")
 PREVIOUS = "PREVIOUS_STAGE_STUDENT"   # stands for a source that exists only once the previous stage ran
@@ -291,7 +291,13 @@ def nproc(cfg) -> int:
 
 def final_checkpoint(st: Stage) -> str:
     """The stage's distilled student (from its results.json)."""
-    return str(json.loads(st.results.read_text())["final_checkpoint"])
+    return str(stage_results(st)["final_checkpoint"])
+
+
+def stage_results(st: Stage) -> dict:
+    """A finished stage's results.json. Refused when unreadable, not recomputed: it marks the stage finished,
+    and redoing it means distilling the stage again, which the user decides."""
+    return read_own_record(st.results, "stage results", f"remove {st.distill_dir} to distill the stage again")
 
 
 def source(cfg, stages: list, st: Stage) -> str:
@@ -309,7 +315,9 @@ def summary(stages: list) -> list:
     for st in stages:
         if not st.finished:
             continue
-        res, meta = json.loads(st.results.read_text()), json.loads((st.root / "stage.json").read_text())
+        # stage.json: refused when unreadable (it holds the settings the stage ran with; a re-run cannot tell them)
+        res, meta = stage_results(st), read_own_record(st.root / "stage.json", "stage settings",
+                                                       f"remove {st.root} to run the stage again")
         mc, job = store.load_model_config(st.pruned), st.job
         seq, gbs = int(job.data.seq_length), int(job.trainer.global_batch_size)
         iters = optim.train_iterations(job.trainer, seq)

@@ -26,6 +26,7 @@ from minitron_nemo.config import compose
 from minitron_nemo.data import assets
 from minitron_nemo.entry import user_errors_exit
 from minitron_nemo.eval import report
+from minitron_nemo.readers import read_json
 
 from common import RECIPES, load, run, scaled, warmup
 
@@ -170,7 +171,7 @@ def section(cfg, work: Path) -> list:
         rows.append([label, ans["answer_loss"], ans["kl_from_teacher"], ins["prompt_strict"], ins["instruction_strict"],
                      ins["prompt_loose"]])
         samples += [f"- **{label}**: {ins['answers'][0]['answer'].strip()[:300]!r}"]
-    data = json.loads((d / "data" / "train.chat.json").read_text())["counts"]
+    data = read_json(d / "data" / "train.chat.json", "chat dataset record")["counts"]
     iters, seq, mbs = scaled(cfg, c.train_iters), int(c.seq_length), int(cfg.budget.micro_batch_size)
     return ["## Chat: raw text vs conversations vs answer tokens only", "",
             f"Conversations: {data['written']} training prompts built from lines of the training plays, each answered "

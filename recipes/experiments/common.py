@@ -14,6 +14,7 @@ from pathlib import Path
 
 from minitron_nemo import children
 from minitron_nemo.errors import UserError
+from minitron_nemo.readers import read_json, read_own_record
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes"
@@ -47,7 +48,9 @@ def run(script: Path, args: list, log: Path) -> None:
         raise UserError(f"{script.name} failed (exit {code}): {tail[0][:300]}; full log {log}")
     secs = time.time() - t0
     times = log.parent / "seconds.json"
-    spent = json.loads(times.read_text()) if times.is_file() else {}
+    # refused when unreadable: the seconds of earlier runs cannot be measured again
+    spent = (read_own_record(times, "experiment run times", f"remove {times} to count the time afresh")
+             if times.is_file() else {})
     spent[log.stem] = spent.get(log.stem, 0.0) + secs
     times.write_text(json.dumps(spent, indent=1))
     print(f"[experiment]   done in {secs:.0f}s (log {log})", flush=True)
@@ -82,8 +85,8 @@ def arm_names(cfg) -> list:
 
 # ----------------------------------------------------------------------------- reports
 def load(path: Path):
-    """A JSON file's content."""
-    return json.loads(path.read_text())
+    """A JSON record's content (a UserError naming the file when unreadable)."""
+    return read_json(path, "experiment record", object)
 
 
 def claim(ok: bool, text: str) -> str:
