@@ -28,6 +28,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -162,11 +163,7 @@ def claim_file(path, *, key: str, sources: dict | None = None, is_ours=None, loc
     return p
 
 
-def claim_workdir(path, *, key: str = "workdir", sources: dict | None = None, lock: bool = True) -> Path:
-    """A job's work directory: created and marked on first use, reused by re-runs (they resume), locked
-    for the run. A directory with other files in it is refused; sources may lie inside it (the corrected
-    teacher does), but the workdir may not lie inside a source."""
-    p = _resolve(path, key)
+def _outside_sources(p: Path, key: str, sources: dict | None) -> None:
     for skey, src in (sources or {}).items():
         if src is None or not str(src).strip():
             continue
@@ -174,6 +171,25 @@ def claim_workdir(path, *, key: str = "workdir", sources: dict | None = None, lo
         if p == s or s in p.parents:
             raise UserError(f"{key}={p} {'is' if p == s else 'lies inside'} {skey}={s}; allowed: a "
                             f"directory outside the source")
+
+
+def claim_cache_dir(path, *, key: str, sources: dict | None = None) -> Path:
+    """A cache shared between jobs (``data.cache_dir``): never a source or inside one, in a writable place;
+    neither marked nor locked (its entries are written atomically, each by one job)."""
+    p = _resolve(path, key)
+    _outside_sources(p, key, sources)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{key}={p} is an existing file; allowed: a directory")
+    _writable_parent(p, key)
+    return p
+
+
+def claim_workdir(path, *, key: str = "workdir", sources: dict | None = None, lock: bool = True) -> Path:
+    """A job's work directory: created and marked on first use, reused by re-runs (they resume), locked
+    for the run. A directory with other files in it is refused; sources may lie inside it (the corrected
+    teacher does), but the workdir may not lie inside a source."""
+    p = _resolve(path, key)
+    _outside_sources(p, key, sources)
     if p.exists() and not p.is_dir():
         raise UserError(f"{key}={p} is an existing file; allowed: a directory")
     if p.is_dir() and any(p.iterdir()) and not (p / WORKDIR_MARK).is_file():
@@ -415,10 +431,16 @@ def env_error(exc: BaseException) -> OSError | None:
     return None
 
 
+SHORT_WRITE = re.compile(r"\b\d+ requested and \d+ written\b")  # numpy's tofile on a full disk: no errno
+
+
 def write_error(exc: BaseException, where) -> UserError | None:
     e = env_error(exc)
     if e is None:
         text = str(exc)
+        if isinstance(exc, OSError) and SHORT_WRITE.search(text):
+            return UserError(f"cannot write {where}: the disk is full (a write stopped short: {text}); nothing was "
+                             f"changed there")
         for code, why in ENV_ERRNOS.items():
             if os.strerror(code) in text:
                 return UserError(f"cannot write {where}: {why}; nothing was changed there")

@@ -71,6 +71,7 @@ def main():
                         f"allowed: 1..{t_mc.padded_vocab_size} or null (all)")
     seq, gbs = int(cfg.data.seq_length), int(t.global_batch_size)
     train_samples = optim.train_iterations(t, seq) * gbs
+    tdata.claim_cache(cfg.data, {"teacher": t_path})
     root = outputs.claim_workdir(c.dir, key="cache.dir", sources={"teacher": t_path})
     want = {**offline.identity(cfg, job.distill, t_path, t_mc), "topk": topk, "dtype": c.dtype,
             "shard_samples": int(c.shard_samples), "requested_train_samples": train_samples}

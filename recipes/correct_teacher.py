@@ -48,6 +48,7 @@ def main():
     if store.is_checkpoint(out):
         runtime.print0(f"[correct] {out} already exists; nothing to do")
         return
+    tdata.claim_cache(cfg.data, {"teacher.checkpoint": src})
     outputs.claim_workdir(cfg.workdir, sources={"teacher.checkpoint": src})
     outputs.claim_workdir(work, key="correction.workdir", sources={"teacher.checkpoint": src})
     outputs.claim_dir(out, key="teacher.corrected_checkpoint", overwrite=cfg.overwrite,

@@ -93,6 +93,7 @@ def main():
         raise UserError("student.init_checkpoint is required when the student is pruned in-job "
                         "(student.checkpoint=null); pass student.init_checkpoint=DIR")
     tc = offline.open_for_job(cfg, kd_cfg, t_path, t_mc) if cached else None
+    tdata.claim_cache(cfg.data, {"teacher": t_path, "student.checkpoint": s_path})
     outputs.claim_workdir(work, sources={"teacher": t_path, "student.checkpoint": s_path,
                                          "distill.teacher_cache": kd_cfg.teacher_cache})
     prunes_in_job = s_path is None and not store.is_checkpoint(cfg.student.init_checkpoint)

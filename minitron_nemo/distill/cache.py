@@ -165,7 +165,7 @@ def write_shard(root, split: str, s: int, first: int, layout: Layout, arrays: di
         os.replace(tmp, final)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        err = outputs.write_error(e, tmp)
+        err = outputs.write_error(e, final.parent)
         if err is not None:
             raise err from None
         raise

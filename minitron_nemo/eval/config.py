@@ -9,6 +9,7 @@ from typing import List, Optional
 from omegaconf import MISSING
 
 from minitron_nemo.checks import at_least, choice
+from minitron_nemo.errors import UserError
 
 
 @dataclass
@@ -18,6 +19,9 @@ class EvalGenerate:
 
     def check(self, at: str) -> None:
         at_least(f"{at}.max_new_tokens", self.max_new_tokens, 1)
+        for i, prompt in enumerate(self.prompts):
+            if not str(prompt).strip():
+                raise UserError(f"{at}.prompts[{i}]={prompt!r} is empty; allowed: prompts with text to continue")
 
 
 @dataclass

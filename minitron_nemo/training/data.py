@@ -56,6 +56,15 @@ def check(dcfg) -> None:
             indexed.parse_blend(dcfg.valid_blend)
 
 
+def claim_cache(dcfg, sources: dict) -> None:
+    """``data.cache_dir`` through the output policy (never inside a source such as the teacher); call it
+    beside the job's other claims, before any compute."""
+    if dcfg.get("cache_dir"):
+        from minitron_nemo import outputs
+
+        outputs.claim_cache_dir(dcfg.cache_dir, key="data.cache_dir", sources=sources)
+
+
 def _tokenize(files: dict, tokenizer_dir, out_dir) -> dict:
     """Tokenize each split's text once into ``out_dir/<split>`` (rank 0; the others wait)."""
     prefixes = {}

@@ -103,7 +103,10 @@ def fingerprint(cfg, src) -> dict:
 
 def claim(cfg, src, setup: SearchSetup) -> None:
     """Claim (create, mark, lock) the search directory; a re-run must use the same settings."""
+    from minitron_nemo.training import data as tdata
+
     sdir = setup.dir
+    tdata.claim_cache(cfg.data, {"checkpoint": src})
     outputs.claim_workdir(sdir, key="prune.search.workdir", sources={"checkpoint": src})
     f, now = sdir / "search.json", fingerprint(cfg, src)
     diff = outputs.settings_difference(f, now)

@@ -1,0 +1,66 @@
+"""Issue-27 cases of writing and prompting: a data cache inside the teacher is refused before anything is
+written; a short write while writing the teacher cache (numpy's tofile on a full disk, no errno) is a
+full disk in one line, with no partial shard; an empty generation prompt is one line."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_main
+from test_user_errors import assert_one_line, snapshot
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from hf_models import make_hf_model
+
+    d = tmp_path_factory.mktemp("faults")
+    make_hf_model("llama", d / "hf")
+    p = run_main("recipes/import_hf.py", f"source={d / 'hf'}", f"output={d / 'ckpt'}")
+    assert p.returncode == 0, p.stderr
+    (d / "text.txt").write_text("To be, or not to be, that is the question.\n" * 40)
+    return d
+
+
+@pytest.mark.parametrize("script", ["recipes/distill.py", "recipes/correct_teacher.py"])
+def test_a_data_cache_inside_the_teacher_is_refused(tmp_path, ckpt, script):
+    before = snapshot(ckpt / "ckpt")
+    p = run_main(script, "~model", f"teacher.checkpoint={ckpt / 'ckpt'}", "teacher.corrected_checkpoint="
+                 f"{tmp_path / 'corrected'}", f"student.checkpoint={ckpt / 'ckpt'}", f"workdir={tmp_path / 'job'}",
+                 "data=text", f"data.train_text={ckpt / 'text.txt'}", f"data.cache_dir={ckpt / 'ckpt' / 'datacache'}",
+                 "data.seq_length=16", "trainer.train_iters=1", "trainer.warmup_iters=0", "correction.train_iters=1",
+                 "correction.warmup_iters=0")
+    assert_one_line(p, 2, "data.cache_dir=", "lies inside", str(ckpt / "ckpt"))
+    assert snapshot(ckpt / "ckpt") == before and not (tmp_path / "job").exists()
+
+
+class ShortWrite(np.ndarray):
+    def tofile(self, *a, **k):  # what numpy raises when the disk fills mid-write
+        raise OSError("16384 requested and 8192 written")
+
+
+def test_a_short_write_of_a_cache_shard_is_a_full_disk(tmp_path, monkeypatch):
+    from minitron_nemo.distill import cache
+    from minitron_nemo.errors import UserError
+
+    layout = cache.Layout(4, 8, "float32", 100)
+    n = 2
+    arrays = {"ids": torch.zeros(n, 8, 4, dtype=torch.int64), "logp": torch.zeros(n, 8, 4),
+              "lse": torch.zeros(n, 8), "target": torch.zeros(n, 8), "hashes": torch.zeros(n, dtype=torch.int64)}
+    arrays = {k: v for k, v in arrays.items() if k in layout.shapes(n) or k == "hashes"}
+    real = cache._to_numpy
+    monkeypatch.setattr(cache, "_to_numpy", lambda a, dt: real(a, dt).view(ShortWrite))
+    with pytest.raises(UserError) as e:
+        cache.write_shard(tmp_path / "cache", "train", 0, 0, layout, arrays)
+    msg = str(e.value)
+    assert "disk is full" in msg and "16384 requested and 8192 written" in msg and "\n" not in msg
+    assert str(tmp_path / "cache") in msg
+    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []  # no partial shard
+
+
+def test_an_empty_generation_prompt_is_one_line(tmp_path, ckpt):
+    p = run_main("recipes/evaluate.py", f"checkpoint={ckpt / 'ckpt'}", f"eval.text_file={ckpt / 'text.txt'}",
+                 "eval.generate.prompts=['To be','']")
+    assert_one_line(p, 2, "eval.generate.prompts[1]=''", "is empty")
