@@ -134,6 +134,11 @@ class ImportHFJob(Common):
 
 
 @dataclass
+class ImportNemoJob(ImportHFJob):
+    tokenizer: Optional[str] = None   # an HF tokenizer dir, when the NeMo 2 checkpoint has none under context/
+
+
+@dataclass
 class ExportHFJob(Common):
     checkpoint: str = MISSING
     output: str = MISSING

@@ -31,7 +31,7 @@ def main():
     mc.check_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
                        par.expert_model_parallel_size)
     params_dtype = dtype(cfg.dtype)
-    store.HFWeights(src)  # fail early on a directory without (complete) weights
+    hfconv.check_hf_tensors(mc, store.HFWeights(src).names(), src)  # complete weights, as config.json says
     outputs.claim_dir(cfg.output, sources={"source": src}, overwrite=cfg.overwrite)
     runtime.init_parallel(par, cfg.seed)
     model = build_model(mc, params_dtype=params_dtype)

@@ -390,3 +390,37 @@ def hf_to_local_state_dict(mc: ModelConfig, get: Callable[[str], torch.Tensor], 
         head = "model.embed_tokens.weight" if mc.share_embeddings_and_output_weights else "lm_head.weight"
         sd["output_layer.weight"] = layout.pad_vocab(mc, get(head))
     return {k: layout.shard_tensor(mc, k, v, tp_rank, tp) for k, v in sd.items()}
+
+
+def hf_tensor_names(mc: ModelConfig) -> set:
+    """Every tensor name an HF checkpoint of ``mc`` holds (tied models: no ``lm_head.weight``)."""
+    names = {"model.embed_tokens.weight", "model.norm.weight"}
+    if mc.normalization == "LayerNorm":
+        names.add("model.norm.bias")
+    if not mc.share_embeddings_and_output_weights:
+        names.add("lm_head.weight")
+    for i in range(mc.num_layers):
+        names.update(hf_layer_names(mc, i).values())
+        for e in range(mc.num_moe_experts or 0):
+            names.update(hf_expert_names(mc, i, e).values())
+    return names
+
+
+def check_hf_tensors(mc: ModelConfig, present: set, src, config_file: str = "config.json") -> None:
+    """The tensors of an HF directory against those its config implies, both ways: a tensor the config
+    implies and the weights lack, or a tensor the config does not describe (an extra layer, say), is one
+    line naming both. Rotary buffers and a tied model's saved ``lm_head.weight`` are not weights of it."""
+    want = hf_tensor_names(mc)
+    ignored = {n for n in present if n.endswith("rotary_emb.inv_freq")}
+    if mc.share_embeddings_and_output_weights:
+        ignored.add("lm_head.weight")
+    missing = sorted(want - present)
+    extra = sorted(present - want - ignored, key=lambda n: (len(n), n))
+    sizes = f"{config_file} num_hidden_layers={mc.num_layers}" + (
+        f", num_experts={mc.num_moe_experts}" if mc.is_moe else "")
+    if extra:
+        raise UserError(f"HF checkpoint {src}: tensor {extra[0]} ({len(extra)} such) is not part of the model "
+                        f"{sizes} describes; allowed: weights that match {config_file}")
+    if missing:
+        raise UserError(f"HF checkpoint {src}: {config_file} ({sizes}) implies tensor {missing[0]} "
+                        f"({len(missing)} missing), which the weights lack; allowed: weights that match {config_file}")

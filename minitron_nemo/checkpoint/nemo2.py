@@ -135,10 +135,22 @@ def model_config_from_nemo(nemo_dir, doc: dict | None = None, weights: "Nemo2Wei
     family = family_of(doc)
     c = doc["config"]
 
-    def need(key):
+    where = Path(nemo_dir) / "context" / "model.yaml"
+
+    def need(key, kind=int):
         if c.get(key) is None:
-            raise UserError(f"{Path(nemo_dir) / 'context' / 'model.yaml'} lacks config.{key}")
-        return c[key]
+            raise UserError(f"{where} lacks config.{key}")
+        return number(key, kind)
+
+    def number(key, kind, default=None):
+        """``config.KEY`` as ``kind`` (``default`` when unset); a value of another type is one line."""
+        v = c.get(key)
+        if v is None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)):
+            raise UserError(f"{where}: config.{key}={v!r} is not {'an integer' if kind is int else 'a number'}; "
+                            f"allowed: {'a whole number' if kind is int else 'a number'}")
+        return kind(v)
 
     unsupported = {
         "num_moe_experts": "MoE", "multi_latent_attention": "multi-latent attention",
@@ -151,9 +163,9 @@ def model_config_from_nemo(nemo_dir, doc: dict | None = None, weights: "Nemo2Wei
     if c.get("position_embedding_type", "rope") != "rope":
         raise UserError(f"position_embedding_type={c['position_embedding_type']!r} is not supported; "
                         f"allowed: rope")
-    heads = int(need("num_attention_heads"))
-    hidden = int(need("hidden_size"))
-    seq = c.get("seq_length")
+    heads = need("num_attention_heads")
+    hidden = need("hidden_size")
+    seq = number("seq_length", int)
     window = c.get("window_size")
     if window is not None and (not isinstance(window, (list, tuple)) or window[0] is None or window[0] < 0
                                or (seq is not None and window[0] < seq) or seq is None):
@@ -162,7 +174,7 @@ def model_config_from_nemo(nemo_dir, doc: dict | None = None, weights: "Nemo2Wei
     want_norm = "LayerNorm" if family == "nemotron" else "RMSNorm"
     if norm != want_norm:
         raise UserError(f"normalization={norm!r} is not supported for NeMo {family}; allowed: {want_norm}")
-    vocab = c.get("vocab_size")
+    vocab = number("vocab_size", int)
     if vocab is None:  # NeMo then takes the tokenizer's size (e.g. its Mistral importer)
         vocab = _tokenizer_vocab_size(nemo_dir)
     if vocab is None and weights is not None:
@@ -172,22 +184,22 @@ def model_config_from_nemo(nemo_dir, doc: dict | None = None, weights: "Nemo2Wei
                         f"tokenizer under context/")
     return ModelConfig(
         family=family,
-        num_layers=int(need("num_layers")),
+        num_layers=need("num_layers"),
         hidden_size=hidden,
-        ffn_hidden_size=int(need("ffn_hidden_size")),
+        ffn_hidden_size=need("ffn_hidden_size"),
         num_attention_heads=heads,
-        num_query_groups=int(c.get("num_query_groups") or heads),
-        kv_channels=int(c.get("kv_channels") or hidden // heads),
+        num_query_groups=number("num_query_groups", int) or heads,
+        kv_channels=number("kv_channels", int) or hidden // heads,
         vocab_size=int(vocab),
-        max_position_embeddings=int(seq or 4096),
+        max_position_embeddings=seq or 4096,
         normalization=norm,
-        norm_epsilon=float(c.get("layernorm_epsilon", 1e-5)),
+        norm_epsilon=number("layernorm_epsilon", float, 1e-5),
         layernorm_zero_centered_gamma=bool(c.get("layernorm_zero_centered_gamma", False)),
         activation=_activation(c, family),
         add_qkv_bias=bool(c.get("add_qkv_bias", False)),
         add_bias_linear=False,
-        rotary_base=float(c.get("rotary_base", 10000.0)),
-        rotary_percent=float(c.get("rotary_percent", 1.0)),
+        rotary_base=number("rotary_base", float, 10000.0),
+        rotary_percent=number("rotary_percent", float, 1.0),
         rope_scaling_factor=_rope_scaling(c),
         share_embeddings_and_output_weights=bool(c.get("share_embeddings_and_output_weights", False)),
     ).validate()
@@ -347,6 +359,32 @@ def _SlicePlanner(requests):
 
 
 # ----------------------------------------------------------------------------- into the model
+TOP_LEVEL = ("embedding.word_embeddings.weight", "decoder.final_layernorm.weight", "decoder.final_layernorm.bias",
+             "output_layer.weight")
+
+
+def check_tensors(mc: ModelConfig, w: "Nemo2Weights") -> None:
+    """The stored tensors against context/model.yaml, both ways: every stacked layer tensor holds exactly
+    ``num_layers`` layers, and the top-level tensors are those the config implies."""
+    where = f"NeMo 2 checkpoint {w.dir.parent}"
+    for name, key in sorted(w._stored.items()):
+        if name.startswith(_LAYERS):
+            n = int(w._meta[key].size[0])
+            if n != mc.num_layers:
+                raise UserError(f"{where}: {key} stacks {n} layers but context/model.yaml says num_layers="
+                                f"{mc.num_layers}; allowed: weights that match the config")
+    want = {TOP_LEVEL[0], TOP_LEVEL[1]} | ({TOP_LEVEL[2]} if mc.normalization == "LayerNorm" else set()) | (
+        set() if mc.share_embeddings_and_output_weights else {TOP_LEVEL[3]})
+    have = {n for n in w._stored if not n.startswith(_LAYERS)}
+    if want - have:
+        raise UserError(f"{where}: context/model.yaml implies {sorted(want - have)[0]}, which the weights lack; "
+                        f"allowed: weights that match the config")
+    extra = have - want - ({TOP_LEVEL[3]} if mc.share_embeddings_and_output_weights else set())
+    if extra:
+        raise UserError(f"{where}: {w.prefix}{sorted(extra)[0]} is not part of the model context/model.yaml "
+                        f"describes; allowed: weights that match the config")
+
+
 def nemo2_to_local_state_dict(mc: ModelConfig, w: Nemo2Weights, *, tp_rank: int, tp: int, pp_rank: int,
                               pp: int) -> Dict[str, torch.Tensor]:
     """This rank's model state dict (local layer numbers, local-spec names), as
@@ -354,6 +392,7 @@ def nemo2_to_local_state_dict(mc: ModelConfig, w: Nemo2Weights, *, tp_rank: int,
     per_stage = mc.num_layers // pp
     if f"{_LAYERS}0.self_attention.linear_qkv.weight" not in w:
         raise UserError(f"NeMo 2 checkpoint {w.dir.parent} lacks decoder layer tensors")
+    check_tensors(mc, w)
     sd: Dict[str, torch.Tensor] = {}
     for j in range(per_stage):
         i = pp_rank * per_stage + j

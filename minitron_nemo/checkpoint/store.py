@@ -214,6 +214,9 @@ class HFWeights:
     def __contains__(self, name):
         return name in self._where
 
+    def names(self) -> set:
+        return set(self._where)
+
     def __call__(self, name: str) -> torch.Tensor:
         if name not in self._where:
             raise UserError(f"HF checkpoint lacks tensor {name!r}")
@@ -225,6 +228,7 @@ class HFWeights:
 def load_hf_into_model(model, hf_dir, mc: ModelConfig) -> None:
     """Fill this rank's shard of ``model`` from an HF directory."""
     get = HFWeights(hf_dir)
+    hfconv.check_hf_tensors(mc, get.names(), hf_dir)
     with readers.reading(hf_dir, "HF weights (do they match config.json?)"):
         sd = hfconv.hf_to_local_state_dict(mc, get, **shard_layout(), **expert_layout())
     load_local_state_dict(model, sd, source=f"{hf_dir} (weights vs config.json)")
