@@ -64,3 +64,19 @@ def test_an_empty_generation_prompt_is_one_line(tmp_path, ckpt):
     p = run_main("recipes/evaluate.py", f"checkpoint={ckpt / 'ckpt'}", f"eval.text_file={ckpt / 'text.txt'}",
                  "eval.generate.prompts=['To be','']")
     assert_one_line(p, 2, "eval.generate.prompts[1]=''", "is empty")
+
+
+def test_an_uncached_lm_eval_task_offline_is_one_line_at_once(tmp_path):
+    """Without a network (here: HF_HUB_OFFLINE=1) and with an empty Hugging Face cache, a standard lm-eval
+    task stops before the model loads, in one line naming the task and the cache: no retries."""
+    from hf_models import make_chat_model
+    from test_user_errors import run
+
+    make_chat_model(tmp_path / "hf")
+    assert run_main("recipes/import_hf.py", f"source={tmp_path / 'hf'}", f"output={tmp_path / 'ckpt'}").returncode == 0
+    (tmp_path / "text.txt").write_text("To be, or not to be, that is the question.\n" * 40)
+    p = run("recipes/evaluate.py", f"checkpoint={tmp_path / 'ckpt'}", f"eval.text_file={tmp_path / 'text.txt'}",
+            "eval.lm_eval_tasks=[arc_easy]", "eval.perplexity=false", f"eval.output={tmp_path / 'eval.json'}",
+            env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}, timeout=120)
+    assert_one_line(p, 2, "lm-eval task(s) arc_easy", "not in the local Hugging Face cache", str(tmp_path / "hf_home"))
+    assert not (tmp_path / "eval.json").exists()

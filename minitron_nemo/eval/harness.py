@@ -12,6 +12,7 @@ from the held-out text into a directory next to the results.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 from pathlib import Path
@@ -70,7 +71,11 @@ def write_task_configs(data_dir, conf_dir) -> Path:
 
 def run_lm_eval(hf_dir, tasks, text_file, work_dir, *, limit=None, batch_size: int = 8,
                 num_fewshot: int | None = None, dtype: str = "float32", seed: int = 0) -> dict:
-    """Run lm-eval's ``hf`` model on ``tasks`` (offline tasks and/or standard names cached locally)."""
+    """Run lm-eval's ``hf`` model on ``tasks`` (offline tasks and/or standard names cached locally).
+    Without a network, Hugging Face's offline mode is set first, so a standard task whose dataset is not
+    in the local cache fails at once (one line) instead of retrying."""
+    standard = [t for t in tasks if t not in OFFLINE_TASKS]
+    offline = bool(standard) and go_offline_without_network()
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -87,15 +92,49 @@ def run_lm_eval(hf_dir, tasks, text_file, work_dir, *, limit=None, batch_size: i
         raise UserError(f"lm-eval task(s) {unknown} not found; allowed: {', '.join(OFFLINE_TASKS)} or a "
                         f"standard lm-eval task whose dataset is in the local HF cache")
     try:
+        if standard:  # their datasets first, before the model loads: a missing one fails at once
+            from lm_eval.tasks import get_task_dict
+
+            get_task_dict(standard, manager)
         res = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(hf_dir), "dtype": dtype},
                                       tasks=list(tasks), batch_size=batch_size, limit=limit,
                                       num_fewshot=num_fewshot, task_manager=manager, log_samples=False,
                                       random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                                       bootstrap_iters=0, device="cpu" if not _cuda() else "cuda")
-    except (ConnectionError, OSError) as e:
-        raise UserError(f"lm-eval could not load a task dataset offline: {' '.join(str(e).split())[:200]}")
+    except Exception as e:  # datasets' own errors for a dataset it cannot fetch (no common base class)
+        if not (offline or isinstance(e, (ConnectionError, OSError)) or "offline" in str(e).lower()):
+            raise
+        cache = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
+        raise UserError(f"lm-eval task(s) {', '.join(standard)}: the dataset is not in the local Hugging Face cache "
+                        f"({cache}){' and there is no network' if offline else ''} "
+                        f"({type(e).__name__}); allowed: a task cached by a run with network, or the offline tasks "
+                        f"{', '.join(OFFLINE_TASKS)}") from None
     return {t: {k.split(",")[0]: v for k, v in m.items() if isinstance(v, (int, float)) and "stderr" not in k}
             for t, m in res["results"].items()}
+
+
+def go_offline_without_network(host: str = "huggingface.co", timeout: float = 1.5) -> bool:
+    """True (and Hugging Face's offline mode set) when ``HF_HUB_OFFLINE`` is already set or ``host`` cannot
+    be reached within ``timeout`` seconds."""
+    import socket
+    import sys
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        reachable = False
+    else:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            reachable = True
+        except OSError:
+            reachable = False
+    if reachable:
+        return False
+    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    for mod, attr in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE"),
+                      ("datasets.config", "HF_DATASETS_OFFLINE")):
+        if mod in sys.modules:  # imported earlier in this process: their constants were read already
+            setattr(sys.modules[mod], attr, True)
+    return True
 
 
 def _cuda() -> bool:
