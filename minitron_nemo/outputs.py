@@ -513,10 +513,13 @@ def first_difference(a, b, at="") -> str | None:
 def settings_difference(path, settings: dict) -> str | None:
     """The first difference between the settings recorded in ``path`` and ``settings``; None when they
     agree or nothing is recorded yet. The caller words the refusal ("a re-run with other settings stops")."""
+    from minitron_nemo.readers import read_own_record
+
     p = Path(path)
     if not p.is_file():
         return None
-    return first_difference(json.loads(p.read_text()), json.loads(json.dumps(settings)))
+    recorded = read_own_record(p, "recorded settings", f"remove {p.parent} to run it again with these settings")
+    return first_difference(recorded, json.loads(json.dumps(settings)))
 
 
 def record_settings(path, settings: dict) -> None:

@@ -193,3 +193,19 @@ def test_distill_zero_shot_recomputed(distilled, tmp_path, how):
     notes = [line for line in p.stdout.splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and str(zs) in notes[0] and notes[0].endswith("recomputing it"), notes
     assert json.loads(zs.read_text()) == pytest.approx(want)
+
+
+@pytest.mark.parametrize("text", ["", '{"prune": {'])
+def test_recorded_settings_that_cannot_be_read_are_one_line(tmp_path, text):
+    """stage.json / search.json as a re-run compares them (outputs.settings_difference)."""
+    from minitron_nemo import outputs
+    from minitron_nemo.errors import UserError
+
+    f = tmp_path / "stage" / "stage.json"
+    f.parent.mkdir()
+    f.write_text(text)
+    with pytest.raises(UserError) as e:
+        outputs.settings_difference(f, {"prune": {}})
+    msg = str(e.value)
+    assert str(f) in msg and f"remove {f.parent}" in msg and "\n" not in msg
+    assert f.read_text() == text
