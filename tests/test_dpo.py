@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 
 import pytest
@@ -69,12 +70,15 @@ def test_response_masks_and_sequence_log_probs_match_transformers(model):
         assert hf.decode([t for t, m in zip(cw, mw) if m]) == w + "<|im_end|>"
         assert hf.decode([t for t, m in zip(cl, ml) if m]) == lose + "<|im_end|>"
     batch = {k: v[None] for k, v in PreferenceSamples(pairs, 48, 2, 1)[0].items()}
-    runtime.init_distributed(1, 1)
+    env = dict(os.environ)
+    runtime.init_distributed(1, 1)  # sets RANK, MASTER_PORT, ...: restored below for later subprocesses
     try:
         mc = store.load_model_config(model / "ckpt")
         ours = sequence_logps(full_logits(store.load_model(model / "ckpt", mc), batch["tokens"][0]), batch)
     finally:
         runtime.shutdown()
+        os.environ.clear()
+        os.environ.update(env)
     ref = tf.AutoModelForCausalLM.from_pretrained(str(model / "hf"), dtype=torch.float32).eval()
     for row, (ids, mask) in enumerate(((pairs[0][0], pairs[0][1]), (pairs[0][2], pairs[0][3]))):
         t = torch.tensor([ids])

@@ -82,6 +82,7 @@ def arm_args(cfg, d: Path, arm: str) -> list:
             *data, f"data.seq_length={seq}", f"data.test_tokens={seq * mbs}", f"trainer.micro_batch_size={mbs}",
             f"trainer.global_batch_size={mbs}", f"trainer.train_iters={iters}", f"trainer.warmup_iters={warmup(iters)}",
             f"trainer.eval_interval={iters}", "checkpointing.save_interval=null", "checkpointing.keep_last=1",
+            *([] if cfg.teacher == "smollm2" else ["~model"]),  # the demo config names SmolLM2's shape
             *cfg.extra_overrides]
 
 
