@@ -140,6 +140,22 @@ def read_jsonl(path, what: str) -> list:
     return out
 
 
+def jsonl_records(path, what: str, allowed: str):
+    """``(where, record)`` for every non-blank line of a JSONL file a user gives (``where``: ``FILE:LINE``);
+    invalid JSON is a UserError naming the line and ``allowed``. The records' content is the caller's."""
+    p = Path(path)
+    with reading(p, what):
+        lines = p.read_bytes().decode("utf-8-sig").splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{p}:{n}: invalid JSON ({e.msg}, column {e.colno}); allowed: {allowed}") from None
+        yield f"{p}:{n}", rec
+
+
 def read_own_record(path, what: str, redo: str):
     """A JSON object the project wrote itself that cannot be redone safely: unreadable, the UserError says
     what to remove (``redo``, e.g. "remove DIR to rerun the stage")."""

@@ -9,7 +9,6 @@ assistant turn after the prompt for a message list). A sample holds both sides, 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -32,20 +31,11 @@ def _messages(value, where: str, key: str) -> list:
 
 def read_pairs(path, renderer: ChatRenderer, seq_length: int) -> list:
     """``[(chosen_ids, chosen_mask, rejected_ids, rejected_mask)]`` of every line of ``path``."""
-    from minitron_nemo.readers import reading
+    from minitron_nemo.readers import jsonl_records
 
     p = Path(path)
-    with reading(p, "preference pairs"):
-        lines = p.read_bytes().decode("utf-8-sig").splitlines()
     pairs = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{p}:{n}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: invalid JSON ({e.msg}, column {e.colno}); allowed: one JSON object per line")
+    for where, rec in jsonl_records(p, "preference pairs", "one JSON object per line"):
         missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(rec, dict) or k not in rec]
         if missing:
             raise UserError(f"{where}: no {', '.join(repr(k) for k in missing)}; allowed: an object with 'prompt', "

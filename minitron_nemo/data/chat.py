@@ -88,19 +88,9 @@ def _kind(v) -> str:
 
 
 def _jsonl_records(p: Path) -> Iterator[tuple]:
-    from minitron_nemo.readers import reading
+    from minitron_nemo.readers import jsonl_records
 
-    with reading(p, "conversations"):
-        lines = p.read_bytes().decode("utf-8-sig").splitlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{p}:{n}: invalid JSON ({e.msg}, column {e.colno}); allowed: one JSON object "
-                            f"per line with 'messages'") from None
-        yield f"{p}:{n}", rec
+    return jsonl_records(p, "conversations", "one JSON object per line with 'messages'")
 
 
 def _parquet_records(p: Path) -> Iterator[tuple]:

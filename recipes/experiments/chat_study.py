@@ -93,8 +93,8 @@ def answer_metrics(teacher_dir: Path, student_dir: Path, prefix: Path, n: int) -
 
     from minitron_nemo.data.chat import read_example
 
-    load = lambda p: tf.AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32).eval()  # noqa: E731
-    teacher, student = load(teacher_dir), load(student_dir)
+    teacher, student = (tf.AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32).eval()
+                        for p in (teacher_dir, student_dir))
     nll = kl = count = 0.0
     for i in range(n):
         ex = read_example(prefix, i)
