@@ -5,7 +5,9 @@
 STAGE is correct | prune | cache_teacher | distill | export | evaluate, or ``pipeline`` (correct -> prune
 -> cache_teacher (when ``distill.teacher_cache`` is set) -> distill -> export -> evaluate as dependent jobs, ``--dependency=afterok:<previous id>``;
 with ``stages`` in the job config, iterative compression (``minitron_nemo/workflows/stages.py``): [correct] -> NAME.prune ->
-NAME.distill per stage -> LAST.export [-> LAST.evaluate], each prune reading the previous stage's student). ``launcher.*`` overrides
+NAME.distill per stage -> LAST.export [-> LAST.evaluate], each prune reading the previous stage's student); with ``align``
+in the job config, its SFT / DPO stages (``NAME.sft``, ``NAME.dpo``; ``minitron_nemo/workflows/align_stages.py``) run
+after the distillation and the export takes the last one's model. ``launcher.*`` overrides
 pick the launcher (``conf/launcher/*.yaml``, e.g. ``launcher=slurm_bare``) and set its keys; every other
 override is passed through to the recipe. ``--dry-run`` prints the scripts and the sbatch commands.
 Bad input (unknown stage, container on without an image, a node x GPU count that does not fit the
@@ -28,7 +30,7 @@ from minitron_nemo.config import compose, parse_argv, require, split_flags
 from minitron_nemo.entry import user_errors_exit
 from minitron_nemo.errors import UserError
 from minitron_nemo.training import data as tdata
-from minitron_nemo.workflows import stages
+from minitron_nemo.workflows import align_stages, stages
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("correct", "prune", "cache_teacher", "distill", "export", "evaluate")
@@ -146,8 +148,8 @@ def recipe_args(cfg, name: str, stage: str, overrides: list) -> list:
                if v is not None]  # (data_parallel_size is not a key of recipes/prune.py's YAML)
         return [f"checkpoint={teacher}", f"output={cfg.student.init_checkpoint}", f"dtype={cfg.dtype}",
                 *par, *flat, *stages.search_args(cfg, f"{work}/prune_search")]
-    if stage == "export":  # the distilled student named in the distill job's results.json
-        return ["checkpoint=$(final_checkpoint)", f"output={work}/hf"]
+    if stage == "export":  # the distilled student named in the distill job's results.json (or the aligned one)
+        return [f"checkpoint=$(final_checkpoint {shlex.quote(final_results(cfg, name, overrides))})", f"output={work}/hf"]
     text = sel(cfg, "data.test_text")
     if not text:
         raise UserError("the evaluate stage needs data.test_text=FILE (held-out text)")
@@ -157,6 +159,44 @@ def recipe_args(cfg, name: str, stage: str, overrides: list) -> list:
 
 # ----------------------------------------------------------------------------- iterative chains (``stages``)
 _CHAINS: dict = {}
+
+
+def _align(cfg, name: str, cli: list) -> list:
+    """The job's ``align`` stages (SFT / DPO after distillation; ``workflows/align_stages.py``), once per job."""
+    key = ("align", name, tuple(cli))
+    if key not in _CHAINS:
+        taken = [st.name for st in _chain(cfg, name, cli)] if sel(cfg, "stages") else []
+        _CHAINS[key] = align_stages.resolve(cfg, sel(cfg, "workdir"), stages.PREVIOUS, taken=taken)
+    return _CHAINS[key]
+
+
+def align_jobs(cfg, name: str, cli: list) -> list:
+    """``NAME.sft`` / ``NAME.dpo`` per unfinished align stage (they run after the distillation)."""
+    jobs = []
+    for st in _align(cfg, name, cli):
+        if st.finished:
+            print(f"# pipeline: skipping align stage {st.name} (finished: {st.results})", flush=True)
+        else:
+            jobs.append(f"{st.name}.{st.recipe}")
+    return jobs
+
+
+def distilled_results(cfg, name: str, cli: list) -> str:
+    """The results.json naming the distilled student: the last chain stage's, or the distill job's."""
+    return str(_chain(cfg, name, cli)[-1].results) if sel(cfg, "stages") else f"{sel(cfg, 'workdir')}/results.json"
+
+
+def final_results(cfg, name: str, cli: list) -> str:
+    """The results.json naming the model the pipeline exports: the last align stage's, else the distilled one."""
+    chain = _align(cfg, name, cli)
+    return str(chain[-1].results) if chain else distilled_results(cfg, name, cli)
+
+
+def align_args(cfg, name: str, cli: list, stage: str) -> list:
+    chain = _align(cfg, name, cli)
+    st = next(s for s in chain if s.name == stage)
+    prev = distilled_results(cfg, name, cli) if st.index == 0 else str(chain[st.index - 1].results)
+    return align_stages.stage_args(cfg, st, f"$(final_checkpoint {shlex.quote(prev)})")
 
 
 def _chain(cfg, name: str, cli: list) -> list:
@@ -181,6 +221,7 @@ def slurm_jobs(cfg, name: str, cli: list) -> list:
             print(f"# pipeline: skipping stage {st.name} (finished: {st.results})", flush=True)
         else:
             jobs += [f"{st.name}.prune", f"{st.name}.distill"]
+    jobs += align_jobs(cfg, name, cli)
     jobs.append(f"{chain[-1].name}.export")
     if sel(cfg, "data.test_text"):
         jobs.append(f"{chain[-1].name}.evaluate")
@@ -193,8 +234,10 @@ def slurm_jobs(cfg, name: str, cli: list) -> list:
 def slurm_args(cfg, name: str, job: str, cli: list) -> list:
     """The recipe arguments of chain job ``NAME.KIND``; sources that exist only at run time are read from
     the previous stage's results.json by the script's ``final_checkpoint`` function."""
-    chain = _chain(cfg, name, cli)
     stage, part = job.rsplit(".", 1)
+    if part in align_stages.RECIPES:
+        return align_args(cfg, name, cli, stage)
+    chain = _chain(cfg, name, cli)
     st = next(s for s in chain if s.name == stage)
     prev = chain[st.index - 1] if st.index else None
     src = stages.first_source(cfg, False) if prev is None else f"$(final_checkpoint {shlex.quote(str(prev.results))})"
@@ -203,7 +246,7 @@ def slurm_args(cfg, name: str, job: str, cli: list) -> list:
     if part == "distill":
         return stages.distill_args(cfg, name, cli, st, src)
     if part == "export":
-        return [f"checkpoint=$(final_checkpoint {shlex.quote(str(st.results))})", f"output={st.root / 'hf'}"]
+        return [f"checkpoint=$(final_checkpoint {shlex.quote(final_results(cfg, name, cli))})", f"output={st.root / 'hf'}"]
     return [f"checkpoint={st.root / 'hf'}", f"eval.text_file={cfg.data.test_text}",
             f"eval.seq_length={cfg.data.seq_length}", f"eval.output={st.root / 'eval.json'}"]
 
@@ -313,6 +356,8 @@ def plan(cfg, stage: str, name: str = DEFAULT_CONFIG, overrides=()) -> list:
             print(f"# pipeline: skipping {s} ({why})", flush=True)
         else:
             todo.append(s)
+        if s == "distill":  # SFT / DPO of the distilled student
+            todo += align_jobs(cfg, name, list(overrides))
     return todo
 
 

@@ -115,7 +115,33 @@ class StageConfig:
                 fail(f"{at}.overrides", o, "key=value strings, e.g. trainer.train_iters=100")
 
 
+@dataclass
+class AlignStageConfig:
+    """One alignment stage after distillation (``align``; ``minitron_nemo/workflows/align_stages.py``)."""
+    name: str = MISSING
+    recipe: str = MISSING            # sft | dpo
+    overrides: List[str] = field(default_factory=list)   # the recipe's key=value (its data, trainer, ...)
+
+    def check(self, at: str) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", str(self.name)):
+            fail(f"{at}.name", self.name, "letters, digits, _ and - (it names the stage's folder)")
+        choice(f"{at}.recipe", self.recipe, ("sft", "dpo"))
+        for o in self.overrides:
+            if "=" not in str(o):
+                fail(f"{at}.overrides", o, "key=value strings, e.g. data.blend=PREFIX")
+
+
 # ----------------------------------------------------------------------------- recipe roots
+def check_training(t: TrainerConfig, data: DataConfig) -> None:
+    """What every training job needs of its batches and length (distillation, correction, SFT)."""
+    t.check_batches()
+    if data.packing and t.micro_batch_size != 1:
+        raise UserError(f"data.packing=true needs trainer.micro_batch_size=1 (a packed sequence is the "
+                        f"micro-batch), got {t.micro_batch_size}; allowed: 1, with a longer data.seq_length")
+    if t.train_iters is None and t.train_tokens is None:
+        raise UserError("set trainer.train_iters=N or trainer.train_tokens=N")
+
+
 @dataclass
 class Common:
     dtype: str = "float32"
@@ -188,17 +214,30 @@ class TrainingJob(Common):
     cache: CacheConfig = field(default_factory=CacheConfig)
     launcher: Optional[LauncherConfig] = None   # launchers/submit.py adds it
     stages: List[StageConfig] = field(default_factory=list)  # iterative chain: recipes/compress.py
+    align: List[AlignStageConfig] = field(default_factory=list)  # SFT / DPO after distillation (compress, submit)
 
     def check(self, at: str) -> None:
         super().check(at)
-        t = self.trainer
-        t.check_batches()
-        if self.data.packing and t.micro_batch_size != 1:
-            raise UserError(f"data.packing=true needs trainer.micro_batch_size=1 (a packed sequence is the "
-                            f"micro-batch), got {t.micro_batch_size}; allowed: 1, with a longer data.seq_length")
-        if t.train_iters is None and t.train_tokens is None:
-            raise UserError("set trainer.train_iters=N or trainer.train_tokens=N")
+        check_training(self.trainer, self.data)
 
+
+
+@dataclass
+class SFTJob(Common):
+    """recipes/sft.py: supervised fine-tuning of a checkpoint on conversations (the answer tokens' LM loss)."""
+    checkpoint: str = MISSING
+    workdir: str = MISSING
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def check(self, at: str) -> None:
+        super().check(at)
+        if self.data.source != "chat":
+            raise UserError(f"data.source={self.data.source}; allowed: chat (conversations written by "
+                            f"recipes/preprocess_data.py format=chat, passed as data.blend=PREFIX)")
+        check_training(self.trainer, self.data)
 
 
 @dataclass
@@ -234,3 +273,19 @@ class DPOJob(Common):
         self.trainer.check_batches()
         if self.trainer.train_iters is None:
             raise UserError("set trainer.train_iters=N")
+
+
+@dataclass
+class AlignJob(Common):
+    """recipes/align.py: a chain of SFT and DPO stages from one checkpoint (``workflows/align_stages.py``)."""
+    checkpoint: str = MISSING
+    workdir: str = MISSING
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: Dict[str, Any] = field(default_factory=dict)   # named inputs the stages' overrides interpolate
+    align: List[AlignStageConfig] = field(default_factory=list)
+
+    def check(self, at: str) -> None:
+        super().check(at)
+        if not self.align:
+            raise UserError("align is empty; allowed: a list of stages {name, recipe: sft|dpo, overrides}, e.g. "
+                            "--config-name p2_align")

@@ -7,6 +7,8 @@ job config's ``stages`` list: prune the stage's source (recipes/prune.py), disti
 
 The stages format and folders: ``minitron_nemo/workflows/stages.py`` (WORKDIR/stages/NAME/{pruned,distill,search}).
 A re-run skips the finished stages (their distill/results.json exists) and resumes the unfinished one.
+With ``align`` in the job config, SFT and DPO stages follow, from the last stage's distilled student
+(``minitron_nemo/workflows/align_stages.py``; WORKDIR/align/NAME).
 The recipes run as subprocesses, under ``torchrun --nproc_per_node=N`` when the parallel layout needs
 N = TP x PP x DP > 1 processes (DP: ``parallel.data_parallel_size``, default 1). Command-line overrides
 apply to every stage; a stage's own ``overrides`` win. Per-stage parameters, tokens and held-out
@@ -21,7 +23,7 @@ from minitron_nemo import children, outputs, schemas
 from minitron_nemo.checkpoint import store
 from minitron_nemo.config import compose, parse_argv, split_flags
 from minitron_nemo.entry import user_errors_exit
-from minitron_nemo.workflows import stages
+from minitron_nemo.workflows import align_stages, stages
 
 RECIPES = Path(__file__).resolve().parent
 DEFAULT_CONFIG = "smollm2_iterative"
@@ -52,6 +54,7 @@ def main():
     name, cli = parse_argv(split_flags(sys.argv[1:])[1], DEFAULT_CONFIG)
     chain = stages.resolve(cfg, name, cli)                   # every check, before anything runs
     work = Path(cfg.workdir).resolve()
+    align = align_stages.resolve(cfg, work, stages.PREVIOUS, taken=[st.name for st in chain])
     outputs.claim_workdir(work, sources={"teacher.checkpoint": cfg.teacher.checkpoint}, lock=False)
     outputs.claim_workdir(work / "stages", key="the stages folder")  # locked: one chain at a time
     n = stages.nproc(cfg)
@@ -72,6 +75,10 @@ def main():
     outputs.write_text_atomic(work / "stages" / "summary.json", json.dumps(rows, indent=1))
     print_summary(rows)
     print(f"[compress] done; the last stage's student: {rows[-1]['final_checkpoint']}", flush=True)
+    if align:  # SFT / DPO of the last stage's student
+        last = align_stages.run(cfg, align, rows[-1]["final_checkpoint"], lambda script, args: run(script, args, n),
+                                log=lambda m: print(f"[compress] {m}", flush=True))
+        print(f"[compress] aligned: {last}", flush=True)
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ def test_dry_run_pipeline(capsys, tmp_path):
         assert want in distill, want
     assert "launcher." not in distill.split("srun ", 1)[1].split("\n")[0]
     assert "#SBATCH --nodes=1" in scripts[1] and "recipes/prune.py checkpoint=" in scripts[1]
-    assert "#SBATCH --ntasks-per-node=1" in scripts[3] and "checkpoint=$(final_checkpoint)" in scripts[3]
+    assert "#SBATCH --ntasks-per-node=1" in scripts[3] and "checkpoint=$(final_checkpoint runs/smollm2_demo/results.json)" in scripts[3]
     assert "--dependency=afterok:<distill job id>" in scripts[3]
     assert "$ sbatch --parsable /" in scripts[0] and "--dependency" not in scripts[0]
     # torchrun per node, no container

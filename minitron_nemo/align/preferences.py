@@ -58,6 +58,35 @@ def read_pairs(path, renderer: ChatRenderer, seq_length: int) -> list:
     return pairs
 
 
+def read_prompts(path) -> list:
+    """The prompts of a JSONL file, each a message list ending with a user turn: lines
+    ``{"prompt": "text" or [messages]}`` or conversations ``{"messages": [...]}`` (cut before their last
+    assistant turn)."""
+    from minitron_nemo.readers import jsonl_records
+
+    p, out = Path(path), []
+    for where, rec in jsonl_records(p, "prompts", "one JSON object per line with 'prompt' or 'messages'"):
+        if not isinstance(rec, dict) or not ({"prompt", "messages"} & set(rec)):
+            raise UserError(f"{where}: no 'prompt' or 'messages'; allowed: {{\"prompt\": \"text\" or [messages]}} or "
+                            f"{{\"messages\": [...]}}")
+        value = rec.get("prompt", rec.get("messages"))
+        if isinstance(value, str):
+            if not value.strip():
+                raise UserError(f"{where}: an empty prompt; allowed: a non-empty string or message list")
+            out.append([{"role": "user", "content": value}])
+            continue
+        msgs = check_messages(value, where)
+        while msgs and msgs[-1]["role"] == "assistant":
+            msgs = msgs[:-1]
+        if not msgs or msgs[-1]["role"] != "user":
+            raise UserError(f"{where}: the messages do not end with a user turn (before the answer); allowed: a "
+                            f"conversation whose answer follows a user message")
+        out.append(msgs)
+    if not out:
+        raise UserError(f"{p} holds no prompts; allowed: JSONL lines with 'prompt' or 'messages'")
+    return out
+
+
 def _response_only(renderer: ChatRenderer, prompt: list, ids: list, mask: list, where: str) -> list:
     """The mask without the assistant turns that are part of the prompt (the rendering of the prompt alone
     is a prefix of the pair's)."""
