@@ -2,13 +2,14 @@
 ``chosen`` and the student's is ``rejected``.
 
     python recipes/make_pairs.py teacher=T student=S prompts=PROMPTS.jsonl output=PAIRS.jsonl \
-        [max_new_tokens=256] [limit=N] [batch_size=8]
+        [max_new_tokens=256] [min_new_tokens=1] [limit=N] [batch_size=8]
 
 ``teacher``, ``student``: Hugging Face model directories with a chat template, or checkpoints of this
 project (exported to a temporary HF directory first). ``PROMPTS.jsonl`` lines: ``{"prompt": "text" or
 [messages]}`` or conversations ``{"messages": [...]}`` (the answer after their last user turn is
-regenerated; ``align/preferences.read_prompts``). Each model answers in its own chat template. A prompt
-whose two answers are equal, or either empty, gives no pair (counted). ``PAIRS.jsonl`` is what
+regenerated; ``align/preferences.read_prompts``). Each model answers greedily in its own chat template, at
+least ``min_new_tokens`` tokens (1: no pair of an empty answer). A prompt whose two answers are equal, or
+either blank, gives no pair (counted). ``PAIRS.jsonl`` is what
 recipes/dpo.py reads (``data.preference_file``).
 """
 
@@ -24,7 +25,7 @@ from minitron_nemo.errors import UserError
 
 RECIPE = "make_pairs"
 DEFAULTS = {"teacher": None, "student": None, "prompts": None, "output": None, "max_new_tokens": "256",
-            "limit": None, "batch_size": "8"}
+            "min_new_tokens": "1", "limit": None, "batch_size": "8"}
 
 
 def parse_args(argv) -> dict:
@@ -40,11 +41,14 @@ def parse_args(argv) -> dict:
     for k in ("teacher", "student", "prompts", "output"):
         if not args[k]:
             raise UserError(f"{k} is required; usage: teacher=T student=S prompts=PROMPTS.jsonl output=PAIRS.jsonl")
-    for k in ("max_new_tokens", "limit", "batch_size"):
-        v = args[k]
-        if v is not None and (not str(v).isdigit() or int(v) < 1):
-            raise UserError(f"{k}={v!r}; allowed: an integer >= 1")
+    for k in ("max_new_tokens", "min_new_tokens", "limit", "batch_size"):
+        v, low = args[k], 0 if k == "min_new_tokens" else 1
+        if v is not None and (not str(v).isdigit() or int(v) < low):
+            raise UserError(f"{k}={v!r}; allowed: an integer >= {low}")
         args[k] = None if v is None else int(v)
+    if args["min_new_tokens"] > args["max_new_tokens"]:
+        raise UserError(f"min_new_tokens={args['min_new_tokens']} is more than max_new_tokens={args['max_new_tokens']}; "
+                        f"allowed: min_new_tokens <= max_new_tokens")
     return args
 
 
@@ -87,7 +91,8 @@ def answers(hf_dir: Path, prompts: list, args: dict) -> list:
 
     model, tok = load_hf(hf_dir)
     print(f"[pairs] {hf_dir} answers {len(prompts)} prompts", flush=True)
-    return [a.strip() for a in generate_chat(model, tok, prompts, args["max_new_tokens"], args["batch_size"])]
+    return [a.strip() for a in generate_chat(model, tok, prompts, args["max_new_tokens"], args["batch_size"],
+                                             min_new_tokens=args["min_new_tokens"])]
 
 
 @user_errors_exit

@@ -174,6 +174,10 @@ ERRORS = [
      "trainer.train_iters='abc'; allowed: an integer"),
     (["stages=[{name:a,prune:{target_hidden_size:48},overrides:[trainer]}]"], "stages[0].overrides='trainer'"),
     ([f"stages=[{STAGE_A}]", "teacher.checkpoint=HF"], "which is not a minitron_nemo checkpoint"),
+    # the align stages after the chain (workflows/align_stages.py), checked before anything runs
+    ([f"stages=[{STAGE_A}]", "+align=[{name:a,recipe:sft}]"], "align: the names ['a'] are used more than once"),
+    ([f"stages=[{STAGE_A}]", "+align=[{name:p,recipe:dpo,overrides:['dpo.beta=0']}]"], "align stage p (dpo): "),
+    ([f"stages=[{STAGE_A}]", "+align=[{name:s,recipe:rlhf}]"], "align[0].recipe='rlhf'; allowed: sft, dpo"),
 ]
 
 

