@@ -2,8 +2,9 @@
 
 CPU mode: Megatron's mixed-precision optimizers check ``param.type()`` against ``torch.cuda.*Tensor``
 names; ``cuda_type_names()`` makes CPU tensors report those names while the optimizer is built and
-stepped. The distributed optimizer needs reduce-scatter/all-gather collectives; on CPU (gloo) we
-fall back to the non-distributed optimizer and say so.
+stepped. The distributed optimizer (optimizer state sharded over the data-parallel ranks) runs on CPU as
+on GPU: gloo has reduce-scatter and all-gather into one tensor. It is used when requested and the job has
+more than one data-parallel rank (with one, there is nothing to shard).
 """
 
 from __future__ import annotations
@@ -34,11 +35,8 @@ def cuda_type_names():
 
 
 def use_distributed_optimizer(requested: bool) -> bool:
-    if requested and runtime.cpu_mode():
-        runtime.print0("[train] CPU mode: the distributed optimizer needs GPU collectives; "
-                       "using Megatron's non-distributed optimizer (same math)")
-        return False
-    return bool(requested)
+    """``trainer.optim.use_distributed_optimizer``, where there are data-parallel ranks to shard over."""
+    return bool(requested) and parallel_state.get_data_parallel_world_size() > 1
 
 
 def wrap_ddp(model, *, distributed_optimizer: bool, overlap: bool = False):

@@ -10,6 +10,7 @@ from typing import Callable
 
 from omegaconf import OmegaConf
 
+from minitron_nemo import runtime
 from minitron_nemo.checkpoint import store
 from minitron_nemo.config import model_config
 from minitron_nemo.errors import UserError
@@ -86,6 +87,12 @@ def build_trainer(model, mc: ModelConfig, step: Step, *, tcfg, ccfg, params_dtyp
     from minitron_nemo.training.metrics import flops_per_token
 
     dist_opt = optim.use_distributed_optimizer(bool(tcfg.optim.use_distributed_optimizer))
+    from megatron.core import parallel_state as ps
+
+    runtime.print0(f"[train] TP {ps.get_tensor_model_parallel_world_size()} x PP "
+                   f"{ps.get_pipeline_model_parallel_world_size()} x DP {ps.get_data_parallel_world_size()}"
+                   + (", sequence parallel" if getattr(model.config, "sequence_parallel", False) else "")
+                   + (", distributed optimizer (its state sharded over the DP ranks)" if dist_opt else ""))
     ddp = optim.wrap_ddp(model, distributed_optimizer=dist_opt)
     optimizer = optim.build_optimizer(ddp, tcfg.optim, params_dtype, dist_opt)
     scheduler = optim.build_scheduler(optimizer, tcfg.optim, train_iters, int(tcfg.warmup_iters))

@@ -2,8 +2,9 @@
 
     WORKDIR/checkpoints/iter_0000100/
         model.yaml, meta.json, tokenizer/, weights/     the student (``store.save_checkpoint``)
-        train_state/rank_00000.pt                       optimizer, scheduler, iteration, RNG (per rank)
-        train_state/dist_opt_00000.pt                   distributed-optimizer parameter state (if used)
+        train_state/rank_00000.pt                       optimizer (with the distributed optimizer: this rank's
+                                                        shard of main parameters and Adam states), scheduler,
+                                                        iteration, RNG (per rank)
         COMPLETE                                        written last; incomplete dirs are ignored
 
 The teacher is never saved. Resume needs the same TP/PP/DP layout as the run that saved.
@@ -73,10 +74,9 @@ def save(root, iteration: int, model, mc, optimizer, scheduler, state: dict, *, 
         if runtime.rank() == 0:
             ts.mkdir(exist_ok=True)
         runtime.barrier()
-        if hasattr(optimizer, "save_parameter_state") and _uses_dist_opt(optimizer):
-            optimizer.save_parameter_state(str(ts / "dist_opt.pt"))
+        shard = dist_opt_shard(optimizer) if _uses_dist_opt(optimizer) else None
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
-                    "iteration": iteration, **state}, ts / f"rank_{runtime.rank():05d}.pt")
+                    "iteration": iteration, "dist_opt_shard": shard, **state}, ts / f"rank_{runtime.rank():05d}.pt")
         runtime.barrier()
         if runtime.rank() == 0:
             (path / "COMPLETE").write_text(str(iteration))
@@ -87,10 +87,43 @@ def save(root, iteration: int, model, mc, optimizer, scheduler, state: dict, *, 
         if err is not None:
             raise err from None
         raise
+    if runtime.rank() == 0:
         for old in checkpoints(root)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     runtime.barrier()
     return path
+
+
+def _inner_optimizers(optimizer) -> list:
+    """The torch optimizers inside a Megatron (chained) optimizer."""
+    return [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+
+
+def dist_opt_shard(optimizer) -> list:
+    """This rank's part of a distributed optimizer: its main-parameter shards and their Adam states, in
+    param-group order (with the data-parallel layout it was saved at, it restores exactly)."""
+    out = []
+    for inner in _inner_optimizers(optimizer):
+        for group in inner.param_groups:
+            for p in group["params"]:
+                out.append({"param": p.detach().clone(), **{k: (v.detach().clone() if torch.is_tensor(v) else v)
+                                                             for k, v in inner.state.get(p, {}).items()}})
+    return out
+
+
+def load_dist_opt_shard(optimizer, shard: list) -> None:
+    params = [(inner, p) for inner in _inner_optimizers(optimizer) for g in inner.param_groups for p in g["params"]]
+    if len(params) != len(shard):
+        raise UserError(f"the saved distributed-optimizer state has {len(shard)} parameter shards, this layout "
+                        f"{len(params)}; resume needs the layout (TP x PP x DP) it was saved with")
+    for (inner, p), saved in zip(params, shard):
+        if saved["param"].shape != p.shape:
+            raise UserError(f"a saved distributed-optimizer shard has shape {tuple(saved['param'].shape)}, this "
+                            f"layout {tuple(p.shape)}; resume needs the layout (TP x PP x DP) it was saved with")
+        p.copy_(saved["param"])
+        # own tensors per parameter: Megatron's load_state_dict gives every parameter the same "step" tensor,
+        # which torch's Adam would then advance once per parameter
+        inner.state[p] = {k: v for k, v in saved.items() if k != "param"}
 
 
 def _uses_dist_opt(optimizer) -> bool:
@@ -109,10 +142,16 @@ def load(path, model, optimizer, scheduler) -> dict:
                         f"(TP x PP x DP) it was saved with")
     store.load_weights(model, path)
     s = readers.torch_load(f, "training state")
-    with readers.reading(f, "training state"):
+    # no_grad: the distributed optimizer copies its state into views of parameters that require grad
+    with readers.reading(f, "training state"), torch.no_grad():
         optimizer.load_state_dict(s.pop("optimizer"))
-        if _uses_dist_opt(optimizer):
-            optimizer.load_parameter_state(str(path / "train_state" / "dist_opt.pt"))
+        shard = s.pop("dist_opt_shard", None)
+        if _uses_dist_opt(optimizer) != (shard is not None):
+            raise UserError(f"{f} was saved {'with' if shard is not None else 'without'} the distributed optimizer; "
+                            f"resume with trainer.optim.use_distributed_optimizer="
+                            f"{'true' if shard is not None else 'false'} (the setting it was saved with)")
+        if shard is not None:
+            load_dist_opt_shard(optimizer, shard)
         scheduler.load_state_dict(s.pop("scheduler"))
         set_rng_state(s.pop("rng"))
         s["iteration"], s["consumed_samples"]  # noqa: B018 (present, or a KeyError naming the file)

@@ -1,0 +1,93 @@
+"""The distributed optimizer (optimizer state sharded over data-parallel ranks) on CPU, as GPU jobs run
+it: at DP=2 it gives the non-distributed optimizer's losses and weights, a run stopped after a checkpoint
+and resumed repeats the uninterrupted one exactly, and at TP=2 x DP=2 with sequence parallelism it gives
+TP=1 x DP=2's losses."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import ROOT, module_dir, run_torchrun
+
+DISTILL = ROOT / "recipes" / "distill.py"
+
+
+@pytest.fixture(scope="module")
+def work(small_llama, tmp_path_factory):
+    return module_dir(small_llama, tmp_path_factory.mktemp("dist_opt"))
+
+
+def job(tmp, ckpt, out, *extra):
+    """The distillation recipe's LM-loss training of the tiny Llama on text, 4 iterations of 4 samples (2 per
+    DP rank)."""
+    return ["--config-name", "smollm2_demo", f"workdir={out}", f"teacher.checkpoint={ckpt}",
+            "teacher.corrected_checkpoint=null", "~model", "teacher.max_loss_fraction=10", "teacher.held_out=false",
+            f"student.checkpoint={ckpt}", "student.loss=lm", "data=text", f"data.train_text={tmp / 'calib.txt'}",
+            f"data.valid_text={tmp / 'valid.txt'}", "data.seq_length=32", "data.valid_samples=4",
+            "data.test_tokens=64", "trainer.micro_batch_size=1", "trainer.global_batch_size=4",
+            "trainer.train_iters=4", "trainer.warmup_iters=1", "trainer.eval_interval=4", "trainer.tensorboard=false",
+            "trainer.optim.lr=5e-3", "checkpointing.save_interval=2", "checkpointing.keep_last=3", *extra]
+
+
+def losses(out) -> dict:
+    return {(r["kind"], r["iteration"]): r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+def weights(ckpt) -> dict:
+    """Every tensor of a checkpoint's weights (Megatron's torch_dist format is a torch.distributed.checkpoint)."""
+    import torch.distributed.checkpoint as dcp
+
+    meta = dcp.FileSystemReader(str(ckpt / "weights")).read_metadata()
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()
+             if hasattr(m, "size")}
+    dcp.load(state, checkpoint_id=str(ckpt / "weights"), no_dist=True)
+    return state
+
+
+@pytest.fixture(scope="module")
+def dp2(work, tmp_path_factory):
+    """DP=2 runs with the distributed optimizer and with the replicated one."""
+    tmp, ckpt = work
+    out = tmp_path_factory.mktemp("dp2")
+    p = run_torchrun(DISTILL, 2, *job(tmp, ckpt, out / "dist"))
+    assert "[train] TP 1 x PP 1 x DP 2, distributed optimizer" in p.stdout, p.stdout[-2000:]
+    run_torchrun(DISTILL, 2, *job(tmp, ckpt, out / "plain", "trainer.optim.use_distributed_optimizer=false"))
+    return out
+
+
+def test_sharded_state_matches_the_replicated_optimizer_and_resumes_exactly(work, dp2):
+    tmp, ckpt = work
+    dist_run, plain = dp2 / "dist", dp2 / "plain"
+    a, b = losses(dist_run), losses(plain)
+    for key in (("train", 1), ("train", 2), ("train", 3), ("train", 4), ("valid", 4)):
+        assert abs(a[key]["student_lm"] - b[key]["student_lm"]) <= 1e-6 * abs(b[key]["student_lm"]), (key, a[key], b[key])
+    assert a[("train", 4)]["student_lm"] != a[("train", 1)]["student_lm"]  # it trained
+    wa, wb = weights(dist_run / "checkpoints" / "iter_0000004"), weights(plain / "checkpoints" / "iter_0000004")
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-6) for k in wa)
+    shard = torch.load(dist_run / "checkpoints" / "iter_0000004" / "train_state" / "rank_00001.pt",
+                       weights_only=False)["dist_opt_shard"]
+    full = sum(v.numel() for v in wa.values())
+    assert 0 < sum(s["param"].numel() for s in shard) < full  # rank 1 holds a part of the state
+    # stopped after iteration 2's checkpoint, resumed: iterations 3 and 4 repeat exactly
+    shutil.rmtree(dist_run / "checkpoints" / "iter_0000004")
+    (dist_run / "results.json").unlink()
+    run_torchrun(DISTILL, 2, *job(tmp, ckpt, dist_run))
+    again = losses(dist_run)
+    for key in (("train", 3), ("train", 4), ("valid", 4)):
+        assert again[key]["student_lm"] == a[key]["student_lm"], (key, again[key], a[key])
+    assert all(torch.equal(v, weights(dist_run / "checkpoints" / "iter_0000004")[k]) for k, v in wa.items())
+
+
+def test_tp2_dp2_with_sequence_parallelism_gives_tp1_dp2s_losses(work, dp2, tmp_path):
+    """Four ranks: TP=2 (sequence parallel) x DP=2, the distributed optimizer sharding over the DP pairs."""
+    tmp, ckpt = work
+    p = run_torchrun(DISTILL, 4, *job(tmp, ckpt, tmp_path / "tp2", "parallel.tensor_model_parallel_size=2",
+                                      "parallel.sequence_parallel=true", "checkpointing.save_interval=null"))
+    assert "[train] TP 2 x PP 1 x DP 2, sequence parallel, distributed optimizer" in p.stdout, p.stdout[-2000:]
+    a, b = losses(tmp_path / "tp2"), losses(dp2 / "plain")
+    for key in (("train", 1), ("train", 2), ("train", 3), ("train", 4), ("valid", 4)):
+        assert abs(a[key]["student_lm"] - b[key]["student_lm"]) <= 1e-5 * abs(b[key]["student_lm"]), (key, a[key], b[key])
