@@ -91,3 +91,25 @@ def test_tp2_dp2_with_sequence_parallelism_gives_tp1_dp2s_losses(work, dp2, tmp_
     a, b = losses(tmp_path / "tp2"), losses(dp2 / "plain")
     for key in (("train", 1), ("train", 2), ("train", 3), ("train", 4), ("valid", 4)):
         assert abs(a[key]["student_lm"] - b[key]["student_lm"]) <= 1e-5 * abs(b[key]["student_lm"]), (key, a[key], b[key])
+
+
+def test_bf16_with_fp32_main_params_follows_fp32_and_resumes_exactly(work, dp2, tmp_path):
+    """bf16 parameters, fp32 main parameters and gradients in the distributed optimizer (the GPU default):
+    the trajectory of the fp32 run within bf16's precision; resumed after a checkpoint, exactly the same."""
+    tmp, ckpt = work
+    out = tmp_path / "bf16"
+    p = run_torchrun(DISTILL, 2, *job(tmp, ckpt, out, "dtype=bfloat16"))
+    assert "distributed optimizer" in p.stdout
+    a, b = losses(out), losses(dp2 / "dist")
+    for key in (("train", 1), ("train", 2), ("train", 3), ("train", 4), ("valid", 4)):
+        assert abs(a[key]["student_lm"] - b[key]["student_lm"]) <= 2e-2 * abs(b[key]["student_lm"]), (key, a[key], b[key])
+    shard = torch.load(out / "checkpoints" / "iter_0000004" / "train_state" / "rank_00000.pt",
+                       weights_only=False)["dist_opt_shard"]
+    assert {s["param"].dtype for s in shard} == {torch.float32}          # fp32 main parameters
+    assert {v.dtype for v in weights(out / "checkpoints" / "iter_0000004").values()} == {torch.bfloat16}
+    shutil.rmtree(out / "checkpoints" / "iter_0000004")
+    (out / "results.json").unlink()
+    run_torchrun(DISTILL, 2, *job(tmp, ckpt, out, "dtype=bfloat16"))
+    again = losses(out)
+    for key in (("train", 3), ("train", 4), ("valid", 4)):
+        assert again[key]["student_lm"] == a[key]["student_lm"], (key, again[key], a[key])
