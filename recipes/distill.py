@@ -181,7 +181,7 @@ def main():
     trainer.resume()
     runtime.print0(f"[distill] {train_iters} iterations x {t.global_batch_size} samples x {seq} tokens "
                    f"(micro-batch {t.micro_batch_size}, accumulation {n_acc}, DP {ps.get_data_parallel_world_size()})")
-    trainer.fit()
+    last_valid = trainer.fit()
 
     if cached:
         t_ppl = offline.teacher_perplexity(tc, test_text, seq, cfg.data.test_tokens) if cfg.teacher.held_out \
@@ -191,15 +191,20 @@ def main():
     results = {"teacher": t_ppl, "student_zero_shot": zero_shot,
                "student_distilled": perplexity(student, windows, int(t.micro_batch_size)),
                "tokens": 0 if windows is None else int((windows[:, 1:] >= 0).sum()),
+               "valid": {k: float(v) for k, v in last_valid.items()},   # the last validation (e.g. answer tokens)
                "final_checkpoint": str(trainer.ckpt_root / f"iter_{trainer.iteration:07d}"),
                "seconds": round(time.time() - t0, 1)}
     if runtime.is_rank0():
         outputs.write_text_atomic(work / "results.json", json.dumps(results, indent=2))
-        print(f"\nheld-out perplexity ({results['tokens']} tokens of {test_text})", flush=True)
-        for name, key in (("teacher" + (" (corrected)" if corrected else ""), "teacher"),
-                          ("student, zero-shot (pruned)", "student_zero_shot"),
-                          ("student, distilled", "student_distilled")):
-            print(f"  {name:<32} {results[key]:>10.3f}", flush=True)
+        if windows is not None:
+            print(f"\nheld-out perplexity ({results['tokens']} tokens of {test_text})", flush=True)
+            for name, key in (("teacher" + (" (corrected)" if corrected else ""), "teacher"),
+                              ("student, zero-shot (pruned)", "student_zero_shot"),
+                              ("student, distilled", "student_distilled")):
+                print(f"  {name:<32} {results[key]:>10.3f}", flush=True)
+        else:  # no held-out text (e.g. conversations): the validation losses, on the loss-masked tokens
+            print("\nvalidation at the end (no data.test_text for a held-out perplexity): "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in results["valid"].items()), flush=True)
         print(f"[distill] done in {results['seconds']:.0f}s; student checkpoint {results['final_checkpoint']}",
               flush=True)
     runtime.shutdown()
