@@ -104,7 +104,8 @@ def main():
                                                   check_split, counts[f"{check_split}_samples"], root, layout,
                                                   shard, mbs, tau)
     n_check = min(counts[f"{check_split}_samples"], shard)
-    teacher_loss = cache_writer.teacher_valid_loss(root, check_split, n_check, shard, layout)
+    teacher_loss = cache_writer.teacher_valid_loss(root, check_split, n_check, shard, layout,
+                                                   valid_ds if check_split == "valid" else train_ds)
     kd.check_teacher_sane(teacher_loss, t_mc, float(cfg.teacher.max_loss_fraction), t_path)
     runtime.print0(f"[cache] teacher {check_split} loss {teacher_loss:.4f} (ln vocab {math.log(t_mc.vocab_size):.2f})")
     if check_split == "valid":

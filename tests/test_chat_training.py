@@ -188,6 +188,10 @@ def test_offline_distillation_from_a_cache_of_packed_chat_data(tmp_path, chat):
     assert p.returncode == 0, p.stderr[-3000:]
     got = float(re.search(r"\[valid\] iter 0 \| .*teacher_lm ([0-9.]+)", p.stdout).group(1))
     assert abs(got - reference_loss(chat, True)) < 2e-4, got
+    # the cache's own teacher check counts the same tokens (answers, no padding) as the online check
+    online = distill(chat, tmp_path / "online", "data.packing=true", "trainer.train_iters=1", seq=128)
+    want = float(re.search(r"\[distill\] teacher validation loss ([0-9.]+)", online.stdout).group(1))
+    assert abs(tc.manifest["teacher_loss"]["loss"] - want) < 1e-3, (tc.manifest["teacher_loss"], want)
 
 
 def test_the_first_kd_step_of_a_student_equal_to_its_teacher_is_zero(tmp_path, chat):

@@ -88,15 +88,18 @@ def write_split(teacher, dataset, split: str, samples: int, root, layout: cache.
     return {"shards": total, "written": len(todo), "seconds": time.time() - t0, "samples": n_done}
 
 
-def teacher_valid_loss(root, split: str, samples: int, shard_samples: int, layout: cache.Layout) -> float:
-    """Mean teacher next-token NLL over the cached samples of ``split`` (from the target log-probs)."""
+def teacher_valid_loss(root, split: str, samples: int, shard_samples: int, layout: cache.Layout, dataset) -> float:
+    """Mean teacher next-token NLL over the cached samples of ``split`` (from the target log-probs), on the
+    tokens the loss counts (each sample's ``loss_mask`` in ``dataset``: answer tokens of conversations, no
+    padding), as the online check (``models.forward.lm_loss_sums``) counts them."""
     import numpy as np
 
-    total, count = 0.0, 0
+    total, count = 0.0, 0.0
     for s in range(cache.num_shards(samples, shard_samples)):
         n = min(shard_samples, samples - s * shard_samples)
         shape, dtype = layout.shapes(n)["target"]
-        a = np.fromfile(cache.shard_dir(root, split, s) / "target.bin", dtype=dtype).reshape(shape)
-        total += -float(a.astype(np.float64).sum())
-        count += a.size
-    return total / max(count, 1)
+        a = np.fromfile(cache.shard_dir(root, split, s) / "target.bin", dtype=dtype).reshape(shape).astype(np.float64)
+        mask = np.stack([np.asarray(dataset[s * shard_samples + j]["loss_mask"], dtype=np.float64) for j in range(n)])
+        total += -float((a * mask.reshape(a.shape)).sum())
+        count += float(mask.sum())
+    return total / max(count, 1.0)
