@@ -113,3 +113,29 @@ def test_bf16_with_fp32_main_params_follows_fp32_and_resumes_exactly(work, dp2, 
     again = losses(out)
     for key in (("train", 3), ("train", 4), ("valid", 4)):
         assert again[key]["student_lm"] == a[key]["student_lm"], (key, again[key], a[key])
+
+
+def test_overlapped_gradient_reduce_and_parameter_gather_give_the_same_run(work, dp2, tmp_path):
+    """overlap_grad_reduce (per-bucket reduce-scatter during backward) and overlap_param_gather (the updated
+    parameters gathered by the next forward, and before a checkpoint is written)."""
+    tmp, ckpt = work
+    out = tmp_path / "overlap"
+    p = run_torchrun(DISTILL, 2, *job(tmp, ckpt, out, "trainer.optim.overlap_grad_reduce=true",
+                                      "trainer.optim.overlap_param_gather=true"))
+    assert "gradient reduce overlapped, parameter gather overlapped" in p.stdout, p.stdout[-2000:]
+    a, b = losses(out), losses(dp2 / "dist")
+    for key in (("train", 1), ("train", 2), ("train", 3), ("train", 4), ("valid", 4)):
+        assert abs(a[key]["student_lm"] - b[key]["student_lm"]) <= 1e-6 * abs(b[key]["student_lm"]), (key, a[key], b[key])
+    for it in ("iter_0000002", "iter_0000004"):  # iteration 2's checkpoint is written before any forward follows
+        wa, wb = weights(out / "checkpoints" / it), weights(dp2 / "dist" / "checkpoints" / it)
+        assert all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-6) for k in wb), it
+
+
+def test_parameter_gather_overlap_alone_is_one_line(work, tmp_path):
+    from conftest import run_main
+    from test_user_errors import assert_one_line
+
+    tmp, ckpt = work
+    p = run_main(str(DISTILL), *job(tmp, ckpt, tmp_path / "job", "trainer.optim.overlap_param_gather=true"))
+    assert_one_line(p, 2, "trainer.optim.overlap_param_gather=true needs", "overlap_grad_reduce=true")
+    assert not (tmp_path / "job").exists()

@@ -50,9 +50,14 @@ class OptimConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1.0e-8
     clip_grad: float = 1.0
-    use_distributed_optimizer: bool = True
+    use_distributed_optimizer: bool = True   # used when DP > 1 (optimizer state sharded over the DP ranks)
+    overlap_grad_reduce: bool = False        # gradient reduce(-scatter) per bucket during the backward pass
+    overlap_param_gather: bool = False       # distributed optimizer: parameter all-gather during the forward pass
 
     def check(self, at: str) -> None:
+        if self.overlap_param_gather and not (self.use_distributed_optimizer and self.overlap_grad_reduce):
+            raise UserError(f"{at}.overlap_param_gather=true needs {at}.use_distributed_optimizer=true and "
+                            f"{at}.overlap_grad_reduce=true (Megatron-Core overlaps the gather only with both)")
         positive_number(f"{at}.lr", self.lr)
         positive_number(f"{at}.min_lr", self.min_lr, zero=True)
         if self.min_lr > self.lr:

@@ -167,9 +167,17 @@ class Trainer:
         return True
 
     def save(self) -> Path:
+        self.sync_params()
         return ckpt.save(self.ckpt_root, self.iteration, self.ddp.module, self.mc, self.optimizer, self.scheduler,
                          {"consumed_samples": self.consumed_samples}, tokenizer_src=self.tokenizer_src,
                          meta=self.meta, keep_last=int(self.ccfg.keep_last))
+
+    def sync_params(self) -> None:
+        """With ``overlap_param_gather`` the updated parameters are gathered by the next forward pass; gather
+        them now (before a checkpoint, or when training ends and the model is used as it is)."""
+        if getattr(self.ddp, "use_forward_hook", False):
+            self.ddp.disable_forward_pre_hook()   # gathers the parameters
+            self.ddp.enable_forward_pre_hook()
 
     def check_step(self, where: str, metrics: dict, training: bool) -> None:
         """Stop all ranks on a non-finite loss, gradient (``training``, before the optimizer steps) or
@@ -213,6 +221,7 @@ class Trainer:
                 self.save()
             if runtime.is_rank0() and log.path.is_file():
                 plot_losses(log.path, Path(self.workdir) / "loss.png", str(self.workdir))
+        self.sync_params()  # the caller evaluates or exports the model as it is
         return last_valid
 
     def _steps(self, end: int, data, log, world: int, last_valid: dict) -> dict:

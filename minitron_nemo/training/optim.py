@@ -39,16 +39,20 @@ def use_distributed_optimizer(requested: bool) -> bool:
     return bool(requested) and parallel_state.get_data_parallel_world_size() > 1
 
 
-def wrap_ddp(model, *, distributed_optimizer: bool, overlap: bool = False):
-    """Megatron-Core ``DistributedDataParallel`` around this rank's model chunk (fp32 grad buffers)."""
+def wrap_ddp(model, *, distributed_optimizer: bool, overlap: bool = False, overlap_param_gather: bool = False):
+    """Megatron-Core ``DistributedDataParallel`` around this rank's model chunk (fp32 grad buffers);
+    ``overlap``: gradient reduction per bucket during backward; ``overlap_param_gather`` (distributed
+    optimizer): the updated parameters gathered during the next forward."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap,
-                                        use_distributed_optimizer=distributed_optimizer)
+                                        use_distributed_optimizer=distributed_optimizer,
+                                        overlap_param_gather=overlap_param_gather and distributed_optimizer)
     return DistributedDataParallel(model.config, cfg, model)
 
 
-def build_optimizer(ddp, opt_cfg, params_dtype: torch.dtype, distributed_optimizer: bool):
+def build_optimizer(ddp, opt_cfg, params_dtype: torch.dtype, distributed_optimizer: bool,
+                    overlap_param_gather: bool = False):
     """Megatron Adam(W) with fp32 main params when training in bf16/fp16."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
@@ -57,7 +61,8 @@ def build_optimizer(ddp, opt_cfg, params_dtype: torch.dtype, distributed_optimiz
                          adam_beta2=float(opt_cfg.adam_beta2), adam_eps=float(opt_cfg.adam_eps),
                          clip_grad=float(opt_cfg.clip_grad), bf16=params_dtype == torch.bfloat16,
                          fp16=params_dtype == torch.float16, params_dtype=params_dtype,
-                         use_distributed_optimizer=distributed_optimizer)
+                         use_distributed_optimizer=distributed_optimizer,
+                         overlap_param_gather=overlap_param_gather and distributed_optimizer)
     with cuda_type_names():
         return get_megatron_optimizer(oc, [ddp])
 

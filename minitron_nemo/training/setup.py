@@ -86,15 +86,20 @@ def build_trainer(model, mc: ModelConfig, step: Step, *, tcfg, ccfg, params_dtyp
     from minitron_nemo.training.loop import Trainer
     from minitron_nemo.training.metrics import flops_per_token
 
-    dist_opt = optim.use_distributed_optimizer(bool(tcfg.optim.use_distributed_optimizer))
     from megatron.core import parallel_state as ps
 
+    o = tcfg.optim
+    dist_opt = optim.use_distributed_optimizer(bool(o.use_distributed_optimizer))
+    gather = bool(o.get("overlap_param_gather", False)) and dist_opt
     runtime.print0(f"[train] TP {ps.get_tensor_model_parallel_world_size()} x PP "
                    f"{ps.get_pipeline_model_parallel_world_size()} x DP {ps.get_data_parallel_world_size()}"
                    + (", sequence parallel" if getattr(model.config, "sequence_parallel", False) else "")
-                   + (", distributed optimizer (its state sharded over the DP ranks)" if dist_opt else ""))
-    ddp = optim.wrap_ddp(model, distributed_optimizer=dist_opt)
-    optimizer = optim.build_optimizer(ddp, tcfg.optim, params_dtype, dist_opt)
+                   + (", distributed optimizer (its state sharded over the DP ranks)" if dist_opt else "")
+                   + (", gradient reduce overlapped" if o.get("overlap_grad_reduce") else "")
+                   + (", parameter gather overlapped" if gather else ""))
+    ddp = optim.wrap_ddp(model, distributed_optimizer=dist_opt, overlap=bool(o.get("overlap_grad_reduce", False)),
+                         overlap_param_gather=gather)
+    optimizer = optim.build_optimizer(ddp, o, params_dtype, dist_opt, overlap_param_gather=gather)
     scheduler = optim.build_scheduler(optimizer, tcfg.optim, train_iters, int(tcfg.warmup_iters))
     gbs = int(tcfg.global_batch_size)
     per_token = flops_per_token(mc, seq_length, True)
