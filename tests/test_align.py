@@ -208,3 +208,20 @@ def test_bad_settings_are_one_line_before_compute(tmp_path, chat, name):
     p = run_main(script, *[b for b in base if b.split("=", 1)[0] not in keys], *extra)
     assert_one_line(p, 2, *needles)
     assert snapshot(tmp_path) == before and not (tmp_path / "out").exists()
+
+
+def test_p2_chain_config(tmp_path, chat):
+    """conf/p2_align.yaml: math/code SFT, instruction SFT, DPO, each stage's config composed and checked."""
+    from minitron_nemo import schemas
+    from minitron_nemo.config import compose
+    from minitron_nemo.workflows import align_stages
+
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n")
+    cfg = compose("align", ["--config-name", "p2_align", f"checkpoint={chat / 'ckpt'}", f"workdir={tmp_path / 'w'}",
+                            f"data.math_code={chat / 'train'}", f"data.instruct={chat / 'valid'}",
+                            f"data.pairs={tmp_path / 'pairs.jsonl'}"], schema=schemas.AlignJob)
+    chain = align_stages.resolve(cfg, tmp_path / "w", str(chat / "ckpt"))
+    assert [(s.name, s.recipe) for s in chain] == [("sft_math_code", "sft"), ("sft_instruct", "sft"), ("dpo", "dpo")]
+    args = align_stages.stage_args(cfg, chain[1], "PREV")
+    assert args[:2] == ["checkpoint=PREV", f"workdir={tmp_path / 'w' / 'align' / 'sft_instruct'}"]
+    assert f"data.blend={chat / 'valid'}" in args and "data.packing=true" in args
