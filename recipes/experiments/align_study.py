@@ -34,7 +34,7 @@ from minitron_nemo.readers import read_json
 from minitron_nemo.workflows.stages import value
 
 import chat_study  # noqa: E402  (recipes/experiments/)
-from common import RECIPES, load, run, scaled, warmup
+from common import RECIPES, claim, load, run, scaled, warmup
 
 MODELS = ("kd", "kd_sft", "kd_sft_dpo", "teacher")
 LABELS = {"kd": "after KD (answer tokens)", "kd_sft": "after KD + SFT", "kd_sft_dpo": "after KD + SFT + DPO",
@@ -219,6 +219,8 @@ def section(cfg, work: Path) -> list:
     dpo = [json.loads(x) for x in (d / "dpo" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in dpo if r.get("kind") == "train"]
     mbs, sft_iters, dpo_iters = int(cfg.budget.micro_batch_size), scaled(cfg, a.sft_iters), scaled(cfg, a.dpo_iters)
+    m = {r[0]: r for r in rows}   # label -> row
+    kd, sft, pref = (m[LABELS[k]] for k in ("kd", "kd_sft", "kd_sft_dpo"))
     sample = load(d / "eval" / "kd_sft_dpo.json")["answers"][0]
     return ["## Alignment: SFT and DPO after distillation", "",
             f"The chat section's answer-only KD student, then P2's shape of alignment on the same Megatron-Core jobs "
@@ -231,11 +233,17 @@ def section(cfg, work: Path) -> list:
             f"chosen, the SFT student's rejected). Every training answer is the teacher's own output (sequence-level "
             f"KD data; no chat dataset is known in the package registries). Held out: the chat section's validation "
             f"conversations (answer loss, KL from the teacher), {scaled(cfg, c.if_prompts)} instruction prompts of "
-            f"our set (other topics than the SFT prompts) and {n_valid} pairs from the validation prompts. DPO reward "
+            f"our set (other topics than the SFT prompts; one prompt moves the prompt-level score by "
+            f"{1 / scaled(cfg, c.if_prompts):.3f}) and {n_valid} pairs from the validation prompts. DPO reward "
             f"accuracy: the share of held-out pairs where beta x (the model's log-ratio to the DPO reference, the SFT "
             f"student) is higher for the chosen answer.", "",
             report.md_table(["model", "answer loss", "KL from teacher", "IF prompt strict", "IF instruction strict",
                              "DPO reward accuracy (held-out pairs)", "chosen more likely"], rows), "",
+            claim(sft[1] < kd[1], "SFT on the teacher's answers lowers the held-out answer loss"),
+            claim(scores["kd_sft_dpo"]["reward_accuracy"] > 0.5, "DPO's preference carries over to held-out pairs "
+                                                                 "(reward accuracy above chance)"),
+            claim(pref[3] > kd[3], "SFT + DPO raise instruction following over the KD student (P2 aligned its "
+                                   "students for chat behaviour; prompt-level strict score)"), "",
             f"DPO training: loss {train[0]['dpo']:.4f} at the first step (ln 2 = 0.6931: the policy is its reference), "
             f"{train[-1]['dpo']:.4f} at the last; training reward accuracy {train[-1]['reward_accuracy']:.2f} at the "
             f"last step.", "",
