@@ -12,11 +12,13 @@ STAMP_MCORE019 := $(VENV_MCORE019)/.installed
 # while leg 1 runs):
 # checkpoint round trips at TP=2/PP=2, pruning importance invariance across layouts, bitwise
 # training resume, PP=2 vs PP=1 distillation, the distillation job on the real pruned SmolLM2,
-# the KL loss (incl. TP=2), the job configs and packed sequences (THD) at TP=2 / PP=2.
+# the KL loss (incl. TP=2), the job configs, packed sequences (THD) at TP=2 / PP=2 and the distributed
+# optimizer at DP=2 (equal to the replicated one, bitwise resume).
 MCORE019_TESTS ?= tests/test_checkpoint.py tests/test_prune_importance.py tests/test_training.py \
 	tests/test_distill_job.py tests/test_distill_losses.py tests/test_configs.py \
 	tests/test_moe.py::test_round_trip_is_bitwise tests/test_moe.py::test_moe_student_distils_logs_aux_loss_and_resumes_bitwise \
-	tests/test_chat_training.py::test_packed_logits_equal_each_conversation_alone_at_tp2_and_pp2
+	tests/test_chat_training.py::test_packed_logits_equal_each_conversation_alone_at_tp2_and_pp2 \
+	tests/test_dist_optimizer.py::test_sharded_state_matches_the_replicated_optimizer_and_resumes_exactly
 PYTEST_ARGS ?=
 # Test files are dealt to TEST_WORKERS pytest-xdist processes (one file stays on one worker, so module
 # fixtures are built once); TEST_WORKERS=0 runs in this process.
