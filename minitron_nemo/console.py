@@ -1,7 +1,8 @@
 """A quiet console: the warnings that are expected and harmless, filtered once for the whole package.
 
 Filtered: Megatron-Core's notices that Transformer Engine / apex are not installed (CPU mode and
-plain-torch environments fall back to torch on purpose) and deprecation notices raised inside
+plain-torch environments fall back to torch on purpose), torch's notice about the ``.grad`` of the
+distributed optimizer's parameter-shard views (Megatron-Core's design), and deprecation notices raised inside
 Megatron-Core, torch and Hydra about their own internals. Everything else still shows, in particular
 warnings raised by this project's code or about the user's data and models.
 """
@@ -18,6 +19,9 @@ HARMLESS_MESSAGES = (
     r"TypedStorage is deprecated",
     r"`torch\.distributed\._sharded_tensor` will be deprecated",
     r"Please use DTensor instead and we are deprecating ShardedTensor",
+    # Megatron-Core's distributed optimizer keeps fp32 main-parameter shards as views of the parameters
+    # and sets and reads their .grad by design
+    r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed",
 )
 # Log records that repeat an exception which is raised right after and reported by the project as one line
 RERAISED = {"megatron.core.dist_checkpointing.strategies.filesystem_async": "encountered an error"}
