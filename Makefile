@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 VENV_MCORE019  ?= .venv-mcore019
 PY_MCORE019    := $(VENV_MCORE019)/bin/python
 STAMP_MCORE019 := $(VENV_MCORE019)/.installed
-# A representative subset (106 tests; about 4 min on 2 cores with two xdist workers, its venv installed
+# A representative subset (107 tests; about 3 min on 2 cores with two xdist workers, its venv installed
 # while leg 1 runs):
 # checkpoint round trips at TP=2/PP=2, pruning importance invariance across layouts, bitwise
 # training resume, PP=2 vs PP=1 distillation, the distillation job on the real pruned SmolLM2,
