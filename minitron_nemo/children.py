@@ -98,3 +98,17 @@ def _leave(code: int, said: bool = False) -> None:
             print(f"interrupted by {signal.Signals(code - 128).name}; re-run the same command to continue",
                   file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def run_recipe(script, args: list, nproc: int, tag: str) -> None:
+    """A wrapper's step: recipe ``script`` with ``args`` in a child (under torchrun for ``nproc`` > 1, one
+    node), through ``run``; a failure ends the wrapper with the recipe's exit code and a note that the same
+    command resumes (recipes/compress.py, recipes/align.py)."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    name = os.path.basename(str(script))
+    print(f"[{tag}] {name} {' '.join(map(str, args))}", flush=True)
+    code = run([*launch, str(script), *map(str, args)])
+    if code != 0:
+        print(f"[{tag}] {name} exited with {code}; re-run the same command to resume", flush=True)
+        sys.exit(code)

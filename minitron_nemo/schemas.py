@@ -223,13 +223,18 @@ class TrainingJob(Common):
 
 
 @dataclass
-class SFTJob(Common):
-    """recipes/sft.py: supervised fine-tuning of a checkpoint on conversations (the answer tokens' LM loss)."""
+class FineTuneJob(Common):
+    """The keys the recipes that train one checkpoint further share (recipes/sft.py, recipes/dpo.py)."""
     checkpoint: str = MISSING
     workdir: str = MISSING
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
+
+
+@dataclass
+class SFTJob(FineTuneJob):
+    """recipes/sft.py: supervised fine-tuning of a checkpoint on conversations (the answer tokens' LM loss)."""
     data: DataConfig = field(default_factory=DataConfig)
 
     def check(self, at: str) -> None:
@@ -258,13 +263,8 @@ class PreferenceData:
 
 
 @dataclass
-class DPOJob(Common):
+class DPOJob(FineTuneJob):
     """recipes/dpo.py: preference optimization of a checkpoint against itself, frozen, as the reference."""
-    checkpoint: str = MISSING
-    workdir: str = MISSING
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
     data: PreferenceData = field(default_factory=PreferenceData)
     dpo: DPOConfig = field(default_factory=DPOConfig)
 

@@ -13,14 +13,12 @@ stages can end recipes/compress.py and ``launchers/submit.py pipeline`` (``align
 Bad input in any stage's settings is one line, exit code 2, before anything runs.
 """
 
-import sys
 from pathlib import Path
 
 from minitron_nemo import children, outputs, schemas
 from minitron_nemo.checkpoint import store
 from minitron_nemo.config import compose
 from minitron_nemo.entry import user_errors_exit
-from minitron_nemo.errors import UserError
 from minitron_nemo.workflows import align_stages
 from minitron_nemo.workflows.stages import nproc
 
@@ -28,23 +26,15 @@ RECIPES = Path(__file__).resolve().parent
 
 
 def run(script: str, args: list, n: int) -> None:
-    """One recipe in a subprocess (torchrun for n > 1); its failure ends the chain with its exit code. Ctrl-C
-    and SIGTERM go to the recipe, which checkpoints and stops; the chain stops after it (``children``)."""
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"] if n > 1 \
-        else [sys.executable]
-    print(f"[align] {script} {' '.join(args)}", flush=True)
-    code = children.run([*launch, str(RECIPES / script), *map(str, args)])
-    if code != 0:
-        print(f"[align] {script} exited with {code}; re-run the same command to resume", flush=True)
-        sys.exit(code)
+    """One recipe of recipes/ in a subprocess (torchrun for n > 1); its failure ends the chain with its exit code.
+    Ctrl-C and SIGTERM go to the recipe, which checkpoints and stops; the chain stops after it (``children``)."""
+    children.run_recipe(RECIPES / script, args, n, "align")
 
 
 @user_errors_exit
 def main():
     cfg = compose("align", schema=schemas.AlignJob)
-    if not store.is_checkpoint(cfg.checkpoint):
-        raise UserError(f"checkpoint={cfg.checkpoint} is not a checkpoint of this project; allowed: a directory "
-                        f"written by import_hf / prune / distill / sft / dpo (model.yaml and weights/)")
+    store.require_checkpoint(cfg.checkpoint)
     work = Path(cfg.workdir).resolve()
     chain = align_stages.resolve(cfg, work, str(cfg.checkpoint))   # every check, before anything runs
     outputs.claim_workdir(work, sources={"checkpoint": cfg.checkpoint}, lock=False)

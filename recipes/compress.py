@@ -30,15 +30,9 @@ DEFAULT_CONFIG = "smollm2_iterative"
 
 
 def run(script: str, args: list, n: int) -> None:
-    """One recipe in a subprocess (torchrun for n > 1); its failure ends the chain with its exit code. Ctrl-C
-    and SIGTERM go to the recipe, which checkpoints and stops; the chain stops after it (``children``)."""
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"] if n > 1 \
-        else [sys.executable]
-    print(f"[compress] {script} {' '.join(args)}", flush=True)
-    code = children.run([*launch, str(RECIPES / script), *map(str, args)])
-    if code != 0:
-        print(f"[compress] {script} exited with {code}; re-run the same command to resume", flush=True)
-        sys.exit(code)
+    """One recipe of recipes/ in a subprocess (torchrun for n > 1); its failure ends the chain with its exit code.
+    Ctrl-C and SIGTERM go to the recipe, which checkpoints and stops; the chain stops after it (``children``)."""
+    children.run_recipe(RECIPES / script, args, n, "compress")
 
 
 def print_summary(rows: list) -> None:

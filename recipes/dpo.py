@@ -22,7 +22,6 @@ from minitron_nemo.checkpoint import store
 from minitron_nemo.config import compose_job, dtype
 from minitron_nemo.data.indexed import HFTokenizer
 from minitron_nemo.entry import user_errors_exit
-from minitron_nemo.errors import UserError
 from minitron_nemo.models.builder import build_model
 from minitron_nemo.training import data as tdata
 from minitron_nemo.training.setup import build_trainer
@@ -32,9 +31,7 @@ from minitron_nemo.training.setup import build_trainer
 def main():
     cfg, job = compose_job("dpo", schemas.DPOJob)
     par, t, d = cfg.parallel, cfg.trainer, cfg.data
-    if not store.is_checkpoint(cfg.checkpoint):
-        raise UserError(f"checkpoint={cfg.checkpoint} is not a checkpoint of this project; allowed: a directory "
-                        f"written by import_hf / prune / distill (model.yaml and weights/)")
+    store.require_checkpoint(cfg.checkpoint)
     mc = store.load_model_config(cfg.checkpoint)
     mc.check_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.expert_model_parallel_size)
     tok_dir = store.tokenizer_dir(cfg.checkpoint)

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from minitron_nemo import outputs
+from minitron_nemo import key_values, outputs
 from minitron_nemo.entry import user_errors_exit
 from minitron_nemo.errors import UserError
 from minitron_nemo.readers import read_json
@@ -24,22 +24,10 @@ DEFAULTS = {"model": None, "limit": None, "max_new_tokens": "128", "samples": "3
 
 
 def parse_args(argv) -> dict:
-    if "--help" in argv or "-h" in argv:
-        print(__doc__.strip(), flush=True)
-        sys.exit(0)
-    args = dict(DEFAULTS)
-    for a in argv:
-        key, eq, value = a.partition("=")
-        if not eq or key not in DEFAULTS:
-            raise UserError(f"unknown argument {a!r}; allowed: " + ", ".join(f"{k}=..." for k in DEFAULTS))
-        args[key] = value
+    args = key_values.parse(argv, DEFAULTS, __doc__, DEFAULTS)
     if not args["model"]:
         raise UserError("model is required; pass model=HF_DIR")
-    for k, low in (("limit", 1), ("max_new_tokens", 1), ("samples", 0)):
-        v = args[k]
-        if v is not None and (not str(v).isdigit() or int(v) < low):
-            raise UserError(f"{k}={v!r}; allowed: an integer >= {low}")
-        args[k] = None if v is None else int(v)
+    key_values.integers(args, {"limit": 1, "max_new_tokens": 1, "samples": 0})
     return args
 
 

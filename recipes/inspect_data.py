@@ -12,6 +12,7 @@ data; text data needs ``tokenizer=``, else they are left out).
 import json
 import sys
 
+from minitron_nemo import key_values
 from minitron_nemo.data.chat import chat_record, read_example
 from minitron_nemo.entry import user_errors_exit
 from minitron_nemo.errors import UserError
@@ -21,15 +22,7 @@ ARGS = ("prefix", "index", "tokenizer")
 
 
 def parse_args(argv) -> dict:
-    if "--help" in argv or "-h" in argv:
-        print(__doc__.strip(), flush=True)
-        sys.exit(0)
-    args = {}
-    for a in argv:
-        key, eq, value = a.partition("=")
-        if not eq or key not in ARGS:
-            raise UserError(f"unknown argument {a!r}; allowed: " + ", ".join(f"{k}=..." for k in ARGS))
-        args[key] = value
+    args = key_values.parse(argv, ARGS, __doc__)
     for k in ("prefix", "index"):
         if not args.get(k):
             raise UserError(f"{k} is required; pass {k}=...")

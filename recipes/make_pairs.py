@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from minitron_nemo import outputs
+from minitron_nemo import key_values, outputs
 from minitron_nemo.entry import user_errors_exit
 from minitron_nemo.errors import UserError
 
@@ -29,23 +29,11 @@ DEFAULTS = {"teacher": None, "student": None, "prompts": None, "output": None, "
 
 
 def parse_args(argv) -> dict:
-    if "--help" in argv or "-h" in argv:
-        print(__doc__.strip(), flush=True)
-        sys.exit(0)
-    args = dict(DEFAULTS)
-    for a in argv:
-        key, eq, value = a.partition("=")
-        if not eq or key not in DEFAULTS:
-            raise UserError(f"unknown argument {a!r}; allowed: " + ", ".join(f"{k}=..." for k in DEFAULTS))
-        args[key] = value
+    args = key_values.parse(argv, DEFAULTS, __doc__, DEFAULTS)
     for k in ("teacher", "student", "prompts", "output"):
         if not args[k]:
             raise UserError(f"{k} is required; usage: teacher=T student=S prompts=PROMPTS.jsonl output=PAIRS.jsonl")
-    for k in ("max_new_tokens", "min_new_tokens", "limit", "batch_size"):
-        v, low = args[k], 0 if k == "min_new_tokens" else 1
-        if v is not None and (not str(v).isdigit() or int(v) < low):
-            raise UserError(f"{k}={v!r}; allowed: an integer >= {low}")
-        args[k] = None if v is None else int(v)
+    key_values.integers(args, {"max_new_tokens": 1, "min_new_tokens": 0, "limit": 1, "batch_size": 1})
     if args["min_new_tokens"] > args["max_new_tokens"]:
         raise UserError(f"min_new_tokens={args['min_new_tokens']} is more than max_new_tokens={args['max_new_tokens']}; "
                         f"allowed: min_new_tokens <= max_new_tokens")

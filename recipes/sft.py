@@ -19,7 +19,6 @@ from minitron_nemo import outputs, runtime, schemas
 from minitron_nemo.checkpoint import store
 from minitron_nemo.config import compose_job, dtype
 from minitron_nemo.entry import user_errors_exit
-from minitron_nemo.errors import UserError
 from minitron_nemo.models.builder import build_model, grouped_gemm_default
 from minitron_nemo.training import data as tdata
 from minitron_nemo.training import optim
@@ -31,9 +30,7 @@ from minitron_nemo.training.setup import Step, build_trainer
 def main():
     cfg, job = compose_job("sft", schemas.SFTJob)
     par, t, d = cfg.parallel, cfg.trainer, cfg.data
-    if not store.is_checkpoint(cfg.checkpoint):
-        raise UserError(f"checkpoint={cfg.checkpoint} is not a checkpoint of this project; allowed: a directory "
-                        f"written by import_hf / prune / distill / sft / dpo (model.yaml and weights/)")
+    store.require_checkpoint(cfg.checkpoint)
     mc = store.load_model_config(cfg.checkpoint)
     mc.check_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.expert_model_parallel_size)
     work = Path(cfg.workdir)

@@ -42,6 +42,13 @@ def is_checkpoint(path) -> bool:
     return (p / "model.yaml").is_file() and (p / "weights").is_dir()
 
 
+def require_checkpoint(path, key: str = "checkpoint") -> None:
+    """A UserError unless ``path`` is a checkpoint of this project (the recipes that start from one)."""
+    if not is_checkpoint(path):
+        raise UserError(f"{key}={path} is not a checkpoint of this project; allowed: a directory written by "
+                        f"import_hf / prune / distill / sft / dpo (model.yaml and weights/)")
+
+
 def load_model_config(ckpt_dir) -> ModelConfig:
     p = Path(ckpt_dir)
     if not is_checkpoint(p):

@@ -41,13 +41,13 @@ def use_distributed_optimizer(requested: bool) -> bool:
 
 def wrap_ddp(model, *, distributed_optimizer: bool, overlap: bool = False, overlap_param_gather: bool = False):
     """Megatron-Core ``DistributedDataParallel`` around this rank's model chunk (fp32 grad buffers);
-    ``overlap``: gradient reduction per bucket during backward; ``overlap_param_gather`` (distributed
-    optimizer): the updated parameters gathered during the next forward."""
+    ``overlap``: gradient reduction per bucket during backward; ``overlap_param_gather`` (with the distributed
+    optimizer only): the updated parameters gathered during the next forward."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap,
                                         use_distributed_optimizer=distributed_optimizer,
-                                        overlap_param_gather=overlap_param_gather and distributed_optimizer)
+                                        overlap_param_gather=overlap_param_gather)
     return DistributedDataParallel(model.config, cfg, model)
 
 
@@ -62,7 +62,7 @@ def build_optimizer(ddp, opt_cfg, params_dtype: torch.dtype, distributed_optimiz
                          clip_grad=float(opt_cfg.clip_grad), bf16=params_dtype == torch.bfloat16,
                          fp16=params_dtype == torch.float16, params_dtype=params_dtype,
                          use_distributed_optimizer=distributed_optimizer,
-                         overlap_param_gather=overlap_param_gather and distributed_optimizer)
+                         overlap_param_gather=overlap_param_gather)
     with cuda_type_names():
         return get_megatron_optimizer(oc, [ddp])
 

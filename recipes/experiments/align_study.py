@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 
-from minitron_nemo.config import compose
 from minitron_nemo.data import assets
 from minitron_nemo.entry import user_errors_exit
 from minitron_nemo.eval import report
@@ -34,7 +33,7 @@ from minitron_nemo.readers import read_json
 from minitron_nemo.workflows.stages import value
 
 import chat_study  # noqa: E402  (recipes/experiments/)
-from common import RECIPES, claim, load, run, scaled, warmup
+from common import RECIPES, claim, load, run, scaled, study_alone, warmup
 
 MODELS = ("kd", "kd_sft", "kd_sft_dpo", "teacher")
 LABELS = {"kd": "after KD (answer tokens)", "kd_sft": "after KD + SFT", "kd_sft_dpo": "after KD + SFT + DPO",
@@ -70,14 +69,22 @@ def model_dir(cfg, work: Path, name: str) -> Path:
         name, d / "hf" / name)
 
 
+def training_args(cfg, iters: int, lr: float) -> list:
+    """The overrides an SFT or DPO run of the study shares: ``iters`` global batches of the budget's
+    micro-batch, ``lr`` decaying to a tenth, one checkpoint at the end, validation at the start and end;
+    the data's sequence length and held-out samples."""
+    mbs = int(cfg.budget.micro_batch_size)
+    return [f"data.seq_length={cfg.alignment.seq_length}",
+            f"data.valid_samples={max(scaled(cfg, cfg.chat.valid_prompts), mbs)}", f"trainer.micro_batch_size={mbs}",
+            f"trainer.global_batch_size={mbs}", f"trainer.train_iters={iters}", f"trainer.warmup_iters={warmup(iters)}",
+            f"trainer.eval_interval={iters}", f"trainer.optim.lr={lr}", f"trainer.optim.min_lr={lr / 10}",
+            "checkpointing.save_interval=null", "checkpointing.keep_last=1"]
+
+
 def sft_stages(cfg, d: Path) -> list:
-    a, c = cfg.alignment, cfg.chat
-    iters, mbs = scaled(cfg, a.sft_iters), int(cfg.budget.micro_batch_size)
+    a = cfg.alignment
     common = [f"data.valid_blend={d.parent / 'data' / 'valid'}",   # the chat section's held-out conversations
-              f"data.seq_length={a.seq_length}", f"data.valid_samples={max(scaled(cfg, c.valid_prompts), mbs)}",
-              f"trainer.micro_batch_size={mbs}", f"trainer.global_batch_size={mbs}", f"trainer.train_iters={iters}",
-              f"trainer.warmup_iters={warmup(iters)}", f"trainer.eval_interval={iters}", f"trainer.optim.lr={a.sft_lr}",
-              f"trainer.optim.min_lr={a.sft_lr / 10}", "checkpointing.save_interval=null", "checkpointing.keep_last=1"]
+              *training_args(cfg, scaled(cfg, a.sft_iters), a.sft_lr)]
     return [{"name": "sft_code", "recipe": "sft", "overrides": [f"data.blend={d / 'data' / 'code'}", *common]},
             {"name": "sft_instruct", "recipe": "sft", "overrides": [f"data.blend={d / 'data' / 'instruct'}", *common]}]
 
@@ -148,16 +155,10 @@ def run_stage(cfg, work: Path) -> None:
                                             f"prompts={prompts}", f"output={out}", f"limit={n}",
                                             f"max_new_tokens={c.answer_tokens}"], logs / "align_pairs.log")
     if not (d / "dpo" / "results.json").is_file():
-        iters, mbs = scaled(cfg, a.dpo_iters), int(cfg.budget.micro_batch_size)
         run(RECIPES / "dpo.py", [f"checkpoint={sft_ckpt}", f"workdir={d / 'dpo'}", f"dtype={cfg.dtype}", f"seed={seed}",
                                  f"data.preference_file={d / 'data' / 'pairs.jsonl'}",
-                                 f"data.valid_file={d / 'data' / 'pairs_valid.jsonl'}", f"data.seq_length={a.seq_length}",
-                                 f"data.valid_samples={max(scaled(cfg, c.valid_prompts), mbs)}", f"dpo.beta={a.dpo_beta}",
-                                 f"trainer.micro_batch_size={mbs}", f"trainer.global_batch_size={mbs}",
-                                 f"trainer.train_iters={iters}", f"trainer.warmup_iters={warmup(iters)}",
-                                 f"trainer.eval_interval={iters}", f"trainer.optim.lr={a.dpo_lr}",
-                                 f"trainer.optim.min_lr={a.dpo_lr / 10}", "checkpointing.save_interval=null",
-                                 "checkpointing.keep_last=1"], logs / "align_dpo.log")
+                                 f"data.valid_file={d / 'data' / 'pairs_valid.jsonl'}", f"dpo.beta={a.dpo_beta}",
+                                 *training_args(cfg, scaled(cfg, a.dpo_iters), a.dpo_lr)], logs / "align_dpo.log")
     export(d, "kd_sft_dpo", load(d / "dpo" / "results.json")["final_checkpoint"], logs)
     # held-out measurements
     for name in ("kd_sft", "kd_sft_dpo"):
@@ -253,13 +254,7 @@ def section(cfg, work: Path) -> list:
 
 @user_errors_exit
 def main():
-    cfg = compose("experiment")
-    work = Path(cfg.workdir).resolve()
-    run_stage(cfg, work)
-    out = Path(cfg.results) / "align.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(section(cfg, work)) + "\n")
-    print(f"[align] wrote {out}", flush=True)
+    study_alone(run_stage, section, "align.md", "align")
 
 
 if __name__ == "__main__":

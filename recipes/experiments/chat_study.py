@@ -22,13 +22,12 @@ from pathlib import Path
 
 import torch
 
-from minitron_nemo.config import compose
 from minitron_nemo.data import assets
 from minitron_nemo.entry import user_errors_exit
 from minitron_nemo.eval import report
 from minitron_nemo.readers import read_json
 
-from common import RECIPES, load, run, scaled, warmup
+from common import RECIPES, load, run, scaled, study_alone, warmup
 
 ARMS = ("raw_text", "chat_all", "chat_answers")
 ASKS = ("Explain in plain modern English what this line from a Shakespeare play means:\n\n{}",
@@ -202,13 +201,7 @@ def section(cfg, work: Path) -> list:
 
 @user_errors_exit
 def main():
-    cfg = compose("experiment")
-    work = Path(cfg.workdir).resolve()
-    run_stage(cfg, work)
-    out = Path(cfg.results) / "chat.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(section(cfg, work)) + "\n")
-    print(f"[chat] wrote {out}", flush=True)
+    study_alone(run_stage, section, "chat.md", "chat")
 
 
 if __name__ == "__main__":

@@ -91,3 +91,17 @@ def load(path: Path):
 
 def claim(ok: bool, text: str) -> str:
     return f"- {'agrees' if ok else '**differs**'}: {text}"
+
+
+def study_alone(run_stage, section, name: str, tag: str) -> None:
+    """One study run on its own (``python recipes/experiments/STUDY.py [key=value ...]``, keys of
+    conf/experiment.yaml): its stage, then its section of the report written to ``RESULTS/name``."""
+    from minitron_nemo.config import compose
+
+    cfg = compose("experiment")
+    work = Path(cfg.workdir).resolve()
+    run_stage(cfg, work)
+    out = Path(cfg.results) / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(section(cfg, work)) + "\n")
+    print(f"[{tag}] wrote {out}", flush=True)
