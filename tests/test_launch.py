@@ -65,10 +65,14 @@ RANK_SCRIPT = """
 import os, signal, sys, time
 rank = int(os.environ["RANK"])
 print(f"rank {rank} of {os.environ['WORLD_SIZE']} port {os.environ['MASTER_PORT']} pid {os.getpid()}", flush=True)
+here, world = os.path.dirname(os.path.abspath(__file__)), int(os.environ["WORLD_SIZE"])
+open(os.path.join(here, f"ready{rank}"), "w").close()
 mode = sys.argv[1]
 if mode == "ok":
     sys.exit(0)
-if mode == "oom" and rank == 1:
+if mode == "oom" and rank == 1:  # once every rank has printed its pid
+    while not all(os.path.exists(os.path.join(here, f"ready{r}")) for r in range(world)):
+        time.sleep(0.05)
     os.kill(os.getpid(), signal.SIGKILL)
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 time.sleep(120)
