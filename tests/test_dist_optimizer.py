@@ -37,15 +37,26 @@ def losses(out) -> dict:
     return {(r["kind"], r["iteration"]): r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
 
 
-def weights(ckpt) -> dict:
-    """Every tensor of a checkpoint's weights (Megatron's torch_dist format is a torch.distributed.checkpoint)."""
+def weights(ckpt, part="weights") -> dict:
+    """Every tensor of a checkpoint's weights, or of another ``part`` (Megatron's torch_dist format is a
+    torch.distributed.checkpoint)."""
     import torch.distributed.checkpoint as dcp
 
-    meta = dcp.FileSystemReader(str(ckpt / "weights")).read_metadata()
+    meta = dcp.FileSystemReader(str(ckpt / part)).read_metadata()
     state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()
              if hasattr(m, "size")}
-    dcp.load(state, checkpoint_id=str(ckpt / "weights"), no_dist=True)
+    dcp.load(state, checkpoint_id=str(ckpt / part), no_dist=True)
     return state
+
+
+def optimizer_state(ckpt) -> dict:
+    """``{kind: {weight: tensor}}`` of a training checkpoint's optimizer (kinds: exp_avg, exp_avg_sq and, where
+    the optimizer keeps them apart from the weights, fp32_param)."""
+    out: dict = {}
+    for key, t in weights(ckpt, "train_state/optimizer").items():
+        kind, name = key.removeprefix("optimizer.state.").split(".", 1)
+        out.setdefault(kind, {})[name] = t
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +79,14 @@ def test_sharded_state_matches_the_replicated_optimizer_and_resumes_exactly(work
     assert a[("train", 4)]["student_lm"] != a[("train", 1)]["student_lm"]  # it trained
     wa, wb = weights(dist_run / "checkpoints" / "iter_0000004"), weights(plain / "checkpoints" / "iter_0000004")
     assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-6) for k in wa)
-    shard = torch.load(dist_run / "checkpoints" / "iter_0000004" / "train_state" / "rank_00001.pt",
-                       weights_only=False)["dist_opt_shard"]
-    full = sum(v.numel() for v in wa.values())
-    assert 0 < sum(s["param"].numel() for s in shard) < full  # rank 1 holds a part of the state
+    # the sharded optimizer's state, gathered into model space: the replicated optimizer's, weight by weight
+    oa, ob = (optimizer_state(d / "checkpoints" / "iter_0000004") for d in (dist_run, plain))
+    assert set(oa) == {"exp_avg", "exp_avg_sq", "fp32_param"} and set(ob) == {"exp_avg", "exp_avg_sq"}
+    for kind in ob:
+        assert oa[kind].keys() == ob[kind].keys() == wa.keys()
+        for k in wa:   # to 1e-5 of each tensor's largest entry (the gradients are summed in another order)
+            assert (oa[kind][k] - ob[kind][k]).abs().max() <= 1e-5 * ob[kind][k].abs().max(), (kind, k)
+    assert all(torch.equal(oa["fp32_param"][k], wa[k]) for k in wa)
     # stopped after iteration 2's checkpoint, resumed: iterations 3 and 4 repeat exactly
     shutil.rmtree(dist_run / "checkpoints" / "iter_0000004")
     (dist_run / "results.json").unlink()
@@ -103,9 +118,8 @@ def test_bf16_with_fp32_main_params_follows_fp32_and_resumes_exactly(work, dp2, 
     a, b = losses(out), losses(dp2 / "dist")
     for key in (("train", 1), ("train", 2), ("train", 3), ("train", 4), ("valid", 4)):
         assert abs(a[key]["student_lm"] - b[key]["student_lm"]) <= 2e-2 * abs(b[key]["student_lm"]), (key, a[key], b[key])
-    shard = torch.load(out / "checkpoints" / "iter_0000004" / "train_state" / "rank_00000.pt",
-                       weights_only=False)["dist_opt_shard"]
-    assert {s["param"].dtype for s in shard} == {torch.float32}          # fp32 main parameters
+    main = optimizer_state(out / "checkpoints" / "iter_0000004")["fp32_param"]
+    assert {t.dtype for t in main.values()} == {torch.float32}            # fp32 main parameters
     assert {v.dtype for v in weights(out / "checkpoints" / "iter_0000004").values()} == {torch.bfloat16}
     shutil.rmtree(out / "checkpoints" / "iter_0000004")
     (out / "results.json").unlink()
@@ -139,3 +153,23 @@ def test_parameter_gather_overlap_alone_is_one_line(work, tmp_path):
     p = run_main(str(DISTILL), *job(tmp, ckpt, tmp_path / "job", "trainer.optim.overlap_param_gather=true"))
     assert_one_line(p, 2, "trainer.optim.overlap_param_gather=true needs", "overlap_grad_reduce=true")
     assert not (tmp_path / "job").exists()
+
+
+@pytest.mark.parametrize("source,ranks,layout", [("dist", 1, ()), ("dist", 2, ("parallel.tensor_model_parallel_size=2",)),
+                                                 ("plain", 2, ())], ids=["dist-to-dp1", "dist-to-tp2", "plain-to-dist"])
+def test_a_checkpoint_resumes_at_another_layout_or_optimizer(work, dp2, tmp_path, source, ranks, layout):
+    """Saved at DP=2 with the distributed optimizer (its state gathered into model space), resumed at DP=1
+    (no distributed optimizer) or at TP=2; or saved by the replicated fp32 optimizer (no main parameters of
+    its own) and resumed with the distributed one. The next iterations repeat the saving run's losses, which
+    needs each weight's Adam moments and main parameters."""
+    tmp, ckpt = work
+    out = tmp_path / "run"
+    shutil.copytree(dp2 / source, out)
+    shutil.rmtree(out / "checkpoints" / "iter_0000004")
+    (out / "results.json").unlink()
+    p = run_torchrun(DISTILL, ranks, *job(tmp, ckpt, out, *layout))
+    if layout or ranks != 2:
+        assert "was saved at TP 1 x PP 1 x DP 2; resuming at" in p.stdout, p.stdout[-3000:]
+    a, b = losses(out), losses(dp2 / source)
+    for key in (("train", 3), ("train", 4), ("valid", 4)):
+        assert abs(a[key]["student_lm"] - b[key]["student_lm"]) <= 1e-6 * abs(b[key]["student_lm"]), (key, a[key], b[key])

@@ -131,14 +131,15 @@ def assert_bitwise_equal(work: Path, ref: Path) -> None:
     name = f"iter_{ITERS:07d}"
     a, b = work / "checkpoints" / name, ref / "checkpoints" / name
     assert (a / "COMPLETE").is_file() and (b / "COMPLETE").is_file()
-    shards = sorted(p.name for p in (b / "weights").glob("*.distcp"))
-    assert shards and shards == sorted(p.name for p in (a / "weights").glob("*.distcp"))
-    for s in shards:
-        assert (a / "weights" / s).read_bytes() == (b / "weights" / s).read_bytes(), s
+    for part in ("weights", "train_state/optimizer"):   # the student, its Adam moments
+        shards = sorted(p.name for p in (b / part).glob("*.distcp"))
+        assert shards and shards == sorted(p.name for p in (a / part).glob("*.distcp"))
+        for s in shards:
+            assert (a / part / s).read_bytes() == (b / part / s).read_bytes(), (part, s)
     state = [torch.load(d / "train_state" / "rank_00000.pt", weights_only=False) for d in (a, b)]
     for s in state:  # Python's and NumPy's generators are not seeded (they differ between any two runs) nor used
         del s["rng"]["python"], s["rng"]["numpy"]
-    assert same(*state), "optimizer, scheduler, data position or torch RNG state differs"
+    assert same(*state), "Adam step, scheduler, data position or torch RNG state differs"
     assert train_losses(work) == train_losses(ref) and len(train_losses(ref)) == ITERS
     results = [json.loads((d / "results.json").read_text()) for d in (work, ref)]
     assert results[0]["student_distilled"] == results[1]["student_distilled"]

@@ -123,8 +123,30 @@ def write_checkpoint(tmp, model, mc: ModelConfig, *, tokenizer_src=None, meta: d
     sharded = model.sharded_state_dict()
     if extra_state:
         sharded.update(extra_state)
+    save_sharded(sharded, tmp / "weights")
+
+
+def save_sharded(sharded: dict, directory) -> None:
+    """Collectively write a sharded state dict (Megatron ``dist_checkpointing``, torch_dist format) into
+    ``directory``, an existing empty directory."""
     _in_process_results_queue()
-    dist_checkpointing.save(sharded, str(tmp / "weights"))
+    dist_checkpointing.save(sharded, str(directory))
+
+
+def load_sharded(sharded: dict, directory, what: str) -> dict:
+    """Collectively read ``sharded`` (any TP/PP/DP layout) from a directory ``save_sharded`` wrote; an
+    incomplete or unreadable one is a one-line error naming it."""
+    directory = Path(directory)
+    info = readers.read_json(directory / "metadata.json", f"{what} metadata")
+    if info.get("sharded_backend") == "torch_dist" and not (directory / ".metadata").is_file():
+        raise UserError(f"cannot read {what} {directory}: .metadata is missing; allowed: a complete checkpoint")
+    with readers.reading(directory, what):
+        return dist_checkpointing.load(sharded, str(directory))
+
+
+def saved_keys(directory) -> set:
+    """The keys of the tensors a ``save_sharded`` directory holds."""
+    return set(dist_checkpointing.load_tensors_metadata(str(directory)).keys())
 
 
 def save_checkpoint(model, ckpt_dir, mc: ModelConfig, *, tokenizer_src=None, meta: dict | None = None,
@@ -152,12 +174,7 @@ def load_weights(model, ckpt_dir, extra_state: dict | None = None) -> dict | Non
     if extra_state:
         sharded.update(extra_state)
     weights = Path(ckpt_dir) / "weights"
-    info = readers.read_json(weights / "metadata.json", "checkpoint weights metadata")
-    if info.get("sharded_backend") == "torch_dist" and not (weights / ".metadata").is_file():
-        raise UserError(f"cannot read checkpoint weights {weights}: .metadata is missing; allowed: a complete "
-                        f"checkpoint")
-    with readers.reading(weights, "checkpoint weights"):
-        loaded = dist_checkpointing.load(sharded, str(weights))
+    loaded = load_sharded(sharded, weights, "checkpoint weights")
     extra = {k: loaded.pop(k) for k in list(extra_state or {})}
     load_state_dict_checked(model, loaded, source=weights)
     return extra or None

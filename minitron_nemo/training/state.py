@@ -2,12 +2,17 @@
 
     WORKDIR/checkpoints/iter_0000100/
         model.yaml, meta.json, tokenizer/, weights/     the student (``store.save_checkpoint``)
-        train_state/rank_00000.pt                       optimizer (with the distributed optimizer: this rank's
-                                                        shard of main parameters and Adam states), scheduler,
-                                                        iteration, RNG (per rank)
+        train_state/optimizer/                          Adam moments and fp32 main parameters, each tensor
+                                                        keyed by the model parameter it belongs to (Megatron
+                                                        ``dist_checkpointing``, like the weights)
+        train_state/rank_00000.pt                       scheduler, iteration, Adam step, grad scaler, data
+                                                        position, RNG and the layout that saved them (per rank)
         COMPLETE                                        written last; incomplete dirs are ignored
 
-The teacher is never saved. Resume needs the same TP/PP/DP layout as the run that saved.
+The teacher is never saved. Optimizer state is stored in model space, not as the distributed optimizer's
+per-rank buffers, so a checkpoint resumes at any layout: the same TP x PP x DP exactly (RNG included), or
+another one (TP, PP or DP changed, the distributed optimizer on or off) with the same weights and optimizer
+state, the random state restarting from the seed.
 """
 
 from __future__ import annotations
@@ -62,6 +67,19 @@ def latest(root) -> Path | None:
     return found[-1] if found else None
 
 
+def layout() -> dict:
+    """This job's parallel layout, as saved with each rank's training state."""
+    from megatron.core import parallel_state as ps
+
+    return {"world": runtime.world_size(), "tp": ps.get_tensor_model_parallel_world_size(),
+            "pp": ps.get_pipeline_model_parallel_world_size(), "dp": ps.get_data_parallel_world_size(),
+            "ep": ps.get_expert_model_parallel_world_size()}
+
+
+def describe(lay: dict) -> str:
+    return f"TP {lay['tp']} x PP {lay['pp']} x DP {lay['dp']}" + (f" x EP {lay['ep']}" if lay.get("ep", 1) > 1 else "")
+
+
 def save(root, iteration: int, model, mc, optimizer, scheduler, state: dict, *, tokenizer_src, meta: dict,
          keep_last: int) -> Path:
     """Collectively save a training checkpoint, then drop all but the ``keep_last`` newest."""
@@ -72,11 +90,12 @@ def save(root, iteration: int, model, mc, optimizer, scheduler, state: dict, *, 
         store.save_checkpoint(model, path, mc, tokenizer_src=tokenizer_src, meta={**meta, "iteration": iteration})
         ts = path / "train_state"
         if runtime.rank() == 0:
-            ts.mkdir(exist_ok=True)
+            (ts / "optimizer").mkdir(parents=True)
         runtime.barrier()
-        shard = dist_opt_shard(optimizer) if _uses_dist_opt(optimizer) else None
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
-                    "iteration": iteration, "dist_opt_shard": shard, **state}, ts / f"rank_{runtime.rank():05d}.pt")
+        save_optimizer(optimizer, model, ts / "optimizer")
+        torch.save({"scheduler": scheduler.state_dict(), "rng": rng_state(), "iteration": iteration,
+                    "adam_step": adam_step(optimizer), "grad_scalers": grad_scalers(optimizer), "layout": layout(),
+                    **state}, ts / f"rank_{runtime.rank():05d}.pt")
         runtime.barrier()
         if runtime.rank() == 0:
             (path / "COMPLETE").write_text(str(iteration))
@@ -94,66 +113,148 @@ def save(root, iteration: int, model, mc, optimizer, scheduler, state: dict, *, 
     return path
 
 
-def _inner_optimizers(optimizer) -> list:
-    """The torch optimizers inside a Megatron (chained) optimizer."""
-    return [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+def _subs(optimizer) -> list:
+    """The Megatron optimizers of a (chained) optimizer."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
-def dist_opt_shard(optimizer) -> list:
-    """This rank's part of a distributed optimizer: its main-parameter shards and their Adam states, in
-    param-group order (with the data-parallel layout it was saved at, it restores exactly)."""
-    out = []
-    for inner in _inner_optimizers(optimizer):
-        for group in inner.param_groups:
+def adam_step(optimizer) -> int:
+    """Adam's step count (every parameter's; this rank's state has at least one)."""
+    steps = {int(st["step"]) for sub in _subs(optimizer) for st in sub.optimizer.state.values() if "step" in st}
+    return max(steps, default=0)
+
+
+def grad_scalers(optimizer) -> list:
+    return [sub.grad_scaler.state_dict() if getattr(sub, "grad_scaler", None) else None for sub in _subs(optimizer)]
+
+
+# The distributed optimizer's state in model space, gathered to each DP group's first rank over gloo when
+# saving (its memory stays bounded by one copy per model-parallel shard); any rank reads what it owns.
+FORMAT = {"distrib_optim_sharding_type": "fully_reshardable", "distrib_optim_fully_reshardable_mem_efficient": True,
+          "chained_optim_avoid_prefix": True}
+MAIN_PARAM = "optimizer.state.fp32_param."        # Megatron's name (non-distributed optimizers)
+DIST_MAIN_PARAM = "optimizer.state.param."        # the distributed optimizer's name for the same tensors
+
+
+def optimizer_tensors(optimizer, model, *, loading: bool) -> tuple[list, dict]:
+    """Megatron's sharded state dict of ``optimizer``, mapped onto the model's parameters (each Adam moment
+    and fp32 main parameter keyed like the weight it belongs to, so any layout reads it): its sharded
+    tensors, and the whole nested dict the optimizer loads from."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    nested = optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=loading, metadata=FORMAT)
+    leaves = [leaf for leaf in nested_values(nested) if isinstance(leaf, ShardedBase)]
+    for leaf in leaves:   # one name for the main parameters, whichever optimizer holds them
+        if leaf.key.startswith(DIST_MAIN_PARAM):
+            leaf.key = MAIN_PARAM + leaf.key[len(DIST_MAIN_PARAM):]
+    return leaves, nested
+
+
+def save_optimizer(optimizer, model, directory) -> None:
+    """Collectively write the optimizer's tensors only: what else it holds depends on its kind (distributed
+    or not) and is saved with the rank's training state."""
+    store.save_sharded(_named(optimizer_tensors(optimizer, model, loading=False)[0]), directory)
+
+
+def _named(leaves: list) -> dict:
+    """Sharded tensors as a flat state dict (each is saved under its own key; these names are local, and a
+    rank without any, as the distributed optimizer's other DP ranks when saving, adds no common state)."""
+    return {f"t{i}": leaf for i, leaf in enumerate(leaves)}
+
+
+def _prime(optimizer, step: int) -> None:
+    """Give every parameter Adam state (zero moments, the saved step) before it is filled: Megatron's own
+    initialisation leaves torch Adam without the "step" its state dicts need."""
+    for sub in _subs(optimizer):
+        for group in sub.optimizer.param_groups:
             for p in group["params"]:
-                out.append({"param": p.detach().clone(), **{k: (v.detach().clone() if torch.is_tensor(v) else v)
-                                                             for k, v in inner.state.get(p, {}).items()}})
-    return out
+                st = sub.optimizer.state[p]
+                if not st:
+                    st.update(exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                st["step"] = torch.tensor(float(step))
 
 
-def load_dist_opt_shard(optimizer, shard: list) -> None:
-    params = [(inner, p) for inner in _inner_optimizers(optimizer) for g in inner.param_groups for p in g["params"]]
-    if len(params) != len(shard):
-        raise UserError(f"the saved distributed-optimizer state has {len(shard)} parameter shards, this layout "
-                        f"{len(params)}; resume needs the layout (TP x PP x DP) it was saved with")
-    for (inner, p), saved in zip(params, shard):
-        if saved["param"].shape != p.shape:
-            raise UserError(f"a saved distributed-optimizer shard has shape {tuple(saved['param'].shape)}, this "
-                            f"layout {tuple(p.shape)}; resume needs the layout (TP x PP x DP) it was saved with")
-        p.copy_(saved["param"])
-        # own tensors per parameter: Megatron's load_state_dict gives every parameter the same "step" tensor,
-        # which torch's Adam would then advance once per parameter
-        inner.state[p] = {k: v for k, v in saved.items() if k != "param"}
+def load_optimizer(optimizer, model, directory, weights, step: int) -> None:
+    """Fill ``optimizer`` from ``directory`` (``save_optimizer``'s tensors, any layout) and set Adam's step.
+    fp32 main parameters a checkpoint lacks (saved by an fp32 optimizer, which keeps none) are read from
+    ``weights``, the checkpoint's fp32 weights."""
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase
+
+    optimizer.reload_model_params()       # main parameters from the loaded weights
+    _prime(optimizer, step)
+    leaves, nested = optimizer_tensors(optimizer, model, loading=True)
+    saved = store.saved_keys(directory)
+    missing = sorted({leaf.key for leaf in leaves} - saved)
+    if any(not k.startswith(MAIN_PARAM) for k in missing):
+        raise UserError(f"{directory} has no optimizer state for {missing[0]}; resume with the model it was saved "
+                        f"with")
+    wanted = [leaf for leaf in leaves if leaf.key in saved]
+    got = store.load_sharded(_named(wanted), directory, "optimizer state")
+    loaded = [got[f"t{i}"] for i in range(len(wanted))]
+    from_weights = [leaf for leaf in leaves if leaf.key not in saved]
+    for leaf in from_weights:      # the fp32 weights themselves
+        leaf.key = leaf.key[len(MAIN_PARAM):]
+    if from_weights:
+        got = store.load_sharded(_named(from_weights), weights, "checkpoint weights")
+        loaded += [got[f"t{i}"] for i in range(len(from_weights))]
+    by_leaf = {id(leaf): t for leaf, t in zip(wanted + from_weights, loaded)}
+
+    def fill(leaf):
+        if isinstance(leaf, ShardedBase):
+            return by_leaf[id(leaf)]
+        return leaf.unwrap() if isinstance(leaf, LocalNonpersistentObject) else leaf
+
+    dict_list_map_inplace(fill, nested)
+    subs = _subs(optimizer)
+    for sub, sub_state in zip(subs, [nested] if len(subs) == 1 else [nested[i] for i in range(len(subs))]):
+        param_state = sub_state.pop("param_state", None)
+        sub_state.pop("param_state_sharding_type", None)
+        sub.load_state_dict(sub_state)
+        if param_state is not None:    # the distributed optimizer: this rank's part of each tensor
+            saved_steps = {p: st.pop("step") for p, st in sub.optimizer.state.items()}
+            sub.load_parameter_state_from_fully_reshardable(param_state)
+            for p, st in sub.optimizer.state.items():
+                st["step"] = saved_steps[p]
+    for sub in subs:
+        # own tensor per parameter: a shared "step" tensor would be advanced once per parameter
+        for st in sub.optimizer.state.values():
+            st["step"] = torch.tensor(float(step))
 
 
-def _uses_dist_opt(optimizer) -> bool:
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    subs = getattr(optimizer, "chained_optimizers", [optimizer])
-    return any(isinstance(o, DistributedOptimizer) for o in subs)
+def _restore_grad_scalers(optimizer, saved: list) -> None:
+    for sub, sd in zip(_subs(optimizer), saved):
+        if sd is not None and getattr(sub, "grad_scaler", None):
+            sub.grad_scaler.load_state_dict(sd)
 
 
 def load(path, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG from ``path``; returns the saved train state."""
+    """Restore weights, optimizer, scheduler and RNG from ``path``; returns the saved train state. At the
+    layout that saved it every rank reads its own state; at another, rank 0's (the RNG restarts from the
+    seed)."""
     path = Path(path)
-    f = path / "train_state" / f"rank_{runtime.rank():05d}.pt"
-    if not f.is_file():
-        raise UserError(f"{path} has no training state for rank {runtime.rank()}; resume needs the layout "
-                        f"(TP x PP x DP) it was saved with")
+    ts = path / "train_state"
+    own, first = ts / f"rank_{runtime.rank():05d}.pt", ts / "rank_00000.pt"
+    if not (ts / "optimizer").is_dir():
+        raise UserError(f"{path} has no model-space optimizer state (train_state/optimizer); it was written by "
+                        f"an earlier version: resume with that version, or move {path.parent} away to start over")
+    s = readers.torch_load(own if own.is_file() else first, "training state")
+    same = own.is_file() and s.get("layout") == layout()
+    if not same:
+        s = readers.torch_load(first, "training state")
     store.load_weights(model, path)
-    s = readers.torch_load(f, "training state")
     # no_grad: the distributed optimizer copies its state into views of parameters that require grad
-    with readers.reading(f, "training state"), torch.no_grad():
-        optimizer.load_state_dict(s.pop("optimizer"))
-        shard = s.pop("dist_opt_shard", None)
-        if _uses_dist_opt(optimizer) != (shard is not None):
-            raise UserError(f"{f} was saved {'with' if shard is not None else 'without'} the distributed optimizer; "
-                            f"resume with trainer.optim.use_distributed_optimizer="
-                            f"{'true' if shard is not None else 'false'} (the setting it was saved with)")
-        if shard is not None:
-            load_dist_opt_shard(optimizer, shard)
+    with readers.reading(ts, "training state"), torch.no_grad():
+        load_optimizer(optimizer, model, ts / "optimizer", path / "weights", int(s.pop("adam_step")))
+        _restore_grad_scalers(optimizer, s.pop("grad_scalers"))
         scheduler.load_state_dict(s.pop("scheduler"))
-        set_rng_state(s.pop("rng"))
+        rng = s.pop("rng")
+        if same:
+            set_rng_state(rng)
+        else:
+            runtime.print0(f"[train] {path.name} was saved at {describe(s['layout'])}; resuming at "
+                           f"{describe(layout())}: weights and optimizer state resharded, random state from the seed")
         s["iteration"], s["consumed_samples"]  # noqa: B018 (present, or a KeyError naming the file)
     return s
 
