@@ -1,11 +1,14 @@
 """Cost of the importance calibration pass relative to a plain forward pass on the same data.
 
-    python bench/bench_calibration.py [--hf HF_DIR] [--samples 16] [--seq 256] [--mbs 4] [--repeats 3]
+    python bench/bench_calibration.py [--hf HF_DIR | --shape tiny|small|1b] [--samples 16] [--seq 256] [--mbs 4]
+                                      [--repeats 3] [--json PATH]
     torchrun --nproc_per_node=2 bench/bench_calibration.py --tp 2
 
-Model: SmolLM2-135M (``minitron_nemo.data.assets``) when its assets exist, else ``--hf``, else a random
-Llama-shaped model. Timings alternate plain / calibration ``--repeats`` times after one warm-up of each
-(the median of each is reported), so load changes on a shared machine hit both alike.
+Model: ``--hf``; else a random model of ``--shape``'s teacher (bench/benchlib.py; its sequence length and
+micro-batch size unless given); else SmolLM2-135M (``minitron_nemo.data.assets``) when its assets exist, else
+a random Llama-shaped model. Timings alternate plain / calibration ``--repeats`` times after one warm-up of
+each, so load changes on a shared machine hit both alike; the ratio of each repeat is reported as median
+[min, max].
 """
 
 import argparse
@@ -14,6 +17,7 @@ import time
 
 import torch
 
+from benchlib import SHAPES, summary, write_json
 from minitron_nemo import runtime
 from minitron_nemo.data.windows import to_batches
 from minitron_nemo.models.builder import build_model
@@ -22,10 +26,13 @@ from minitron_nemo.models.forward import run_forward
 from minitron_nemo.prune import importance as imp
 
 
-def load_model(hf_dir):
+def load_model(hf_dir, shape_name=None):
     from minitron_nemo.checkpoint import hf as hfconv
     from minitron_nemo.checkpoint import store
 
+    if hf_dir is None and shape_name is not None:
+        mc = SHAPES[shape_name].teacher
+        return build_model(mc), mc, f"random model of shape {shape_name}"
     if hf_dir is None:
         try:
             from minitron_nemo.data.assets import cache_dir
@@ -58,16 +65,21 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--hf", default=None)
     ap.add_argument("--samples", type=int, default=16)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--mbs", type=int, default=4)
+    ap.add_argument("--shape", default=None, choices=sorted(SHAPES))
+    ap.add_argument("--seq", type=int, default=None)
+    ap.add_argument("--mbs", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--json", default=None, help="also write the results as JSON here (rank 0)")
     a = ap.parse_args()
+    sh = SHAPES[a.shape] if a.shape and not a.hf else None
+    a.seq = a.seq or (sh.seq if sh else 256)
+    a.mbs = a.mbs or (sh.mbs if sh else 4)
     runtime.init_distributed(a.tp, a.pp)
     from megatron.core import parallel_state as ps
 
-    model, mc, name = load_model(a.hf)
+    model, mc, name = load_model(a.hf, a.shape)
     g = torch.Generator().manual_seed(0)
     windows = torch.randint(0, mc.vocab_size, (a.samples, a.seq + 1), generator=g)
     batches = to_batches(windows, a.mbs, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
@@ -82,7 +94,14 @@ def main():
     runtime.print0(f"model {name}: {a.samples} samples x {a.seq} tokens, micro-batch {a.mbs}, TP={a.tp} PP={a.pp}")
     runtime.print0(f"plain forward     {p:.3f}s  (runs {', '.join(f'{x:.2f}' for x in tp_)})")
     runtime.print0(f"calibration pass  {c:.3f}s  (runs {', '.join(f'{x:.2f}' for x in tc)})")
-    runtime.print0(f"ratio calibration / plain forward = {c / p:.3f}")
+    ratios = summary(c_ / p_ for c_, p_ in zip(tc, tp_))
+    runtime.print0(f"ratio calibration / plain forward = {c / p:.3f} (median of medians); per repeat "
+                   f"{ratios['median']:.3f} [{ratios['min']:.3f}, {ratios['max']:.3f}]")
+    if runtime.is_rank0():
+        write_json(a.json, {"device": "cpu" if runtime.cpu_mode() else torch.cuda.get_device_name(), "model": name,
+                            "samples": a.samples, "seq": a.seq, "mbs": a.mbs, "tp": a.tp, "pp": a.pp,
+                            "plain_seconds": summary(tp_), "calibration_seconds": summary(tc),
+                            "calibration_over_plain": ratios})
     runtime.shutdown()
 
 

@@ -1,8 +1,10 @@
 """Peak memory of the KD logits loss (forward + backward) versus plain cross-entropy on the same logits.
 
-    python bench/bench_kd_loss_memory.py [--tokens 4096] [--vocab 131072] [--cases ce,kd,kd_reverse]
+    python bench/bench_kd_loss_memory.py [--tokens 4096] [--vocab 131072] [--cases ce,kd,kd_reverse] [--rounds 1]
+                                         [--json PATH]
 
-Each case runs in a fresh subprocess. "Extra" memory is the peak during forward + backward minus the
+Each case runs in a fresh subprocess; ``--rounds`` repeats the cases in turn, and each round gives a ratio
+of every case to ``ce`` (reported as median [min, max]). "Extra" memory is the peak during forward + backward minus the
 memory held before the loss (its inputs: student logits, teacher logits for KD, labels for CE), so it
 counts the logits' gradient and every temporary. On GPU it comes from ``torch.cuda.max_memory_allocated``;
 on CPU from the process's peak RSS (``ru_maxrss``, large tensors are mmap-backed and returned on free),
@@ -15,9 +17,11 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +30,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from minitron_nemo.distill.losses import logits_kl_loss  # noqa: E402
 
 GiB = 1 << 30
+
+
+def summary(xs) -> dict:
+    xs = list(xs)
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
 def _rss_peak() -> int:
@@ -76,6 +85,8 @@ def main():
     ap.add_argument("--vocab", type=int, default=131072)
     ap.add_argument("--chunk-size", type=int, default=None, help="tokens per KL chunk (default: automatic)")
     ap.add_argument("--cases", default="ce,kd")
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--json", default=None, help="also write the results as JSON here")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -84,20 +95,38 @@ def main():
         return
     print(f"device={device} tokens={a.tokens} vocab={a.vocab} bf16 logits "
           f"({a.tokens * a.vocab * 2 / GiB:.2f} GiB each), chunk_size={a.chunk_size or 'auto'}", flush=True)
-    res = {}
-    for case in a.cases.split(","):
-        cmd = [sys.executable, __file__, "--one", case, "--tokens", str(a.tokens), "--vocab", str(a.vocab)]
-        if a.chunk_size:
-            cmd += ["--chunk-size", str(a.chunk_size)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        r = res[case] = json.loads(out.strip().splitlines()[-1])
-        print(f"  {case:11s} extra peak {r['extra_bytes'] / GiB:6.3f} GiB   (inputs {r['input_bytes'] / GiB:.2f} GiB, "
-              f"fwd+bwd {r['seconds']:.2f} s)", flush=True)
-    if "ce" in res:
-        for case, r in res.items():
+    cases = a.cases.split(",")
+    runs = {case: [] for case in cases}
+    for r in range(a.rounds):
+        for case in cases:
+            res = run_in_child(case, a)
+            runs[case].append(res)
+            print(f"  round {r + 1}/{a.rounds} {case:11s} extra peak {res['extra_bytes'] / GiB:6.3f} GiB   "
+                  f"(inputs {res['input_bytes'] / GiB:.2f} GiB, fwd+bwd {res['seconds']:.2f} s)", flush=True)
+    ratios = {}
+    if "ce" in runs:
+        for case in cases:
             if case != "ce":
-                print(f"ratio {case}/ce (extra peak memory of forward+backward): "
-                      f"{r['extra_bytes'] / res['ce']['extra_bytes']:.3f}")
+                ratios[case] = summary(x["extra_bytes"] / max(c["extra_bytes"], 1) for x, c in zip(runs[case], runs["ce"]))
+                print(f"ratio {case}/ce (extra peak memory of forward+backward): {ratios[case]['median']:.3f} "
+                      f"[{ratios[case]['min']:.3f}, {ratios[case]['max']:.3f}]")
+    if a.json:
+        Path(a.json).write_text(json.dumps({
+            "device": device if device == "cpu" else torch.cuda.get_device_name(), "tokens": a.tokens,
+            "vocab": a.vocab, "chunk_size": a.chunk_size, "rounds": a.rounds,
+            "extra_bytes": {c: summary(x["extra_bytes"] for x in runs[c]) for c in cases},
+            "input_bytes": {c: runs[c][0]["input_bytes"] for c in cases},
+            "over_ce": ratios}, indent=1))
+
+
+def run_in_child(case: str, a) -> dict:
+    cmd = [sys.executable, __file__, "--one", case, "--tokens", str(a.tokens), "--vocab", str(a.vocab)]
+    if a.chunk_size:
+        cmd += ["--chunk-size", str(a.chunk_size)]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(f"case {case} failed: {(p.stderr.strip().splitlines() or ['exit ' + str(p.returncode)])[-1]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Offline distillation: step time, memory, cache-writing speed and size, measured in one run.
 
-    python bench/bench_offline_kd.py [--rounds 5] [--steps 2] [--seq 256] [--mbs 4] [--topk 64]
+    python bench/bench_offline_kd.py [--shape small|tiny|1b] [--dtype float32|bfloat16] [--rounds 5] [--steps 2]
+                                     [--seq N] [--mbs N] [--topk 64] [--out PATH]
 
-Models: a random 8-layer teacher (hidden 512, FFN 2048, vocab 16384) and its width-pruned student
-(hidden 384, FFN 1024). Every step is a full training step of the project's loop (Megatron schedule,
+Models: ``--shape`` (bench/benchlib.py; default ``small``: a random 8-layer teacher, hidden 512, FFN 2048,
+vocab 16384, and its width-pruned student, hidden 384, FFN 1024), parameters in ``--dtype``. Every step is a full training step of the project's loop (Megatron schedule,
 DDP, optimizer):
   * student-only: LM loss, no teacher;
   * offline: the student plus a lookup in a real teacher cache on disk (``--topk`` tokens, bf16) and
@@ -22,39 +23,31 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
+from benchlib import OPT, SHAPES, shape, summary, timed
 from minitron_nemo import runtime
 from minitron_nemo.distill import cache, cache_writer, offline
 from minitron_nemo.distill import online as kd
 from minitron_nemo.distill.config import DistillationConfig
 from minitron_nemo.models.builder import build_model
-from minitron_nemo.models.config import ModelConfig
 from minitron_nemo.models.forward import run_forward
 from minitron_nemo.training import optim
 from minitron_nemo.training.loop import lm_forward, lm_loss, setup_schedule, train_step
 
-OPT = OmegaConf.create({"lr": 1e-4, "min_lr": 1e-5, "weight_decay": 0.0, "adam_beta1": 0.9, "adam_beta2": 0.95,
-                        "adam_eps": 1e-8, "clip_grad": 1.0, "decay_style": "cosine"})
-T_MC = ModelConfig(num_layers=8, hidden_size=512, ffn_hidden_size=2048, num_attention_heads=8, num_query_groups=4,
-                   vocab_size=16384, share_embeddings_and_output_weights=True)
-S_MC = T_MC.replace(hidden_size=384, ffn_hidden_size=1024)
 MODES = ("student", "offline", "online")
 
 
-def samples(n, seq):
+def samples(n, seq, vocab):
     g = torch.Generator().manual_seed(0)
     out = []
     for _ in range(n):
-        w = torch.randint(0, T_MC.vocab_size, (seq + 1,), generator=g)
+        w = torch.randint(0, vocab, (seq + 1,), generator=g)
         out.append({"tokens": w[:-1], "labels": w[1:], "loss_mask": torch.ones(seq), "position_ids": torch.arange(seq)})
     return out
 
@@ -66,21 +59,21 @@ def batches_of(data, mbs, first=0):
     return bs
 
 
-def write_cache(root, teacher, data, topk, seq, mbs, dtype="bfloat16"):
-    layout = cache.Layout(topk, seq, dtype, T_MC.padded_vocab_size)
+def write_cache(root, teacher, t_mc, data, topk, seq, mbs, dtype="bfloat16"):
+    layout = cache.Layout(topk, seq, dtype, t_mc.padded_vocab_size)
     n = len(data)
     arrays = cache_writer.teacher_pass(teacher, data, mbs, layout, 1.0)
     cache.write_shard(root, "train", 0, 0, layout, arrays)
-    manifest = {"identity": {"seq_length": seq, "padded_vocab_size": T_MC.padded_vocab_size}, "topk": topk,
+    manifest = {"identity": {"seq_length": seq, "padded_vocab_size": t_mc.padded_vocab_size}, "topk": topk,
                 "dtype": dtype, "shard_samples": n, "splits": {"train": {"samples": n}, "valid": {"samples": 0}}}
     (Path(root) / cache.MANIFEST).write_text(json.dumps(manifest))
     return layout
 
 
-def trainer_parts(mode, teacher, tc):
-    student = build_model(S_MC, params_dtype=torch.float32)
+def trainer_parts(mode, teacher, tc, sh, dt):
+    student = build_model(sh.student, params_dtype=dt)
     ddp = optim.wrap_ddp(student, distributed_optimizer=False)
-    opt = optim.build_optimizer(ddp, OPT, torch.float32, False)
+    opt = optim.build_optimizer(ddp, OPT, dt, False)
     sched = optim.build_scheduler(opt, OPT, 10_000, 1)
     cfg = DistillationConfig()
     if mode == "student":
@@ -88,28 +81,10 @@ def trainer_parts(mode, teacher, tc):
     elif mode == "offline":
         parts = (ddp, offline.make_forward(tc), lambda b, o: offline.loss(cfg, b, o))
     else:
-        parts = (kd.KDStage(ddp, teacher, S_MC, T_MC, cfg), kd.kd_forward, lambda b, o: kd.kd_loss(cfg, b, o))
+        parts = (kd.KDStage(ddp, teacher, sh.student, sh.teacher, cfg), kd.kd_forward, lambda b, o: kd.kd_loss(cfg, b, o))
     chunk, fwd, loss = parts
     setup_schedule(chunk, ddp, opt)
     return lambda batches: train_step(chunk, ddp, opt, sched, batches, fwd, loss)
-
-
-def sync():
-    if not runtime.cpu_mode():
-        torch.cuda.synchronize()
-
-
-def timed(fn, reps):
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    sync()
-    return (time.perf_counter() - t0) / reps
-
-
-def summary(xs):
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
 
 def _status_kib(field: str) -> int:
@@ -137,17 +112,18 @@ def memory_child(a):
     above the process after its imports (the peak of the whole process is set by imports, alike for every
     mode, so the kernel's peak counter is reset once they are done)."""
     runtime.init_distributed(1, 1)
-    data = samples(4 * a.mbs, a.seq)
+    sh, dt = shape(a.shape, a.seq, a.mbs), getattr(torch, a.dtype)
+    data = samples(4 * sh.mbs, sh.seq, sh.teacher.vocab_size)
     base = rss_bytes()
     reset_peak_rss()
     tc = cache.TeacherCache(a.cache_dir) if a.memory == "offline" else None
     teacher = None
     if a.memory == "online":
-        teacher = build_model(T_MC, params_dtype=torch.float32)
+        teacher = build_model(sh.teacher, params_dtype=dt)
         kd.freeze(teacher)
-    step = trainer_parts(a.memory, teacher, tc)
+    step = trainer_parts(a.memory, teacher, tc, sh, dt)
     for _ in range(2):
-        step(batches_of(data, a.mbs))
+        step(batches_of(data, sh.mbs))
     added = peak_rss_bytes() - base
     gpu = None if runtime.cpu_mode() else torch.cuda.max_memory_allocated()
     print(json.dumps({"rss_added_bytes": added, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -159,10 +135,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--mbs", type=int, default=4)
+    ap.add_argument("--shape", default="small", choices=sorted(SHAPES))
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--seq", type=int, default=None)
+    ap.add_argument("--mbs", type=int, default=None)
     ap.add_argument("--topk", type=int, default=64)
-    ap.add_argument("--out", default=None, help="also write the results as JSON here")
+    ap.add_argument("--out", "--json", default=None, help="also write the results as JSON here")
     ap.add_argument("--memory", default=None, choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -170,21 +148,23 @@ def main():
         return memory_child(a)
     runtime.init_distributed(1, 1)
     torch.manual_seed(0)
-    teacher = build_model(T_MC, params_dtype=torch.float32)
+    sh, dt = shape(a.shape, a.seq, a.mbs), getattr(torch, a.dtype)
+    t_mc, s_mc = sh.teacher, sh.student
+    teacher = build_model(t_mc, params_dtype=dt)
     kd.freeze(teacher)
-    data = samples(4 * a.mbs, a.seq)
+    data = samples(4 * sh.mbs, sh.seq, t_mc.vocab_size)
     tmp = Path(tempfile.mkdtemp(prefix="bench_offline_"))
     sizes = {}
     for k in sorted({8, 64, 512, a.topk}):
         root = tmp / f"k{k}"
-        layout = write_cache(root, teacher, data, k, a.seq, a.mbs)
+        layout = write_cache(root, teacher, t_mc, data, k, sh.seq, sh.mbs)
         files = sum(f.stat().st_size for f in (root / "train").rglob("*.bin"))
-        sizes[k] = {"bytes_per_token_files": files / (len(data) * a.seq), "bytes_per_token_layout": layout.bytes_per_token}
+        sizes[k] = {"bytes_per_token_files": files / (len(data) * sh.seq), "bytes_per_token_layout": layout.bytes_per_token}
     tc = cache.TeacherCache(tmp / f"k{a.topk}")
 
     # training steps, interleaved
-    steps = {m: trainer_parts(m, teacher, tc) for m in MODES}
-    bs = batches_of(data, a.mbs)
+    steps = {m: trainer_parts(m, teacher, tc, sh, dt) for m in MODES}
+    bs = batches_of(data, sh.mbs)
     for m in MODES:
         steps[m](bs)  # warm-up
     per = {m: [] for m in MODES}
@@ -194,36 +174,38 @@ def main():
         print(f"[bench] round {r + 1}/{a.rounds}: " + "  ".join(f"{m} {per[m][-1]:.3f}s" for m in MODES), flush=True)
 
     # cache writing vs a plain teacher forward, interleaved
-    layout = cache.Layout(a.topk, a.seq, "bfloat16", T_MC.padded_vocab_size)
+    layout = cache.Layout(a.topk, sh.seq, "bfloat16", t_mc.padded_vocab_size)
     wdir = tmp / "write"
     write_t, fwd_t = [], []
     for r in range(a.rounds):
         write_t.append(timed(lambda: cache.write_shard(wdir, "train", r, 0, layout, cache_writer.teacher_pass(
-            teacher, data, a.mbs, layout, 1.0)), 1))
-        fwd_t.append(timed(lambda: run_forward(teacher, cache_writer.micro_batches(data, a.mbs), lambda o, b: None), 1))
+            teacher, data, sh.mbs, layout, 1.0)), 1))
+        fwd_t.append(timed(lambda: run_forward(teacher, cache_writer.micro_batches(data, sh.mbs), lambda o, b: None), 1))
 
     mem = {}
     env = {k: v for k, v in os.environ.items()  # a fresh process group in each child
            if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
     for m in MODES:
         p = subprocess.run([sys.executable, __file__, "--memory", m, "--cache-dir", str(tmp / f"k{a.topk}"),
-                            "--seq", str(a.seq), "--mbs", str(a.mbs)], capture_output=True, text=True, env=env)
+                            "--shape", a.shape, "--dtype", a.dtype, "--seq", str(sh.seq), "--mbs", str(sh.mbs)],
+                           capture_output=True, text=True, env=env)
         if p.returncode:
             raise SystemExit(f"memory run of {m} failed: {p.stderr.strip().splitlines()[-1:]}")
         mem[m] = json.loads(p.stdout.strip().splitlines()[-1])
 
-    tokens = 2 * a.mbs * a.seq
-    res = {"device": "cpu" if runtime.cpu_mode() else torch.cuda.get_device_name(), "tokens_per_step": tokens,
+    tokens = 2 * sh.mbs * sh.seq
+    res = {"device": "cpu" if runtime.cpu_mode() else torch.cuda.get_device_name(), "shape": a.shape,
+           "dtype": a.dtype, "tokens_per_step": tokens,
            "topk": a.topk, "rounds": a.rounds, "steps_per_round": a.steps,
            "step_seconds": {m: summary(per[m]) for m in MODES},
            "offline_over_student": summary([o / s for o, s in zip(per["offline"], per["student"])]),
            "offline_over_online": summary([o / n for o, n in zip(per["offline"], per["online"])]),
            "cache_write_over_teacher_forward": summary([w / f for w, f in zip(write_t, fwd_t)]),
-           "cache_write_tokens_per_s": summary([len(data) * a.seq / w for w in write_t]),
-           "teacher_forward_tokens_per_s": summary([len(data) * a.seq / f for f in fwd_t]),
+           "cache_write_tokens_per_s": summary([len(data) * sh.seq / w for w in write_t]),
+           "teacher_forward_tokens_per_s": summary([len(data) * sh.seq / f for f in fwd_t]),
            "peak_memory": mem, "bytes_per_token": sizes}
-    print(f"device {res['device']}  student {S_MC.hidden_size}/{S_MC.ffn_hidden_size}  teacher "
-          f"{T_MC.hidden_size}/{T_MC.ffn_hidden_size}  vocab {T_MC.vocab_size}  tokens/step {tokens}  K {a.topk}")
+    print(f"device {res['device']}  student {s_mc.hidden_size}/{s_mc.ffn_hidden_size}  teacher "
+          f"{t_mc.hidden_size}/{t_mc.ffn_hidden_size}  vocab {t_mc.vocab_size}  tokens/step {tokens}  K {a.topk}")
     fmt = lambda s: f"{s['median']:.3f} [{s['min']:.3f}, {s['max']:.3f}]"  # noqa: E731
     for m in MODES:
         print(f"  {m:<8} step {fmt(res['step_seconds'][m])} s")

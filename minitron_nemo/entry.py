@@ -26,7 +26,10 @@ from minitron_nemo.errors import UserError
 from minitron_nemo.outputs import write_error
 
 
-PEER_WAIT_S = 3.0  # how long a rank other than 0 holds its line back (see ``_say``)
+# How long a rank other than 0 holds its line back (see ``_say``): long enough for a rank 0 that started
+# later on a loaded node (3 s was not, with three ranks on two busy cores); a failure of one other rank
+# alone is rare, and then only its line comes this much later.
+PEER_WAIT_S = 20.0
 
 
 def _say(line: str, code: int, peers_too: bool = True):

@@ -166,6 +166,8 @@ def earlier_dataset(prefix, tokenizer_dir) -> dict:
 def pytest_configure(config):
     config.addinivalue_line("markers", "e2e: end-to-end recipe runs (the experiment, the stage chains, the real "
                                        "SmolLM2 checkpoint); `make test-fast` skips them")
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one); bench/gpu_suite.sh runs "
+                                       "`pytest -m gpu tests` on a lent GPU machine")
     if hasattr(config, "workerinput"):
         # one pytest-xdist worker per core: one compute thread each, inherited by the processes it starts
         # (a test that needs another count sets OMP_NUM_THREADS itself)
