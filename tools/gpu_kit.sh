@@ -6,11 +6,15 @@
 #   MCORE_VERSION=0.19.2 bash tools/gpu_kit.sh   # the other tested end (requirements-mcore019.txt)
 #
 # The GPU machine: Python 3.12, torch + CUDA, transformers and pytest installed, no network. Our run-time
-# imports beyond those: megatron-core (numpy, packaging, torch: present), hydra-core and omegaconf
-# (antlr4-python3-runtime, packaging, PyYAML: PyYAML and packaging come with transformers) and matplotlib
-# (pruning writes importance.png; its dependencies but numpy and packaging), at requirements.lock's
-# versions (matplotlib's dependencies at those of .venv). gguf, lm-eval, datasets, nltk are imported only
-# by parts the suite does not run (the SmolLM2 assets, lm-eval tasks, chat data, IFEval).
+# imports beyond those, at requirements.lock's versions (the others at .venv's):
+#   * megatron-core (numpy, packaging, torch: present);
+#   * hydra-core, omegaconf, antlr4-python3-runtime (PyYAML and packaging come with transformers);
+#   * matplotlib and its dependencies but numpy and packaging (pruning writes importance.png);
+#   * psutil (accelerate brings it into .venv): Megatron-Core's checkpoint writer processes need it; without
+#     it they die and the job waits for them forever (found by running the suite in a virtualenv holding
+#     torch, transformers and pytest alone, plus this kit).
+# gguf, lm-eval, datasets and nltk are imported only by what the suite does not run (the SmolLM2 assets,
+# lm-eval tasks, chat data, IFEval).
 #
 # megatron-core ships CPython-specific wheels (a compiled dataset helper) tagged manylinux_2_28, so that
 # platform is asked for besides manylinux2014 / manylinux_2_17; antlr4-python3-runtime 4.9.3 is an sdist
@@ -24,7 +28,7 @@ MCORE_VERSION="${MCORE_VERSION:-0.16.1}"
 LIMIT_MIB=60
 WHEELS=("megatron-core==$MCORE_VERSION" "hydra-core==1.3.8" "omegaconf==2.3.0"
         "matplotlib==3.11.2" "contourpy==1.3.3" "cycler==0.12.1" "fonttools==4.68.0" "kiwisolver==1.5.1"
-        "pillow==13.0.0" "pyparsing==3.3.3" "python-dateutil==2.9.0.post0" "six==1.17.0")
+        "pillow==13.0.0" "pyparsing==3.3.3" "python-dateutil==2.9.0.post0" "six==1.17.0" "psutil==7.2.2")
 SDISTS=("antlr4-python3-runtime==4.9.3")
 
 rm -rf "$KIT"
