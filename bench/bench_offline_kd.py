@@ -159,7 +159,8 @@ def main():
         root = tmp / f"k{k}"
         layout = write_cache(root, teacher, t_mc, data, k, sh.seq, sh.mbs)
         files = sum(f.stat().st_size for f in (root / "train").rglob("*.bin"))
-        sizes[k] = {"bytes_per_token_files": files / (len(data) * sh.seq), "bytes_per_token_layout": layout.bytes_per_token}
+        sizes[k] = {"bytes_per_token_files": files / (len(data) * sh.seq), "bytes_per_token_layout": layout.bytes_per_token,
+                    "ids": layout.id_dtype.__name__}
     tc = cache.TeacherCache(tmp / f"k{a.topk}")
 
     # training steps, interleaved
@@ -218,7 +219,7 @@ def main():
         print(f"  memory {m:<8} peak resident during 2 steps, above the process after imports: "
               f"{mem[m]['rss_added_bytes'] / 2**20:,.0f} MiB" + (f"; GPU peak {g / 2**20:,.0f} MiB" if g else ""))
     for k, s in sizes.items():
-        print(f"  K={k:<4} {s['bytes_per_token_files']:.0f} bytes/token (bf16 log-probs, uint16 ids)")
+        print(f"  K={k:<4} {s['bytes_per_token_files']:.0f} bytes/token (bf16 log-probs, {s['ids']} ids)")
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))
     runtime.shutdown()
