@@ -46,14 +46,16 @@ def hf_config(family: str):
     raise ValueError(family)
 
 
-def make_hf_model(family: str, path: Path, seed: int = 0, std: float | None = None) -> Path:
+def make_hf_model(family: str, path: Path, seed: int = 0, std: float | None = None, **overrides) -> Path:
     """Save a random fp32 model (norms and biases randomised too) to ``path``; ``std`` overrides the
-    init std of the weights."""
+    init std of the weights, ``overrides`` other config fields."""
     import transformers as tf
 
     cfg = hf_config(family)
     if std is not None:
         cfg.initializer_range = std
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():

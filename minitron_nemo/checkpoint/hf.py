@@ -36,6 +36,7 @@ ARCHITECTURES = {
 }
 FAMILY_TO_ARCH = {v: k for k, v in ARCHITECTURES.items()}
 _LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+WINDOW_FAMILIES = ("mistral", "mixtral")  # HF configs whose sliding_window applies to every layer
 
 
 # ----------------------------------------------------------------------------- configs
@@ -77,9 +78,10 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         raise UserError(f"use_sliding_window=true is not supported for {arch}; allowed: false")
     if family in ("qwen3", "qwen3_moe", "mixtral") and hf.get("attention_bias"):
         raise UserError(f"attention_bias=true is not supported for {arch}; allowed: false")
-    if family == "mixtral" and hf.get("sliding_window") is not None:
-        raise UserError(f"sliding_window={hf['sliding_window']} is not supported for Mixtral; allowed: null "
-                        f"(full attention)")
+    window = hf.get("sliding_window") if family in WINDOW_FAMILIES else None
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+        raise UserError(f"sliding_window={window!r} is not supported for {arch}; allowed: null (full attention) or "
+                        f"an integer >= 1")
     act = hf.get("hidden_act", "silu")
     want = "relu2" if family == "nemotron" else "silu"
     if act != want:
@@ -107,6 +109,7 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         rope_scaling_factor=scaling,
         share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", False)),
         qk_layernorm=family in ("qwen3", "qwen3_moe"),
+        sliding_window=window,
         **experts,
     ).validate()
 
@@ -150,8 +153,11 @@ def hf_config_from_model_config(mc: ModelConfig, tokenizer_ids: dict | None = No
     kept: 576 -> 384 with 9 heads) is written as Mistral: the same architecture and weight names with
     an explicit ``head_dim``, which transformers' LlamaConfig refuses for such shapes."""
     family = mc.family
-    if family == "llama" and mc.hidden_size % mc.num_attention_heads:
+    if family == "llama" and (mc.hidden_size % mc.num_attention_heads or mc.sliding_window):
         family = "mistral"
+    if mc.sliding_window and family not in WINDOW_FAMILIES:
+        raise UserError(f"model.sliding_window={mc.sliding_window} cannot be written as {FAMILY_TO_ARCH[family]}; "
+                        f"allowed: families {', '.join(WINDOW_FAMILIES)}, or null")
     nemotron = family == "nemotron"
     rope = {"rope_type": "default", "rope_theta": mc.rotary_base}
     if mc.rope_scaling_factor is not None:
@@ -186,7 +192,7 @@ def hf_config_from_model_config(mc: ModelConfig, tokenizer_ids: dict | None = No
     if family in ("llama", "mistral"):
         cfg.update(attention_bias=False, mlp_bias=False)
     if family == "mistral":
-        cfg["sliding_window"] = None  # full attention, as in Megatron (MistralConfig defaults to 4096)
+        cfg["sliding_window"] = mc.sliding_window  # null: full attention (MistralConfig's default is 4096)
     if family in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe"):
         cfg.update(use_sliding_window=False, sliding_window=None)
     if family in ("qwen3", "qwen3_moe", "mixtral"):
@@ -199,7 +205,7 @@ def hf_config_from_model_config(mc: ModelConfig, tokenizer_ids: dict | None = No
         cfg.update(shared_expert_intermediate_size=mc.moe_shared_expert_intermediate_size, qkv_bias=mc.add_qkv_bias)
     if family == "mixtral":
         cfg.update(num_local_experts=mc.num_moe_experts, num_experts_per_tok=mc.moe_router_topk,
-                   intermediate_size=mc.moe_ffn_hidden_size, sliding_window=None, router_jitter_noise=0.0,
+                   intermediate_size=mc.moe_ffn_hidden_size, sliding_window=mc.sliding_window, router_jitter_noise=0.0,
                    router_aux_loss_coef=mc.moe_aux_loss_coeff)
     if tokenizer_ids:
         cfg.update({k: v for k, v in tokenizer_ids.items() if v is not None})

@@ -13,6 +13,7 @@ from minitron_nemo import runtime
 from minitron_nemo.models.config import ModelConfig, transformer_config
 from minitron_nemo.models import moe
 from minitron_nemo.models.layers import SDPAttention, TorchNorm
+from minitron_nemo.models.window import WindowedSDPAttention
 
 
 def te_available() -> bool:
@@ -49,7 +50,7 @@ def layer_spec(use_te: bool | None = None, mc: ModelConfig | None = None, groupe
     sub.input_layernorm = TorchNorm
     sub.pre_mlp_layernorm = TorchNorm
     attn = sub.self_attention.submodules
-    attn.core_attention = SDPAttention
+    attn.core_attention = WindowedSDPAttention if mc is not None and mc.sliding_window else SDPAttention
     if qk_norm:
         attn.q_layernorm = TorchNorm
         attn.k_layernorm = TorchNorm

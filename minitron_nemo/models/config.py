@@ -53,6 +53,7 @@ class ModelConfig:
     rope_scaling_factor: Optional[float] = None  # Llama-3.x scaling (low 1, high 4, original 8192)
     share_embeddings_and_output_weights: bool = False
     qk_layernorm: bool = False  # Qwen3: RMSNorm over head_dim on every query and key head (one weight per layer)
+    sliding_window: Optional[int] = None  # Mistral: each query sees the last N positions (itself included), every layer
     # Mixture of experts (every layer's MLP is an MoE layer when num_moe_experts is set).
     num_moe_experts: Optional[int] = None
     moe_router_topk: int = 2
@@ -83,6 +84,8 @@ class ModelConfig:
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                      "num_query_groups", "vocab_size"):
             check(getattr(self, name) >= 1, f"model.{name}={getattr(self, name)} must be >= 1")
+        check(self.sliding_window is None or self.sliding_window >= 1,
+              f"model.sliding_window={self.sliding_window} must be >= 1; allowed: null (full attention) or a window")
         check(self.num_attention_heads % self.num_query_groups == 0,
               f"model.num_attention_heads={self.num_attention_heads} is not a multiple of "
               f"model.num_query_groups={self.num_query_groups}")
@@ -208,6 +211,7 @@ def transformer_config(mc: ModelConfig, *, tp: int = 1, pp: int = 1, ep: int = 1
         add_bias_linear=mc.add_bias_linear,
         add_qkv_bias=mc.add_qkv_bias,
         qk_layernorm=mc.qk_layernorm,
+        window_size=(mc.sliding_window - 1, 0) if mc.sliding_window else None,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=0.02,

@@ -35,7 +35,13 @@ class SDPAttention(DotProductAttention):
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
         p = self.config.attention_dropout if self.training else 0.0
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=self.softmax_scale)
+        mask = self.allowed(q.shape[2], k.shape[2], q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None,
+                                              scale=self.softmax_scale)
+
+    def allowed(self, sq: int, sk: int, device) -> torch.Tensor | None:
+        """``[sq, sk]`` booleans, True where a query may attend a key; None: plain causal attention."""
+        return None
 
     def _packed(self, query, key, value, params):
         """THD format (``[t, heads, d]``, documents delimited by ``cu_seqlens_q``): causal within each document."""
