@@ -54,8 +54,11 @@ def make_hf_model(family: str, path: Path, seed: int = 0, std: float | None = No
     cfg = hf_config(family)
     if std is not None:
         cfg.initializer_range = std
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
+    if overrides:  # through the constructor: fields derived from others (Qwen2's layer_types) follow them
+        d = {**cfg.to_dict(), **overrides}
+        if "layer_types" not in overrides:
+            d.pop("layer_types", None)
+        cfg = type(cfg).from_dict(d)
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():

@@ -37,6 +37,7 @@ ARCHITECTURES = {
 FAMILY_TO_ARCH = {v: k for k, v in ARCHITECTURES.items()}
 _LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 WINDOW_FAMILIES = ("mistral", "mixtral")  # HF configs whose sliding_window applies to every layer
+LAYERED_WINDOW_FAMILIES = ("qwen2", "qwen3")  # use_sliding_window: the window on the layers layer_types names
 
 
 # ----------------------------------------------------------------------------- configs
@@ -74,14 +75,11 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         raise UserError("attention_bias/mlp_bias=true is not supported for Llama/Mistral; allowed: false")
     if family == "nemotron" and (hf.get("attention_bias") or hf.get("mlp_bias")):
         raise UserError("attention_bias/mlp_bias=true is not supported for Nemotron; allowed: false")
-    if family in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe") and hf.get("use_sliding_window"):
+    if family in ("qwen3_moe", "qwen2_moe") and hf.get("use_sliding_window"):
         raise UserError(f"use_sliding_window=true is not supported for {arch}; allowed: false")
     if family in ("qwen3", "qwen3_moe", "mixtral") and hf.get("attention_bias"):
         raise UserError(f"attention_bias=true is not supported for {arch}; allowed: false")
-    window = hf.get("sliding_window") if family in WINDOW_FAMILIES else None
-    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
-        raise UserError(f"sliding_window={window!r} is not supported for {arch}; allowed: null (full attention) or "
-                        f"an integer >= 1")
+    window, window_layers = _window_from_hf(hf, family, arch)
     act = hf.get("hidden_act", "silu")
     want = "relu2" if family == "nemotron" else "silu"
     if act != want:
@@ -110,8 +108,36 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", False)),
         qk_layernorm=family in ("qwen3", "qwen3_moe"),
         sliding_window=window,
+        window_layers=window_layers,
         **experts,
     ).validate()
+
+
+def _window_from_hf(hf: dict, family: str, arch: str) -> tuple:
+    """``(sliding_window, window_layers)`` of a config.json: Mistral and Mixtral window every layer; Qwen2 and
+    Qwen3 (``use_sliding_window``) the layers ``layer_types`` names ``sliding_attention`` (written by
+    transformers; without it, the layers from ``max_window_layers`` on)."""
+    if family in LAYERED_WINDOW_FAMILIES and not hf.get("use_sliding_window"):
+        return None, None
+    if family not in WINDOW_FAMILIES + LAYERED_WINDOW_FAMILIES:
+        return None, None
+    window = hf.get("sliding_window")
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+        raise UserError(f"sliding_window={window!r} is not supported for {arch}; allowed: null (full attention) or "
+                        f"an integer >= 1")
+    if window is None or family in WINDOW_FAMILIES:
+        return window, None
+    n = hf["num_hidden_layers"]
+    types = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", n) else "full_attention"
+                                      for i in range(n)]
+    kinds = {"sliding_attention": 1, "full_attention": 0}
+    if len(types) != n or any(t not in kinds for t in types):
+        raise UserError(f"layer_types={types} is not supported for {arch}; allowed: {n} entries, each "
+                        f"'sliding_attention' or 'full_attention'")
+    flags = [kinds[t] for t in types]
+    if not any(flags):
+        return None, None
+    return window, None if all(flags) else flags
 
 
 def _moe_from_hf(hf: dict, family: str, arch: str) -> dict:
@@ -155,9 +181,10 @@ def hf_config_from_model_config(mc: ModelConfig, tokenizer_ids: dict | None = No
     family = mc.family
     if family == "llama" and (mc.hidden_size % mc.num_attention_heads or mc.sliding_window):
         family = "mistral"
-    if mc.sliding_window and family not in WINDOW_FAMILIES:
-        raise UserError(f"model.sliding_window={mc.sliding_window} cannot be written as {FAMILY_TO_ARCH[family]}; "
-                        f"allowed: families {', '.join(WINDOW_FAMILIES)}, or null")
+    writable = LAYERED_WINDOW_FAMILIES + (WINDOW_FAMILIES if mc.window_layers is None else ())
+    if mc.sliding_window and family not in writable:
+        raise UserError(f"model.sliding_window={mc.sliding_window} (window_layers={mc.window_layers}) cannot be "
+                        f"written as {FAMILY_TO_ARCH[family]}; allowed: families {', '.join(writable)}, or no window")
     nemotron = family == "nemotron"
     rope = {"rope_type": "default", "rope_theta": mc.rotary_base}
     if mc.rope_scaling_factor is not None:
@@ -195,6 +222,10 @@ def hf_config_from_model_config(mc: ModelConfig, tokenizer_ids: dict | None = No
         cfg["sliding_window"] = mc.sliding_window  # null: full attention (MistralConfig's default is 4096)
     if family in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe"):
         cfg.update(use_sliding_window=False, sliding_window=None)
+    if family in LAYERED_WINDOW_FAMILIES and mc.sliding_window:
+        flags = [mc.windowed(i) for i in range(mc.num_layers)]
+        cfg.update(use_sliding_window=True, sliding_window=mc.sliding_window, max_window_layers=flags.index(True),
+                   layer_types=["sliding_attention" if f else "full_attention" for f in flags])
     if family in ("qwen3", "qwen3_moe", "mixtral"):
         cfg.update(attention_bias=False)
     if family in ("qwen3_moe", "qwen2_moe"):

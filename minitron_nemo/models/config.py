@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +53,8 @@ class ModelConfig:
     rope_scaling_factor: Optional[float] = None  # Llama-3.x scaling (low 1, high 4, original 8192)
     share_embeddings_and_output_weights: bool = False
     qk_layernorm: bool = False  # Qwen3: RMSNorm over head_dim on every query and key head (one weight per layer)
-    sliding_window: Optional[int] = None  # Mistral: each query sees the last N positions (itself included), every layer
+    sliding_window: Optional[int] = None  # each query sees the last N positions (itself included)
+    window_layers: Optional[List[int]] = None  # with sliding_window: 1 per windowed layer, 0 per full one; None: all
     # Mixture of experts (every layer's MLP is an MoE layer when num_moe_experts is set).
     num_moe_experts: Optional[int] = None
     moe_router_topk: int = 2
@@ -86,6 +87,12 @@ class ModelConfig:
             check(getattr(self, name) >= 1, f"model.{name}={getattr(self, name)} must be >= 1")
         check(self.sliding_window is None or self.sliding_window >= 1,
               f"model.sliding_window={self.sliding_window} must be >= 1; allowed: null (full attention) or a window")
+        if self.window_layers is not None:
+            check(self.sliding_window is not None, f"model.window_layers={self.window_layers} needs model.sliding_window; "
+                  f"allowed: null without a window")
+            check(len(self.window_layers) == self.num_layers and set(self.window_layers) <= {0, 1},
+                  f"model.window_layers={self.window_layers}; allowed: one 0 (full attention) or 1 (windowed) per "
+                  f"layer, {self.num_layers} in all")
         check(self.num_attention_heads % self.num_query_groups == 0,
               f"model.num_attention_heads={self.num_attention_heads} is not a multiple of "
               f"model.num_query_groups={self.num_query_groups}")
@@ -141,6 +148,18 @@ class ModelConfig:
                 if value is not None and value % tp:
                     raise UserError(f"tensor_model_parallel_size={tp} does not divide {name}={value}; "
                                     f"allowed: a divisor of {value}")
+
+    def windowed(self, layer: int) -> bool:
+        """Whether ``layer`` (0-indexed) attends within the sliding window."""
+        return bool(self.sliding_window) and (self.window_layers is None or bool(self.window_layers[layer]))
+
+    def window_of_layers(self, kept: List[int]) -> dict:
+        """The window fields of a model made of this model's (0-indexed) layers ``kept``: what depth pruning
+        keeps of each layer's attention kind."""
+        flags = [self.windowed(i) for i in kept]
+        if not any(flags):
+            return {"sliding_window": None, "window_layers": None}
+        return {"sliding_window": self.sliding_window, "window_layers": None if all(flags) else [int(f) for f in flags]}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -212,6 +231,7 @@ def transformer_config(mc: ModelConfig, *, tp: int = 1, pp: int = 1, ep: int = 1
         add_qkv_bias=mc.add_qkv_bias,
         qk_layernorm=mc.qk_layernorm,
         window_size=(mc.sliding_window - 1, 0) if mc.sliding_window else None,
+        window_attn_skip_freq=list(mc.window_layers) if mc.window_layers else None,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=0.02,

@@ -61,13 +61,15 @@ def check_same_on_every_rank(scores: dict) -> None:
 # ----------------------------------------------------------------------------- one target
 def prune_to(model, mc: ModelConfig, new_mc: ModelConfig, scores: dict, *, layer_criterion="block",
              drop_layers=None, loss_batches=None, progress=True, expert_score="routed_l2"):
-    """Trim ``model`` to ``new_mc``; returns (new model, kept old layers)."""
+    """Trim ``model`` to ``new_mc``; returns (new model, its config, kept old layers). The config is
+    ``new_mc`` with the window pattern of the kept layers."""
     if not drop_layers:
         ensure_depth_scores(model, mc, scores, layer_criterion, mc.num_layers - new_mc.num_layers,
                             loss_batches, progress)
     kept = select_layers(mc, new_mc.num_layers, scores, layer_criterion, drop_layers)
+    new_mc = new_mc.replace(**mc.window_of_layers(kept))
     plan = make_plan(mc, new_mc, scores, kept, expert_score)
-    return trim_model(model, mc, new_mc, plan), kept
+    return trim_model(model, mc, new_mc, plan), new_mc, kept
 
 
 def prune_model(model, mc: ModelConfig, targets, *, batches=None, scores: Optional[dict] = None,
@@ -99,18 +101,18 @@ def prune_model(model, mc: ModelConfig, targets, *, batches=None, scores: Option
     check_same_on_every_rank(scores)  # computed or loaded: every shard must keep the same units
     loss_batches = loss_batches or batches
     if not t.is_budget():
-        new_model, kept = prune_to(model, mc, cands[0], scores, layer_criterion=layer_criterion,
-                                   drop_layers=t.drop_layers, loss_batches=loss_batches, progress=progress,
-                                   expert_score=expert_score)
-        return PruneResult(new_model, cands[0], scores, kept)
+        new_model, new_mc, kept = prune_to(model, mc, cands[0], scores, layer_criterion=layer_criterion,
+                                           drop_layers=t.drop_layers, loss_batches=loss_batches,
+                                           progress=progress, expert_score=expert_score)
+        return PruneResult(new_model, new_mc, scores, kept)
     eval_batches = eval_batches or loss_batches
     if not eval_batches:
         raise UserError("the parameter-budget search ranks candidates by calibration loss; allowed: "
                         "pass prune.calibration.data")
     rows, best = [], None
     for n, c in enumerate(cands):
-        new_model, kept = prune_to(model, mc, c, scores, layer_criterion=layer_criterion,
-                                   loss_batches=loss_batches, progress=progress, expert_score=expert_score)
+        new_model, c, kept = prune_to(model, mc, c, scores, layer_criterion=layer_criterion,
+                                      loss_batches=loss_batches, progress=progress, expert_score=expert_score)
         loss = mean_loss(new_model, eval_batches)
         row = {"num_layers": c.num_layers, "hidden_size": c.hidden_size, "ffn_hidden_size": c.ffn_hidden_size,
                "num_attention_heads": c.num_attention_heads, "num_query_groups": c.num_query_groups,

@@ -69,7 +69,9 @@ class Targets:
 
 
 def new_config(mc: ModelConfig, t: Targets) -> ModelConfig:
-    """The pruned ``ModelConfig`` for explicit targets (no validation beyond the schema)."""
+    """The pruned ``ModelConfig`` for explicit targets (no validation beyond the schema). With fewer layers,
+    a per-layer window pattern is left unset: it follows the layers depth pruning keeps
+    (``api.prune_to``)."""
     hpg = mc.num_attention_heads // mc.num_query_groups
     heads, groups = t.target_num_attention_heads, t.target_num_query_groups
     if groups is not None and heads is None:
@@ -89,7 +91,8 @@ def new_config(mc: ModelConfig, t: Targets) -> ModelConfig:
                           "moe_ffn_hidden_size": t.target_moe_ffn_hidden_size or mc.moe_ffn_hidden_size,
                           "moe_shared_expert_intermediate_size": (t.target_moe_shared_expert_intermediate_size
                                                                   or mc.moe_shared_expert_intermediate_size),
-                          "kv_channels": mc.head_dim})
+                          "kv_channels": mc.head_dim,
+                          "window_layers": mc.window_layers if layers in (None, mc.num_layers) else None})
 
 
 def validate(mc: ModelConfig, t: Targets, tp: int, pp: int, ep: int = 1) -> ModelConfig:

@@ -241,8 +241,8 @@ def run_candidate(cfg, teacher, mc: ModelConfig, row: dict, scores: dict, data: 
     runtime.print0(f"[search] {work.name}: zero-shot rank {row['rank']}, {row['params']:,} params; distilling "
                    f"{cfg.prune.search.distill_iters} iterations")
     p = setup.job.prune
-    student, _ = api.prune_to(teacher, mc, c_mc, scores, layer_criterion=p.layer_criterion,
-                              progress=False, expert_score=p.importance.expert_score)
+    student, c_mc, _ = api.prune_to(teacher, mc, c_mc, scores, layer_criterion=p.layer_criterion,
+                                    progress=False, expert_score=p.importance.expert_score)
     distill_candidate(cfg, setup.job.distill, teacher, mc, student, c_mc, data, work, src)
     del student
     gc.collect()
@@ -325,8 +325,8 @@ def search(cfg, model, mc: ModelConfig, src, setup: SearchSetup) -> tuple[api.Pr
                        f"params={r['params']} zero-shot loss {r['zero_shot_loss']:.4f}, validation loss "
                        f"{r['valid_loss_start']:.4f} -> {r['valid_loss_end']:.4f} after {k} iterations")
     win_mc = candidate_config(mc, outcome.winner)
-    new_model, kept = api.prune_to(model, mc, win_mc, scores, layer_criterion=p.layer_criterion, progress=False,
-                                   expert_score=p.importance.expert_score)
+    new_model, win_mc, kept = api.prune_to(model, mc, win_mc, scores, layer_criterion=p.layer_criterion,
+                                           progress=False, expert_score=p.importance.expert_score)
     meta = {**meta, "search": {"distill_iters": k, "top_k": len(top), "workdir": str(sdir.resolve()),
                                "winner": candidate_name(outcome.winner),
                                "winner_zero_shot_rank": outcome.winner["zero_shot_rank"]}}

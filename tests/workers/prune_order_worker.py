@@ -46,7 +46,7 @@ def main():
         losses = {}
         for name, s in variants(key).items():
             # "least" keeps the top 75% by importance, i.e. removes the least important 25%
-            pruned, kept = prune_to(model, mc, new_mc, {**scores, key: s}, layer_criterion=crit)
+            pruned, _, kept = prune_to(model, mc, new_mc, {**scores, key: s}, layer_criterion=crit)
             losses[name] = depth.mean_loss(pruned, held)
             del pruned
         runtime.print0(f"ORDER {axis} full={full:.4f} " + " ".join(f"{k}={v:.4f}" for k, v in losses.items()))
