@@ -20,7 +20,8 @@ MCORE019_TESTS ?= tests/test_checkpoint.py tests/test_prune_importance.py tests/
 	tests/test_chat_training.py::test_packed_logits_equal_each_conversation_alone_at_tp2_and_pp2 \
 	tests/test_dist_optimizer.py::test_sharded_state_matches_the_replicated_optimizer_and_resumes_exactly \
 	tests/test_dist_optimizer.py::test_a_checkpoint_resumes_at_another_layout_or_optimizer \
-	tests/test_sliding_window.py::test_logits_match_transformers_past_the_window_at_tp1_and_tp2
+	tests/test_sliding_window.py::test_logits_match_transformers_past_the_window_at_tp1_and_tp2 \
+	tests/test_sliding_window.py::test_windows_on_some_layers_match_transformers
 PYTEST_ARGS ?=
 # Test files are dealt to TEST_WORKERS pytest-xdist processes (one file stays on one worker, so module
 # fixtures are built once); TEST_WORKERS=0 runs in this process.
