@@ -432,13 +432,16 @@ def env_error(exc: BaseException) -> OSError | None:
 
 
 SHORT_WRITE = re.compile(r"\b\d+ requested and \d+ written\b")  # numpy's tofile on a full disk: no errno
+# torch.save's zip writer when a write stops short (a RuntimeError, wrapped in Megatron-Core's "Worker failure"
+# when its checkpoint writer process met it)
+ZIP_SHORT_WRITE = re.compile(r"inline_container\.cc:\d+\] \. unexpected pos \d+ vs \d+")
 
 
 def write_error(exc: BaseException, where) -> UserError | None:
     e = env_error(exc)
     if e is None:
         text = str(exc)
-        if isinstance(exc, OSError) and SHORT_WRITE.search(text):
+        if (isinstance(exc, OSError) and SHORT_WRITE.search(text)) or ZIP_SHORT_WRITE.search(text):
             return UserError(f"cannot write {where}: the disk is full (a write stopped short: {text}); nothing was "
                              f"changed there")
         for code, why in ENV_ERRNOS.items():

@@ -64,7 +64,8 @@ def test_under_torchrun_the_line_is_printed_once(tmp_path, hf):
 RANK_SCRIPT = """
 import os, signal, sys, time
 rank = int(os.environ["RANK"])
-print(f"rank {rank} of {os.environ['WORLD_SIZE']} port {os.environ['MASTER_PORT']} pid {os.getpid()}", flush=True)
+# one write of the whole line: the ranks share the launcher's stdout
+os.write(1, f"rank {rank} of {os.environ['WORLD_SIZE']} port {os.environ['MASTER_PORT']} pid {os.getpid()}\\n".encode())
 here, world = os.path.dirname(os.path.abspath(__file__)), int(os.environ["WORLD_SIZE"])
 open(os.path.join(here, f"ready{rank}"), "w").close()
 mode = sys.argv[1]

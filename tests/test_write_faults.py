@@ -60,6 +60,21 @@ def test_a_short_write_of_a_cache_shard_is_a_full_disk(tmp_path, monkeypatch):
     assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []  # no partial shard
 
 
+def test_a_short_write_inside_the_checkpoint_writer_is_a_full_disk(tmp_path, ckpt, monkeypatch):
+    """What Megatron-Core's checkpoint writer process reports when torch.save's zip writer stops short on a
+    full disk (a RuntimeError, no errno): one line naming the output, which is not created."""
+    from megatron.core import dist_checkpointing
+
+    def short(*a, **k):
+        raise RuntimeError("Worker failure: [enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(dist_checkpointing, "save", short)
+    out = tmp_path / "ckpt"
+    p = run_main("recipes/import_hf.py", f"source={ckpt / 'hf'}", f"output={out}")
+    assert_one_line(p, 2, f"cannot write {out}", "the disk is full", "unexpected pos 704 vs 598")
+    assert not out.exists()
+
+
 def test_an_empty_generation_prompt_is_one_line(tmp_path, ckpt):
     p = run_main("recipes/evaluate.py", f"checkpoint={ckpt / 'ckpt'}", f"eval.text_file={ckpt / 'text.txt'}",
                  "eval.generate.prompts=['To be','']")
