@@ -12,7 +12,6 @@ first; the report gives the median and min-max of each and of their ratio per ro
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from benchlib import summary
 from minitron_nemo import runtime
 from minitron_nemo.models.builder import build_model
 from minitron_nemo.models.config import ModelConfig
@@ -65,10 +65,6 @@ def save_time(job, root: Path, name: str) -> float:
     save_optimizer(opt, model, d)
     runtime.barrier()
     return time.perf_counter() - t0
-
-
-def summary(xs: list) -> dict:
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
 def worker(a) -> None:

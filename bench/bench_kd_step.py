@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from benchlib import OPT, device_name, fmt, random_batches, shape, summary, timed, write_json
+from benchlib import OPT, device_name, fmt, interleaved, random_batches, shape, summary, write_json
 from minitron_nemo import runtime
 from minitron_nemo.distill import online as kd
 from minitron_nemo.distill.config import DistillationConfig
@@ -57,13 +57,7 @@ def main():
     kd.freeze(teacher)
     batches = random_batches(sh.teacher.vocab_size, sh.mbs, sh.seq)
     steps = {m: trainer(m, sh, teacher, dt) for m in ("student", "kd")}
-    for m in steps:
-        steps[m](batches)  # warm-up
-    per = {m: [] for m in steps}
-    for r in range(a.rounds):
-        for m in steps:
-            per[m].append(timed(lambda: steps[m](batches), a.steps))
-        print(f"[bench] round {r + 1}/{a.rounds}: student {per['student'][-1]:.3f}s  kd {per['kd'][-1]:.3f}s", flush=True)
+    per = interleaved(steps, batches, a.rounds, a.steps)
     n_t, n_s = count_parameters(sh.teacher), count_parameters(sh.student)
     ideal = (2 * n_t + 6 * n_s) / (6 * n_s)
     ratios = [k / s for k, s in zip(per["kd"], per["student"])]

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from bench_kd_step import trainer
-from benchlib import OPT, device_name, fmt, random_batches, shape, summary, timed, write_json
+from benchlib import OPT, device_name, fmt, interleaved, random_batches, shape, summary, write_json
 from minitron_nemo import runtime
 from minitron_nemo.checkpoint.hf import hf_config_from_model_config
 from minitron_nemo.distill import online as kd
@@ -84,13 +84,7 @@ def main():
     kd.freeze(teacher)
     steps = {"ours": trainer("kd", sh, teacher, dt), "transformers": hf_trainer(sh, dt)}
     batches = random_batches(sh.teacher.vocab_size, sh.mbs, sh.seq)
-    for m in steps:
-        steps[m](batches)  # warm-up
-    per = {m: [] for m in steps}
-    for r in range(a.rounds):
-        for m in steps:
-            per[m].append(timed(lambda: steps[m](batches), a.steps))
-        print(f"[bench] round {r + 1}/{a.rounds}: " + "  ".join(f"{m} {per[m][-1]:.3f}s" for m in per), flush=True)
+    per = interleaved(steps, batches, a.rounds, a.steps)
     tokens = len(batches) * sh.mbs * sh.seq
     res = {"device": device_name(), "shape": a.shape, "dtype": a.dtype, "tokens_per_step": tokens,
            "rounds": a.rounds, "steps_per_round": a.steps, "step_seconds": {m: summary(per[m]) for m in per},

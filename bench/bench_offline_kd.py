@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from benchlib import OPT, SHAPES, shape, summary, timed
+from benchlib import OPT, SHAPES, interleaved, shape, summary, timed
 from minitron_nemo import runtime
 from minitron_nemo.distill import cache, cache_writer, offline
 from minitron_nemo.distill import online as kd
@@ -166,13 +166,7 @@ def main():
     # training steps, interleaved
     steps = {m: trainer_parts(m, teacher, tc, sh, dt) for m in MODES}
     bs = batches_of(data, sh.mbs)
-    for m in MODES:
-        steps[m](bs)  # warm-up
-    per = {m: [] for m in MODES}
-    for r in range(a.rounds):
-        for m in MODES:
-            per[m].append(timed(lambda: steps[m](bs), a.steps))
-        print(f"[bench] round {r + 1}/{a.rounds}: " + "  ".join(f"{m} {per[m][-1]:.3f}s" for m in MODES), flush=True)
+    per = interleaved(steps, bs, a.rounds, a.steps)
 
     # cache writing vs a plain teacher forward, interleaved
     layout = cache.Layout(a.topk, sh.seq, "bfloat16", t_mc.padded_vocab_size)

@@ -86,6 +86,19 @@ def timed(fn, reps: int = 1) -> float:
     return (time.perf_counter() - t0) / reps
 
 
+def interleaved(steps: dict, batches, rounds: int, reps: int) -> dict:
+    """``{name: [seconds per step, one per round]}``: each step function warmed up once, then every round
+    times each in turn (``reps`` steps), so load changes hit all sides alike."""
+    for step in steps.values():
+        step(batches)  # warm-up
+    per = {m: [] for m in steps}
+    for r in range(rounds):
+        for m, step in steps.items():
+            per[m].append(timed(lambda: step(batches), reps))
+        print(f"[bench] round {r + 1}/{rounds}: " + "  ".join(f"{m} {per[m][-1]:.3f}s" for m in per), flush=True)
+    return per
+
+
 def summary(xs) -> dict:
     xs = list(xs)
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
