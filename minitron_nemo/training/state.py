@@ -213,10 +213,9 @@ def load_optimizer(optimizer, model, directory, weights, step: int) -> None:
         sub_state.pop("param_state_sharding_type", None)
         sub.load_state_dict(sub_state)
         if param_state is not None:    # the distributed optimizer: this rank's part of each tensor
-            saved_steps = {p: st.pop("step") for p, st in sub.optimizer.state.items()}
+            for st in sub.optimizer.state.values():   # it copies into every state entry but gives no "step"
+                del st["step"]
             sub.load_parameter_state_from_fully_reshardable(param_state)
-            for p, st in sub.optimizer.state.items():
-                st["step"] = saved_steps[p]
     for sub in subs:
         # own tensor per parameter: a shared "step" tensor would be advanced once per parameter
         for st in sub.optimizer.state.values():
@@ -239,8 +238,8 @@ def load(path, model, optimizer, scheduler) -> dict:
     if not (ts / "optimizer").is_dir():
         raise UserError(f"{path} has no model-space optimizer state (train_state/optimizer); it was written by "
                         f"an earlier version: resume with that version, or move {path.parent} away to start over")
-    s = readers.torch_load(own if own.is_file() else first, "training state")
-    same = own.is_file() and s.get("layout") == layout()
+    s = readers.torch_load(own, "training state") if own.is_file() else None
+    same = s is not None and s.get("layout") == layout()
     if not same:
         s = readers.torch_load(first, "training state")
     store.load_weights(model, path)
