@@ -13,7 +13,7 @@ STAMP_MCORE019 := $(VENV_MCORE019)/.installed
 # checkpoint round trips at TP=2/PP=2, pruning importance invariance across layouts, bitwise
 # training resume, PP=2 vs PP=1 distillation, the distillation job on the real pruned SmolLM2,
 # the KL loss (incl. TP=2), the job configs, packed sequences (THD) at TP=2 / PP=2 and the distributed
-# optimizer at DP=2 (equal to the replicated one, bitwise resume).
+# optimizer at DP=2 (equal to the replicated one, bitwise resume), sliding windows and Gemma 3 against transformers.
 MCORE019_TESTS ?= tests/test_checkpoint.py tests/test_prune_importance.py tests/test_training.py \
 	tests/test_distill_job.py tests/test_distill_losses.py tests/test_configs.py \
 	tests/test_moe.py::test_round_trip_is_bitwise tests/test_moe.py::test_moe_student_distils_logs_aux_loss_and_resumes_bitwise \
@@ -21,7 +21,8 @@ MCORE019_TESTS ?= tests/test_checkpoint.py tests/test_prune_importance.py tests/
 	tests/test_dist_optimizer.py::test_sharded_state_matches_the_replicated_optimizer_and_resumes_exactly \
 	tests/test_dist_optimizer.py::test_a_checkpoint_resumes_at_another_layout_or_optimizer \
 	tests/test_sliding_window.py::test_logits_match_transformers_past_the_window_at_tp1_and_tp2 \
-	tests/test_sliding_window.py::test_windows_on_some_layers_match_transformers
+	tests/test_sliding_window.py::test_windows_on_some_layers_match_transformers \
+	tests/test_gemma3.py::test_logits_match_transformers_at_tp1_tp2_and_pp2
 PYTEST_ARGS ?=
 # Test files are dealt to TEST_WORKERS pytest-xdist processes (one file stays on one worker, so module
 # fixtures are built once); TEST_WORKERS=0 runs in this process.

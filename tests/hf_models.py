@@ -28,6 +28,14 @@ def hf_config(family: str):
         return tf.NemotronConfig(**common, tie_word_embeddings=False, partial_rotary_factor=0.5)
     if family == "qwen3":
         return tf.Qwen3Config(**common, tie_word_embeddings=True, rope_theta=1e6)
+    # Gemma 3: windows of 8 on three of four layers (the second global), their own RoPE base, linear scaling
+    # on the global layer, a query scalar other than head_dim (as Gemma-3-27B's)
+    if family == "gemma3":
+        return tf.Gemma3TextConfig(
+            **common, tie_word_embeddings=True, rms_norm_eps=1e-6, sliding_window=8, query_pre_attn_scalar=20,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
+            rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
     # Four experts, top-2. Qwen3-MoE without norm_topk_prob (softmax over all experts, top-2 not
     # renormalised); Mixtral renormalises (softmax over the top-2 logits).
     if family == "qwen3_moe":

@@ -17,14 +17,19 @@ JOBS = {
     "minitron_4b": (15.7e9, (32, 3072, 9216, 24, 8), 4.19e9, 1152, 4096, 2e-4, 4.5e-7),
     "smollm2_demo": (134.5e6, (30, 384, 768, 9, 3), 63.1e6, 4, 128, 1e-3, 1e-4),
     "qwen3_30b_a3b_minitron": (30.5e9, (48, 2048, 6144, 32, 4), 16.0e9, 1024, 4096, 1e-4, 1e-5),
+    "gemma3_12b_minitron_6b": (11.77e9, (48, 3072, 8192, 16, 8), 6.24e9, 768, 8192, 1e-4, 1e-5),
 }
 
 # Model cards: total parameters, active parameters (MoE), parameters without the embeddings (where given).
 # Qwen3-8B: 8.2B, non-embedding 6.95B; Qwen3-30B-A3B: 30.5B, 3.3B activated, non-embedding 29.9B;
 # Mixtral-8x7B: 46.7B, 12.9B active per token; Qwen1.5-MoE-A2.7B: 14.3B, 2.7B activated (shared expert
-# included).
+# included). Gemma 3 text models: the Gemma 3 technical report's Table 1, embedding + non-embedding parameters
+# (1B: 302M + 698M; 4B: 675M + 3,209M; 12B: 1,012M + 10,759M; the 4B and 12B embedding figures include their
+# vision projection, which the text models lack).
 MODEL_CARDS = {"qwen3_8b": (8.2e9, 8.2e9, 6.95e9), "qwen3_30b_a3b": (30.5e9, 3.3e9, 29.9e9),
-               "mixtral_8x7b": (46.7e9, 12.9e9, None), "qwen15_moe_a2_7b": (14.3e9, 2.7e9, None)}
+               "mixtral_8x7b": (46.7e9, 12.9e9, None), "qwen15_moe_a2_7b": (14.3e9, 2.7e9, None),
+               "gemma3_1b": (1.000e9, 1.000e9, 698e6), "gemma3_4b": (3.884e9, 3.884e9, 3209e6),
+               "gemma3_12b": (11.771e9, 11.771e9, 10759e6)}
 
 
 @pytest.mark.parametrize("name", sorted(MODEL_CARDS))

@@ -1,5 +1,6 @@
-"""Hugging Face <-> Megatron-Core conversion for Llama, Mistral, Qwen2, Qwen3, Nemotron, and the
-mixture-of-experts Qwen3-MoE, Mixtral and Qwen2-MoE (a gated shared expert beside the routed ones).
+"""Hugging Face <-> Megatron-Core conversion for Llama, Mistral, Qwen2, Qwen3, Nemotron, Gemma 3 (its config in
+``checkpoint/hf_gemma3.py``), and the mixture-of-experts Qwen3-MoE, Mixtral and Qwen2-MoE (a gated shared
+expert beside the routed ones).
 
 Weights move through one *canonical* layout: Megatron-Core's local-spec names at TP=1 with global
 layer numbers (``decoder.layers.{i}.self_attention.linear_qkv.weight``, ...).
@@ -19,6 +20,7 @@ from typing import Callable, Dict
 
 import torch
 
+from minitron_nemo.checkpoint import hf_gemma3
 from minitron_nemo.errors import UserError
 from minitron_nemo.models import layout, moe
 from minitron_nemo.models.config import ModelConfig
@@ -30,12 +32,16 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "NemotronForCausalLM": "nemotron",
     "Qwen3ForCausalLM": "qwen3",
+    hf_gemma3.ARCH: "gemma3",
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "MixtralForCausalLM": "mixtral",
     "Qwen2MoeForCausalLM": "qwen2_moe",
 }
 FAMILY_TO_ARCH = {v: k for k, v in ARCHITECTURES.items()}
 _LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+# the norms after attention and MLP (post_norms, models/post_norm.py): hf_layer_names key -> canonical name
+OUTPUT_NORMS = {"attn_out_norm": "self_attention.linear_proj.post_norm.weight",
+                "mlp_out_norm": "mlp.linear_fc2.post_norm.weight"}
 WINDOW_FAMILIES = ("mistral", "mixtral")  # HF configs whose sliding_window applies to every layer
 LAYERED_WINDOW_FAMILIES = ("qwen2", "qwen3")  # use_sliding_window: the window on the layers layer_types names
 
@@ -55,9 +61,14 @@ def _rope(hf: dict) -> dict:
 def model_config_from_hf(hf: dict) -> ModelConfig:
     """Translate an HF ``config.json`` dict into a ``ModelConfig``; unsupported features raise."""
     arch = (hf.get("architectures") or ["?"])[0]
+    if arch == hf_gemma3.MULTIMODAL_ARCH:
+        raise UserError(f"architecture {arch!r} (Gemma 3 with its vision tower) is not supported; allowed: its text "
+                        f"model, {hf_gemma3.ARCH} (transformers' Gemma3ForCausalLM saved on its own)")
     if arch not in ARCHITECTURES:
         raise UserError(f"architecture {arch!r} is not supported; allowed: {', '.join(ARCHITECTURES)}")
     family = ARCHITECTURES[arch]
+    if family == "gemma3":
+        return hf_gemma3.model_config(hf)
     rope = _rope(hf)
     rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
     scaling = None
@@ -179,6 +190,9 @@ def hf_config_from_model_config(mc: ModelConfig, tokenizer_ids: dict | None = No
     kept: 576 -> 384 with 9 heads) is written as Mistral: the same architecture and weight names with
     an explicit ``head_dim``, which transformers' LlamaConfig refuses for such shapes."""
     family = mc.family
+    if family == "gemma3":
+        hf_gemma3.check_family(mc)
+        return {**hf_gemma3.hf_config(mc), **{k: v for k, v in (tokenizer_ids or {}).items() if v is not None}}
     if family == "llama" and (mc.hidden_size % mc.num_attention_heads or mc.sliding_window):
         family = "mistral"
     writable = LAYERED_WINDOW_FAMILIES + (WINDOW_FAMILIES if mc.window_layers is None else ())
@@ -274,6 +288,8 @@ def hf_layer_names(mc: ModelConfig, i: int) -> dict:
     }
     if mc.qk_layernorm:
         names.update(q_norm=p + "self_attn.q_norm.weight", k_norm=p + "self_attn.k_norm.weight")
+    if mc.post_norms:
+        names.update({key: p + name for key, name in hf_gemma3.POST_NORM_NAMES.items()})
     if mc.is_moe:
         names["router"] = p + ("block_sparse_moe.gate.weight" if mc.family == "mixtral" else "mlp.gate.weight")
         if mc.moe_shared_expert_intermediate_size:
@@ -282,7 +298,7 @@ def hf_layer_names(mc: ModelConfig, i: int) -> dict:
                          shared_down=s + "down_proj.weight", shared_gate=p + "mlp.shared_expert_gate.weight")
     else:
         names.update(up=p + "mlp.up_proj.weight", down=p + "mlp.down_proj.weight")
-        if mc.activation == "swiglu":
+        if mc.gated:
             names["gate"] = p + "mlp.gate_proj.weight"
     if mc.add_qkv_bias:
         names.update(qb=p + "self_attn.q_proj.bias", kb=p + "self_attn.k_proj.bias",
@@ -336,6 +352,9 @@ def hf_layer_to_canonical(mc: ModelConfig, get: Callable[[str], torch.Tensor], i
     if mc.qk_layernorm:
         sd[p + "self_attention.q_layernorm.weight"] = get(n["q_norm"])
         sd[p + "self_attention.k_layernorm.weight"] = get(n["k_norm"])
+    for key, name in OUTPUT_NORMS.items():
+        if key in n:
+            sd[p + name] = get(n[key])
     if mc.is_moe:
         sd[p + "mlp.router.weight"] = get(n["router"])
         experts = experts if experts is not None else range(mc.num_moe_experts)
@@ -368,6 +387,9 @@ def canonical_layer_to_hf(mc: ModelConfig, sd: dict, i: int) -> dict:
     if mc.qk_layernorm:
         out[n["q_norm"]] = sd[p + "self_attention.q_layernorm.weight"]
         out[n["k_norm"]] = sd[p + "self_attention.k_layernorm.weight"]
+    for key, name in OUTPUT_NORMS.items():
+        if key in n:
+            out[n[key]] = sd[p + name]
     if mc.is_moe:
         out[n["router"]] = sd[p + "mlp.router.weight"]
         for e in range(mc.num_moe_experts):

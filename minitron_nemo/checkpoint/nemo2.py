@@ -413,7 +413,7 @@ def nemo2_to_local_state_dict(mc: ModelConfig, w: Nemo2Weights, *, tp_rank: int,
 
 def _check_shapes(mc: ModelConfig, sd: dict, w: Nemo2Weights) -> None:
     d, g, h = mc.head_dim, mc.num_query_groups, mc.num_attention_heads
-    fc1 = mc.ffn_hidden_size * (2 if mc.activation == "swiglu" else 1)
+    fc1 = mc.ffn_hidden_size * (2 if mc.gated else 1)
     want = {"self_attention.linear_qkv.weight": ((h + 2 * g) * d, mc.hidden_size),
             "self_attention.linear_proj.weight": (mc.hidden_size, h * d),
             "mlp.linear_fc1.weight": (fc1, mc.hidden_size),

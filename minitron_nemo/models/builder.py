@@ -6,6 +6,8 @@ local spec with torch SDPA as ``core_attention`` and ``TorchNorm`` for the norms
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from megatron.core import parallel_state
 
@@ -13,6 +15,8 @@ from minitron_nemo import runtime
 from minitron_nemo.models.config import ModelConfig, transformer_config
 from minitron_nemo.models import moe
 from minitron_nemo.models.layers import SDPAttention, TorchNorm
+from minitron_nemo.models.local_rope import LocalRopeSelfAttention
+from minitron_nemo.models.post_norm import post_normed
 from minitron_nemo.models.window import WindowedSDPAttention
 
 
@@ -43,8 +47,9 @@ def layer_spec(use_te: bool | None = None, mc: ModelConfig | None = None, groupe
     if experts:
         moe.megatron_without_te()
     if use_te:
-        return specs.get_gpt_layer_with_transformer_engine_spec(
-            num_experts=experts, moe_grouped_gemm=grouped, qk_layernorm=qk_norm), None
+        spec = specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=experts, moe_grouped_gemm=grouped, qk_layernorm=qk_norm)
+        return with_model_parts(spec, mc), None
     spec = specs.get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=grouped, qk_layernorm=qk_norm)
     sub = spec.submodules
     sub.input_layernorm = TorchNorm
@@ -54,7 +59,33 @@ def layer_spec(use_te: bool | None = None, mc: ModelConfig | None = None, groupe
     if qk_norm:
         attn.q_layernorm = TorchNorm
         attn.k_layernorm = TorchNorm
-    return spec, TorchNorm
+    return with_model_parts(spec, mc), TorchNorm
+
+
+def with_model_parts(spec, mc: ModelConfig | None):
+    """The spec choices a model config asks for beyond the standard layer (Gemma 3): the windowed layers'
+    own RoPE base (``models/local_rope.py``) and the norms after the attention and the MLP
+    (``models/post_norm.py``)."""
+    if mc is None:
+        return spec
+    attention = spec.submodules.self_attention
+    if mc.local_rotary_base is not None:
+        attention.module = LocalRopeSelfAttention
+        attention.params = {**attention.params, "local_rotary_base": mc.local_rotary_base,
+                            "rotary_percent": mc.rotary_percent}
+    if mc.post_norms:
+        attention.submodules.linear_proj = post_normed(attention.submodules.linear_proj)
+        mlp = spec.submodules.mlp  # a ModuleSpec; Megatron-Core 0.19: a partial of MLP.as_mlp_submodule
+        mlp = mlp.keywords["submodules"] if isinstance(mlp, functools.partial) else mlp.submodules
+        mlp.linear_fc2 = post_normed(mlp.linear_fc2)
+    return spec
+
+
+def scale_embeddings(model, scale: float) -> None:
+    """The embedding output times ``scale`` in its own dtype (Gemma's sqrt(hidden_size), as transformers
+    applies it). Megatron-Core's ``GPTModel`` builds its embedding itself rather than from the spec, so the
+    scale is a forward hook on it."""
+    model.embedding.register_forward_hook(lambda module, args, out: out * torch.tensor(scale, dtype=out.dtype))
 
 
 def build_model(mc: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
@@ -93,7 +124,10 @@ def build_model(mc: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
         rotary_base=int(mc.rotary_base) if float(mc.rotary_base).is_integer() else mc.rotary_base,
         rope_scaling=mc.rope_scaling_factor is not None,
         rope_scaling_factor=mc.rope_scaling_factor or 8.0,
+        seq_len_interpolation_factor=mc.rotary_interpolation_factor,
     )
+    if mc.scale_embeddings and model.pre_process:
+        scale_embeddings(model, mc.hidden_size ** 0.5)
     if not runtime.cpu_mode():
         model.cuda(torch.cuda.current_device())
     return model
@@ -121,7 +155,7 @@ def count_parameters(mc: ModelConfig, active: bool = False) -> int:
         attn += h
     if mc.qk_layernorm:
         attn += 2 * mc.head_dim
-    gate = 2 if mc.activation == "swiglu" else 1
+    gate = 2 if mc.gated else 1
     if mc.is_moe:
         fe = mc.moe_ffn_hidden_size
         experts = mc.moe_router_topk if active else mc.num_moe_experts
@@ -133,4 +167,5 @@ def count_parameters(mc: ModelConfig, active: bool = False) -> int:
         mlp = h * gate * f + f * h + ((gate * f + h) if mc.add_bias_linear else 0)
     emb = mc.vocab_size * h
     out = 0 if mc.share_embeddings_and_output_weights else mc.vocab_size * h
-    return L * (attn + mlp + 2 * norm) + norm + emb + out
+    norms = 4 if mc.post_norms else 2
+    return L * (attn + mlp + norms * norm) + norm + emb + out

@@ -15,10 +15,11 @@ import torch.nn.functional as F
 
 from minitron_nemo.errors import UserError, check
 
-FAMILIES = ("llama", "mistral", "qwen2", "nemotron", "qwen3", "qwen3_moe", "mixtral", "qwen2_moe")
+FAMILIES = ("llama", "mistral", "qwen2", "nemotron", "qwen3", "gemma3", "qwen3_moe", "mixtral", "qwen2_moe")
 MOE_FAMILIES = ("qwen3_moe", "mixtral", "qwen2_moe")
 SHARED_EXPERT_FAMILIES = ("qwen2_moe",)  # families whose HF layout has a shared expert (always, with its gate)
-ACTIVATIONS = ("swiglu", "squared_relu", "gelu")
+ACTIVATIONS = ("swiglu", "geglu", "squared_relu", "gelu")
+GATED_ACTIVATIONS = ("swiglu", "geglu")  # linear_fc1 = [gate; up], act(gate) * up
 NORMS = ("RMSNorm", "LayerNorm")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # the job key `dtype`
 
@@ -55,6 +56,11 @@ class ModelConfig:
     qk_layernorm: bool = False  # Qwen3: RMSNorm over head_dim on every query and key head (one weight per layer)
     sliding_window: Optional[int] = None  # each query sees the last N positions (itself included)
     window_layers: Optional[List[int]] = None  # with sliding_window: 1 per windowed layer, 0 per full one; None: all
+    local_rotary_base: Optional[float] = None  # RoPE base of the windowed layers (Gemma 3); None: rotary_base
+    rotary_interpolation_factor: Optional[float] = None  # linear RoPE scaling of the model's rope: positions / factor
+    query_pre_attn_scalar: Optional[float] = None  # attention scores times 1/sqrt(this); None: 1/sqrt(head_dim)
+    post_norms: bool = False  # Gemma 3: a norm on the attention and MLP outputs before each residual add
+    scale_embeddings: bool = False  # Gemma: the embeddings times sqrt(hidden_size)
     # Mixture of experts (every layer's MLP is an MoE layer when num_moe_experts is set).
     num_moe_experts: Optional[int] = None
     moe_router_topk: int = 2
@@ -68,6 +74,10 @@ class ModelConfig:
     @property
     def is_moe(self) -> bool:
         return self.num_moe_experts is not None
+
+    @property
+    def gated(self) -> bool:
+        return self.activation in GATED_ACTIVATIONS
 
     @property
     def head_dim(self) -> int:
@@ -93,6 +103,14 @@ class ModelConfig:
             check(len(self.window_layers) == self.num_layers and set(self.window_layers) <= {0, 1},
                   f"model.window_layers={self.window_layers}; allowed: one 0 (full attention) or 1 (windowed) per "
                   f"layer, {self.num_layers} in all")
+        check(self.local_rotary_base is None or self.sliding_window is not None,
+              f"model.local_rotary_base={self.local_rotary_base} needs model.sliding_window (the windowed layers' "
+              f"RoPE base); allowed: null without a window")
+        for name in ("local_rotary_base", "rotary_interpolation_factor", "query_pre_attn_scalar"):
+            value = getattr(self, name)
+            check(value is None or value > 0, f"model.{name}={value} must be > 0; allowed: null or a positive number")
+        check(not (self.post_norms and self.is_moe), "model.post_norms=true is not supported with experts; "
+              "allowed: false")
         check(self.num_attention_heads % self.num_query_groups == 0,
               f"model.num_attention_heads={self.num_attention_heads} is not a multiple of "
               f"model.num_query_groups={self.num_query_groups}")
@@ -158,8 +176,9 @@ class ModelConfig:
         keeps of each layer's attention kind."""
         flags = [self.windowed(i) for i in kept]
         if not any(flags):
-            return {"sliding_window": None, "window_layers": None}
-        return {"sliding_window": self.sliding_window, "window_layers": None if all(flags) else [int(f) for f in flags]}
+            return {"sliding_window": None, "window_layers": None, "local_rotary_base": None}
+        return {"sliding_window": self.sliding_window, "window_layers": None if all(flags) else [int(f) for f in flags],
+                "local_rotary_base": self.local_rotary_base}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -181,8 +200,12 @@ def squared_relu(x):
     return torch.pow(F.relu(x), 2)
 
 
+def gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
+
+
 def _activation(name: str):
-    return {"swiglu": F.silu, "squared_relu": squared_relu, "gelu": F.gelu}[name]
+    return {"swiglu": F.silu, "geglu": gelu_tanh, "squared_relu": squared_relu, "gelu": F.gelu}[name]
 
 
 def moe_fields(mc: ModelConfig, ep: int, grouped_gemm: bool = False) -> dict:
@@ -225,11 +248,12 @@ def transformer_config(mc: ModelConfig, *, tp: int = 1, pp: int = 1, ep: int = 1
         normalization=mc.normalization,
         layernorm_epsilon=mc.norm_epsilon,
         layernorm_zero_centered_gamma=mc.layernorm_zero_centered_gamma,
-        gated_linear_unit=mc.activation == "swiglu",
+        gated_linear_unit=mc.gated,
         activation_func=_activation(mc.activation),
         add_bias_linear=mc.add_bias_linear,
         add_qkv_bias=mc.add_qkv_bias,
         qk_layernorm=mc.qk_layernorm,
+        softmax_scale=mc.query_pre_attn_scalar ** -0.5 if mc.query_pre_attn_scalar else None,
         window_size=(mc.sliding_window - 1, 0) if mc.sliding_window else None,
         window_attn_skip_freq=list(mc.window_layers) if mc.window_layers else None,
         hidden_dropout=0.0,

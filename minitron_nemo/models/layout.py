@@ -42,7 +42,7 @@ def shard_tensor(mc: ModelConfig, name: str, t: torch.Tensor, tp_rank: int, tp: 
     """This TP rank's slice of a canonical tensor (SwiGLU fc1 shards gate and up separately)."""
     if tp == 1:
         return t
-    if name.endswith(FC1) and mc.activation == "swiglu":
+    if name.endswith(FC1) and mc.gated:
         gate, up = torch.chunk(t, 2, dim=0)
         return torch.cat([torch.chunk(gate, tp)[tp_rank], torch.chunk(up, tp)[tp_rank]])
     if name.endswith(COLUMN_PARALLEL):
@@ -56,7 +56,7 @@ def unshard_tensor(mc: ModelConfig, name: str, shards: list) -> torch.Tensor:
     """Inverse of ``shard_tensor`` given every TP rank's shard in rank order."""
     if len(shards) == 1:
         return shards[0]
-    if name.endswith(FC1) and mc.activation == "swiglu":
+    if name.endswith(FC1) and mc.gated:
         halves = [torch.chunk(s, 2, dim=0) for s in shards]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves])
     if name.endswith(COLUMN_PARALLEL):

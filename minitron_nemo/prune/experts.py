@@ -155,7 +155,7 @@ def slice_expert_tensor(mc, suffix: str, t: torch.Tensor, hidden: torch.Tensor, 
     """One expert's full (TP-unsharded) ``linear_fc1`` / ``linear_fc2`` weight, kept hidden channels and
     neurons (SwiGLU: the same neurons in the gate and the up half)."""
     if suffix.endswith("linear_fc1.weight"):
-        rows = torch.cat([neurons, neurons + mc.moe_ffn_hidden_size]) if mc.activation == "swiglu" else neurons
+        rows = torch.cat([neurons, neurons + mc.moe_ffn_hidden_size]) if mc.gated else neurons
         return t[rows][:, hidden]
     if suffix.endswith("linear_fc2.weight"):
         return t[hidden][:, neurons]
@@ -167,7 +167,7 @@ def slice_shared_expert_tensor(mc, name: str, t: torch.Tensor, hidden: torch.Ten
     neurons in the gate and the up half), its gate's kept hidden channels."""
     if name.endswith("linear_fc1.weight"):
         f = mc.moe_shared_expert_intermediate_size
-        rows = torch.cat([neurons, neurons + f]) if mc.activation == "swiglu" else neurons
+        rows = torch.cat([neurons, neurons + f]) if mc.gated else neurons
         return t[rows][:, hidden]
     if name.endswith("linear_fc2.weight"):
         return t[hidden][:, neurons]

@@ -15,7 +15,9 @@ batches, by hooks that read Megatron activations (layout ``[seq, batch, channel]
   hidden channels   output of ``input_layernorm`` and                   agg(x) per norm, then summed
                     ``pre_mlp_layernorm`` of every layer (under TE: the  over norms, layers and
                     fused norm, recomputed from the input of             pipeline stages
-                    ``linear_qkv`` / ``linear_fc1``)
+                    ``linear_qkv`` / ``linear_fc1``); with sandwich
+                    norms (Gemma 3) also the norms after the
+                    attention and the MLP (``post_norm``)
   layers (a)        layer input / output hidden states                  BI = 1 - mean_tokens cos
   layers (b)        LM loss with layer i skipped (identity)             loss_i - loss_full
                     (``prune/depth.py``)
@@ -117,7 +119,8 @@ class Collector:
         tp = parallel_state.get_tensor_model_parallel_world_size()
         n = len(self.layers)
         z = lambda *shape: torch.zeros(2, n, *shape, dtype=torch.float64, device=runtime.device())  # noqa: E731
-        self.hidden = z(2, cfg.hidden_size)  # [s1|s2, layer, norm, H]
+        post = hasattr(self.layers[0].self_attention.linear_proj, "post_norm")  # models/post_norm.py
+        self.hidden = z(4 if post else 2, cfg.hidden_size)  # [s1|s2, layer, norm, H]
         self.proj = z(cfg.num_attention_heads // tp * cfg.kv_channels)
         self.ffn = z(cfg.ffn_hidden_size // tp)
         shared = cfg.moe_shared_expert_intermediate_size
@@ -129,8 +132,10 @@ class Collector:
         self.experts = moe_imp.ExpertCollector(model) if moe_imp.is_moe_layer(self.layers[0]) else None
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attention, layer.mlp
-            for k, (norm, fused) in enumerate(((layer.input_layernorm, attn.linear_qkv),
-                                               (layer.pre_mlp_layernorm, getattr(mlp, "linear_fc1", None)))):
+            norms = [(layer.input_layernorm, attn.linear_qkv), (layer.pre_mlp_layernorm, getattr(mlp, "linear_fc1", None))]
+            if post:
+                norms += [(attn.linear_proj.post_norm, None), (mlp.linear_fc2.post_norm, None)]
+            for k, (norm, fused) in enumerate(norms):
                 if hasattr(fused, "layer_norm_weight"):  # TE: norm fused into the next linear
                     self.handles.append(fused.register_forward_pre_hook(self._fused_hook(i, k)))
                 else:

@@ -96,13 +96,14 @@ def proj_cols(mc: ModelConfig, groups, heads) -> torch.Tensor:
 
 
 def fc1_rows(mc: ModelConfig, ffn_idx: torch.Tensor) -> torch.Tensor:
-    if mc.activation == "swiglu":  # [gate; up], both halves with the same neurons
+    if mc.gated:  # [gate; up], both halves with the same neurons
         return torch.cat([ffn_idx, ffn_idx + mc.ffn_hidden_size])
     return ffn_idx
 
 
 QK_NORMS = ("q_layernorm.weight", "k_layernorm.weight")
-NORM_SUFFIXES = ("layernorm.weight", "layernorm.bias", "layer_norm_weight", "layer_norm_bias")
+NORM_SUFFIXES = ("layernorm.weight", "layernorm.bias", "layer_norm_weight", "layer_norm_bias",
+                 "post_norm.weight")  # post_norm: the sandwich norms (models/post_norm.py)
 
 
 def slice_layer_tensor(mc: ModelConfig, name: str, t: torch.Tensor, plan: Plan, j: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ def flops_per_token(mc: ModelConfig, seq_length: int, backward: bool) -> float:
     h, L = mc.hidden_size, mc.num_layers
     q = mc.num_attention_heads * mc.head_dim
     kv = 2 * mc.num_query_groups * mc.head_dim
-    fc1 = (2 if mc.activation == "swiglu" else 1) * mc.ffn_hidden_size
+    fc1 = (2 if mc.gated else 1) * mc.ffn_hidden_size
     dense = L * (h * (q + kv) + q * h + h * fc1 + mc.ffn_hidden_size * h) + mc.padded_vocab_size * h
     fwd = 2 * dense + 2 * 2 * L * q * seq_length  # QK^T and PV, causal mask not discounted
     return fwd * (3 if backward else 1)

@@ -27,7 +27,14 @@ FAMILIES = {
     "nemotron": dict(family="nemotron", normalization="LayerNorm", layernorm_zero_centered_gamma=True,
                      activation="squared_relu", rotary_percent=0.5),
     "qwen3": dict(family="qwen3", qk_layernorm=True),  # head pruning keeps the shared per-head norm weights
+    # four norms per layer (the two after attention and MLP join the hidden-channel scores), windows of 8
+    # (sequences of 20) on three layers with their own RoPE base, scaled embeddings, GeGLU
+    "gemma3": dict(family="gemma3", qk_layernorm=True, layernorm_zero_centered_gamma=True, activation="geglu",
+                   post_norms=True, scale_embeddings=True, sliding_window=8, window_layers=[1, 0, 1, 1],
+                   local_rotary_base=1e4, rotary_base=1e6, rotary_interpolation_factor=8.0,
+                   query_pre_attn_scalar=20.0, share_embeddings_and_output_weights=True),
 }
+INDEPENDENT = ("llama", "gemma3")  # families whose scores are also recomputed from captured activations
 
 
 def small_config(family):
@@ -76,6 +83,10 @@ def capture(model):
         handles.append(layer.self_attention.linear_proj.register_forward_pre_hook(
             lambda m, a, i=i: keep(("proj", i), a[0])))
         handles.append(layer.mlp.linear_fc2.register_forward_pre_hook(lambda m, a, i=i: keep(("fc2", i), a[0])))
+        if hasattr(layer.self_attention.linear_proj, "post_norm"):  # sandwich norms (Gemma 3)
+            handles.append(layer.self_attention.linear_proj.post_norm.register_forward_hook(
+                lambda m, a, o, i=i: keep(("n2", i), o)))
+            handles.append(layer.mlp.linear_fc2.post_norm.register_forward_hook(lambda m, a, o, i=i: keep(("n3", i), o)))
         def io(m, a, k, o, i=i):  # returns None: the output stays untouched
             keep(("in", i), k["hidden_states"])
             keep(("out", i), o[0])
@@ -109,7 +120,9 @@ def check_independent(model, mc, batches):
                     close(scores["heads"][i, h], ch[h * d:(h + 1) * d].norm(), f"head[{i},{h}] ({batch},{seq})")
                 for g in range(mc.num_query_groups):
                     close(scores["groups"][i, g], ch[g * hpg * d:(g + 1) * hpg * d].norm(), f"group[{i},{g}]")
-                hidden_ref = hidden_ref + spec_score(X[("n0", i)], batch, seq) + spec_score(X[("n1", i)], batch, seq)
+                for n in ("n0", "n1", "n2", "n3"):
+                    if (n, i) in X:
+                        hidden_ref = hidden_ref + spec_score(X[(n, i)], batch, seq)
                 a, b = X[("in", i)].double(), X[("out", i)].double()
                 cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
                 close(scores["layer_bi"][i], 1 - cos.mean(), f"BI[{i}]")
@@ -148,6 +161,7 @@ def check_masking(model, mc, scores, tokens, family):
     for name, t in cases.items():
         new_mc = validate(mc, t, 1, 1)
         kept = depth.select_layers(mc, new_mc.num_layers, scores, "bi")
+        new_mc = new_mc.replace(**mc.window_of_layers(kept))  # as prune/api.py: each kept layer's attention kind
         plan = make_plan(mc, new_mc, scores, kept)
         pruned = trim_model(model, mc, new_mc, plan)
         ref = masked_reference(model, mc, new_mc, plan)
@@ -189,7 +203,7 @@ def main():
         randomize(model, seed=n)
         model.eval()
         batches = batches_of(mc)
-        scores = check_independent(model, mc, batches) if family == "llama" else \
+        scores = check_independent(model, mc, batches) if family in INDEPENDENT else \
             imp.estimate(model, batches, progress=False)
         check_masking(model, mc, scores, batches[0]["tokens"], family)
         check_count(mc)
