@@ -129,6 +129,39 @@ def run_py(*args, timeout: int = 900, env=None, check=True) -> subprocess.Comple
     return p
 
 
+def tiny_kd_args(work: Path, teacher: Path, train: Path, valid: Path, *, iters: int, save_every: int,
+                 dtype: str = "float32", global_batch: int = 2) -> list:
+    """A tiny distillation job (recipes/distill.py): the teacher pruned in-job to hidden 48 / FFN 64, text data,
+    32-token sequences, a checkpoint every ``save_every`` steps."""
+    return [f"workdir={work}", f"teacher.checkpoint={teacher}", "teacher.corrected_checkpoint=null", "~model",
+            "teacher.max_loss_fraction=10", "teacher.held_out=false", "data=text", f"data.train_text={train}",
+            f"data.valid_text={valid}", f"data.test_text={valid}", "data.seq_length=32", "data.valid_samples=4",
+            "data.test_tokens=64", f"dtype={dtype}", "prune.grid=16", "prune.target_hidden_size=48",
+            "prune.target_ffn_hidden_size=64", "prune.calibration.num_samples=4", "prune.calibration.seq_length=32",
+            "prune.calibration.micro_batch_size=2", "trainer.micro_batch_size=2",
+            f"trainer.global_batch_size={global_batch}", f"trainer.train_iters={iters}", "trainer.warmup_iters=1",
+            "trainer.eval_interval=0", "trainer.tensorboard=false", f"checkpointing.save_interval={save_every}"]
+
+
+def kill_9_once_logged(script: Path, args: list, mark: str, log: Path, env: dict | None = None) -> None:
+    """Start ``python SCRIPT ARGS`` (output to ``log``); SIGKILL it as soon as ``mark`` is in its log. Fails the test
+    when the process ends (or hangs for 10 minutes) first."""
+    import time
+
+    e = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, str(script), *map(str, args)], stdout=f, stderr=subprocess.STDOUT,
+                                cwd=ROOT, env=e)
+    deadline = time.time() + 600
+    while mark not in log.read_text():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"the job ended (or hung) before it could be killed:\n{log.read_text()[-3000:]}")
+        time.sleep(0.01)
+    proc.kill()
+    assert proc.wait(timeout=60) == -9
+
+
 @pytest.fixture(scope="session")
 def small_llama(tmp_path_factory):
     """The small random Llama of tests/workers/prune_common.py (its own trained tokenizer) as HF

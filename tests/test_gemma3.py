@@ -10,18 +10,16 @@ distillation killed with -9 and run again resumes bitwise."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, run_main, run_py, run_torchrun
+from conftest import ROOT, kill_9_once_logged, run_main, run_py, run_torchrun, tiny_kd_args
 
 WORKERS = ROOT / "tests" / "workers"
+DISTILL = ROOT / "recipes" / "distill.py"
 SEQ = 32  # logits_worker.py's sequences; the tiny model's window is 8
 ITERS, SAVE_EVERY = 8, 2
 
@@ -116,17 +114,6 @@ def test_width_and_depth_pruning_at_tp2_exports_what_we_compute(gemma, tmp_path)
 
 
 # ----------------------------------------------------------------------------- distillation, kill -9, resume
-def distill_args(d: Path, ck: Path, work: Path) -> list:
-    return [f"workdir={work}", f"teacher.checkpoint={ck}", "teacher.corrected_checkpoint=null", "~model",
-            "teacher.max_loss_fraction=10", "teacher.held_out=false", "data=text", f"data.train_text={d / 'calib.txt'}",
-            f"data.valid_text={d / 'calib.txt'}", f"data.test_text={d / 'calib.txt'}", "data.seq_length=32",
-            "data.valid_samples=2", "data.test_tokens=64", "dtype=float32", "prune.grid=16",
-            "prune.target_hidden_size=48", "prune.target_ffn_hidden_size=64", "prune.calibration.num_samples=4",
-            "prune.calibration.seq_length=32", "prune.calibration.micro_batch_size=2", "trainer.micro_batch_size=2",
-            "trainer.global_batch_size=2", f"trainer.train_iters={ITERS}", "trainer.warmup_iters=1",
-            "trainer.eval_interval=0", "trainer.tensorboard=false", f"checkpointing.save_interval={SAVE_EVERY}"]
-
-
 def train_records(work: Path) -> dict:
     recs = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {r["iteration"]: {k: r[k] for k in ("total", "logits", "lr", "grad_norm")} for r in recs
@@ -135,23 +122,12 @@ def train_records(work: Path) -> dict:
 
 def test_distillation_killed_and_rerun_resumes_bitwise(gemma, tmp_path):
     d, ck = gemma
-    ref = tmp_path / "ref"
-    run_py(ROOT / "recipes" / "distill.py", *distill_args(d, ck, ref))
-    work, log = tmp_path / "killed", tmp_path / "killed.log"
-    mark = f"[train] iter {SAVE_EVERY + 1}/{ITERS} "
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "recipes" / "distill.py"), *distill_args(d, ck, work)],
-                                stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
-    deadline = time.time() + 600
-    while mark not in log.read_text():
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"the job ended (or hung) before it could be killed:\n{log.read_text()[-3000:]}")
-        time.sleep(0.01)
-    proc.kill()
-    assert proc.wait(timeout=60) == -9
-    p = run_py(ROOT / "recipes" / "distill.py", *distill_args(d, ck, work))
+    text = d / "calib.txt"
+    ref, work = tmp_path / "ref", tmp_path / "killed"
+    run_py(DISTILL, *tiny_kd_args(ref, ck, text, text, iters=ITERS, save_every=SAVE_EVERY))
+    args = tiny_kd_args(work, ck, text, text, iters=ITERS, save_every=SAVE_EVERY)
+    kill_9_once_logged(DISTILL, args, f"[train] iter {SAVE_EVERY + 1}/{ITERS} ", tmp_path / "killed.log")
+    p = run_py(DISTILL, *args)
     assert "[train] resumed from" in p.stdout, p.stdout[-3000:]
     assert train_records(work) == train_records(ref)
     assert sorted(train_records(ref)) == list(range(1, ITERS + 1))

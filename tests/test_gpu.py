@@ -13,16 +13,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, module_dir, run_py
+from conftest import ROOT, kill_9_once_logged, module_dir, run_py, tiny_kd_args
 from hf_models import make_hf_model
 
 WORKERS = ROOT / "tests" / "workers"
@@ -113,14 +109,8 @@ def test_pruning_keeps_the_units_the_cpu_keeps(device, pruned):
 # ----------------------------------------------------------------------------- distillation in bf16
 def distill_args(tmp: Path, ckpt: Path, out: Path) -> list:
     """A KD job in bf16: the session model pruned in-job to hidden 48 / FFN 64, a checkpoint every 4 steps."""
-    return [f"workdir={out}", f"teacher.checkpoint={ckpt}", "teacher.corrected_checkpoint=null", "~model",
-            "teacher.max_loss_fraction=10", "teacher.held_out=false", "data=text", f"data.train_text={tmp / 'calib.txt'}",
-            f"data.valid_text={tmp / 'valid.txt'}", f"data.test_text={tmp / 'valid.txt'}", "data.seq_length=32",
-            "data.valid_samples=4", "data.test_tokens=64", "dtype=bfloat16", "prune.grid=16",
-            "prune.target_hidden_size=48", "prune.target_ffn_hidden_size=64", "prune.calibration.num_samples=4",
-            "prune.calibration.seq_length=32", "prune.calibration.micro_batch_size=2", "trainer.micro_batch_size=2",
-            "trainer.global_batch_size=4", f"trainer.train_iters={ITERS}", "trainer.warmup_iters=1",
-            "trainer.eval_interval=0", "trainer.tensorboard=false", f"checkpointing.save_interval={SAVE_EVERY}"]
+    return tiny_kd_args(out, ckpt, tmp / "calib.txt", tmp / "valid.txt", iters=ITERS, save_every=SAVE_EVERY,
+                        dtype="bfloat16", global_batch=4)
 
 
 def records(work: Path) -> list:
@@ -161,19 +151,7 @@ def test_distillation_in_bf16(device, distilled):
 # ----------------------------------------------------------------------------- kill -9, then the same command
 def kill_after_a_checkpoint(args: list, env: dict, log: Path) -> None:
     """Start the job; SIGKILL it once it has logged the step after its first checkpoint."""
-    mark = f"[train] iter {SAVE_EVERY + 1}/{ITERS} "
-    e = dict(os.environ, PYTHONPATH=str(ROOT), **env)
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, str(DISTILL), *args], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env=e)
-    deadline = time.time() + 600
-    while mark not in log.read_text():
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"the job ended (or hung) before it could be killed:\n{log.read_text()[-3000:]}")
-        time.sleep(0.01)
-    proc.kill()
-    assert proc.wait(timeout=60) == -9
+    kill_9_once_logged(DISTILL, args, f"[train] iter {SAVE_EVERY + 1}/{ITERS} ", log, env)
 
 
 def test_kill_9_then_resume_gives_the_same_losses(device, work, distilled, tmp_path):

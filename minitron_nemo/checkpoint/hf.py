@@ -190,9 +190,10 @@ def hf_config_from_model_config(mc: ModelConfig, tokenizer_ids: dict | None = No
     kept: 576 -> 384 with 9 heads) is written as Mistral: the same architecture and weight names with
     an explicit ``head_dim``, which transformers' LlamaConfig refuses for such shapes."""
     family = mc.family
+    ids = {k: v for k, v in (tokenizer_ids or {}).items() if v is not None}
     if family == "gemma3":
         hf_gemma3.check_family(mc)
-        return {**hf_gemma3.hf_config(mc), **{k: v for k, v in (tokenizer_ids or {}).items() if v is not None}}
+        return {**_shape_fields(mc, hf_gemma3.ARCH, hf_gemma3.MODEL_TYPE), **hf_gemma3.hf_config(mc), **ids}
     if family == "llama" and (mc.hidden_size % mc.num_attention_heads or mc.sliding_window):
         family = "mistral"
     writable = LAYERED_WINDOW_FAMILIES + (WINDOW_FAMILIES if mc.window_layers is None else ())
@@ -205,22 +206,10 @@ def hf_config_from_model_config(mc: ModelConfig, tokenizer_ids: dict | None = No
         rope = {"rope_type": "llama3", "factor": mc.rope_scaling_factor, "rope_theta": mc.rotary_base,
                 **_LLAMA3_ROPE}
     cfg = {
-        "architectures": [FAMILY_TO_ARCH[family]],
-        "model_type": family,  # the family names are transformers' model types
-        "num_hidden_layers": mc.num_layers,
-        "hidden_size": mc.hidden_size,
-        "intermediate_size": mc.ffn_hidden_size,
-        "num_attention_heads": mc.num_attention_heads,
-        "num_key_value_heads": mc.num_query_groups,
-        "head_dim": mc.head_dim,
-        "vocab_size": mc.vocab_size,
-        "max_position_embeddings": mc.max_position_embeddings,
+        **_shape_fields(mc, FAMILY_TO_ARCH[family], family),  # the family names are transformers' model types
         "hidden_act": "relu2" if nemotron else "silu",
-        "tie_word_embeddings": mc.share_embeddings_and_output_weights,
         "rope_theta": mc.rotary_base,
         "rope_parameters": rope,
-        "torch_dtype": "float32",
-        "attention_dropout": 0.0,
     }
     if mc.rope_scaling_factor is not None:
         cfg["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
@@ -252,9 +241,19 @@ def hf_config_from_model_config(mc: ModelConfig, tokenizer_ids: dict | None = No
         cfg.update(num_local_experts=mc.num_moe_experts, num_experts_per_tok=mc.moe_router_topk,
                    intermediate_size=mc.moe_ffn_hidden_size, sliding_window=mc.sliding_window, router_jitter_noise=0.0,
                    router_aux_loss_coef=mc.moe_aux_loss_coeff)
-    if tokenizer_ids:
-        cfg.update({k: v for k, v in tokenizer_ids.items() if v is not None})
+    cfg.update(ids)
     return cfg
+
+
+def _shape_fields(mc: ModelConfig, arch: str, model_type: str) -> dict:
+    """The ``config.json`` fields every family writes alike."""
+    return {"architectures": [arch], "model_type": model_type, "num_hidden_layers": mc.num_layers,
+            "hidden_size": mc.hidden_size, "intermediate_size": mc.ffn_hidden_size,
+            "num_attention_heads": mc.num_attention_heads, "num_key_value_heads": mc.num_query_groups,
+            "head_dim": mc.head_dim, "vocab_size": mc.vocab_size,
+            "max_position_embeddings": mc.max_position_embeddings,
+            "tie_word_embeddings": mc.share_embeddings_and_output_weights, "torch_dtype": "float32",
+            "attention_dropout": 0.0}
 
 
 def token_ids(hf: dict) -> dict:

@@ -22,6 +22,7 @@ from minitron_nemo.errors import UserError
 from minitron_nemo.models.config import ModelConfig
 
 ARCH = "Gemma3ForCausalLM"
+MODEL_TYPE = "gemma3_text"
 MULTIMODAL_ARCH = "Gemma3ForConditionalGeneration"
 ACTIVATION = "gelu_pytorch_tanh"
 KINDS = {"sliding_attention": 1, "full_attention": 0}
@@ -112,7 +113,8 @@ def model_config(hf: dict) -> ModelConfig:
 
 
 def hf_config(mc: ModelConfig) -> dict:
-    """The Gemma 3 text ``config.json`` fields of ``mc`` (``hf.hf_config_from_model_config`` adds the token ids)."""
+    """The Gemma 3 fields of ``mc``'s ``config.json`` (``hf.hf_config_from_model_config`` adds the shape fields
+    every family writes and the token ids)."""
     if mc.hidden_size % mc.num_attention_heads:
         raise UserError(f"hidden_size={mc.hidden_size} is not a multiple of num_attention_heads="
                         f"{mc.num_attention_heads}, which transformers' Gemma3TextConfig refuses; allowed: a "
@@ -123,19 +125,8 @@ def hf_config(mc: ModelConfig) -> dict:
         full = {"rope_type": "linear", "factor": mc.rotary_interpolation_factor, "rope_theta": mc.rotary_base}
     local = {"rope_type": "default", "rope_theta": mc.local_rotary_base or mc.rotary_base}
     return {
-        "architectures": [ARCH],
-        "model_type": "gemma3_text",
-        "num_hidden_layers": mc.num_layers,
-        "hidden_size": mc.hidden_size,
-        "intermediate_size": mc.ffn_hidden_size,
-        "num_attention_heads": mc.num_attention_heads,
-        "num_key_value_heads": mc.num_query_groups,
-        "head_dim": mc.head_dim,
-        "vocab_size": mc.vocab_size,
-        "max_position_embeddings": mc.max_position_embeddings,
         "hidden_activation": ACTIVATION,
         "rms_norm_eps": mc.norm_epsilon,
-        "tie_word_embeddings": mc.share_embeddings_and_output_weights,
         "rope_parameters": {"full_attention": full, "sliding_attention": local},
         "query_pre_attn_scalar": _number(mc.query_pre_attn_scalar or mc.head_dim),  # an int to transformers
         # no window: every layer full, with a window the transformers config still needs a number
@@ -144,9 +135,7 @@ def hf_config(mc: ModelConfig) -> dict:
         "final_logit_softcapping": None,
         "attn_logit_softcapping": None,
         "attention_bias": False,
-        "attention_dropout": 0.0,
         "use_bidirectional_attention": False,
-        "torch_dtype": "float32",
     }
 
 
