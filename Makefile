@@ -26,7 +26,7 @@ MCORE019_TESTS ?= tests/test_checkpoint.py::test_round_trip_is_bitwise tests/tes
 PYTEST_ARGS ?=
 # Test files are dealt to TEST_WORKERS pytest-xdist processes (one file stays on one worker, so module
 # fixtures are built once); TEST_WORKERS=0 runs in this process.
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 2
 XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 EXPERIMENT_ARGS ?=
 
