@@ -72,11 +72,13 @@ def check_world(world: int, tp: int, pp: int, ep: int) -> None:
 
 
 def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
-                     seed: int = 1234, timeout_minutes: int = 30, expert_model_parallel_size: int = 1) -> None:
+                     seed: int = 1234, timeout_minutes: int = 30, expert_model_parallel_size: int = 1,
+                     expert_tensor_parallel_size: int | None = None) -> None:
     """Initialise torch.distributed (torchrun, srun or a single process) and Megatron parallel state.
 
-    Experts are split over ``expert_model_parallel_size`` ranks and each expert over the TP ranks
-    (Megatron-Core's default expert tensor parallelism)."""
+    Experts are split over ``expert_model_parallel_size`` ranks and each expert over
+    ``expert_tensor_parallel_size`` ranks (None: the TP ranks, Megatron-Core's default; biased experts, as
+    gpt-oss has, need 1)."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -99,6 +101,7 @@ def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_paralle
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         expert_model_parallel_size=expert_model_parallel_size,
+        expert_tensor_parallel_size=expert_tensor_parallel_size,
     )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
@@ -107,7 +110,8 @@ def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_paralle
 def init_parallel(par, seed: int = 1234) -> None:
     """``init_distributed`` from a job's ``parallel`` group."""
     init_distributed(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed,
-                     expert_model_parallel_size=par.expert_model_parallel_size)
+                     expert_model_parallel_size=par.expert_model_parallel_size,
+                     expert_tensor_parallel_size=par.expert_tensor_parallel_size)
 
 
 def shutdown() -> None:

@@ -63,8 +63,7 @@ def main():
     t_path, corrected = teacher_source(cfg)
     t_mc = store.model_config_of(t_path)
     check_model_shape(cfg, t_mc, f"teacher {t_path}")
-    t_mc.check_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
-                       par.expert_model_parallel_size)
+    t_mc.check_layout(par)
     topk = int(c.topk) if c.topk is not None else t_mc.padded_vocab_size
     if topk > t_mc.padded_vocab_size:
         raise UserError(f"cache.topk={topk} exceeds the teacher's padded vocabulary {t_mc.padded_vocab_size}; "

@@ -42,8 +42,7 @@ def main():
     src = resolve_source(cfg.teacher.checkpoint)
     mc = store.model_config_of(src)
     check_model_shape(cfg, mc, f"teacher {src}")
-    mc.check_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
-                       par.expert_model_parallel_size)
+    mc.check_layout(par)
     out, work = Path(cfg.teacher.corrected_checkpoint), Path(c.workdir)
     if store.is_checkpoint(out):
         runtime.print0(f"[correct] {out} already exists; nothing to do")

@@ -80,15 +80,13 @@ def main():
     t_path, corrected = teacher_source(cfg)
     t_mc = store.model_config_of(t_path)
     check_model_shape(cfg, t_mc, f"teacher {t_path}")
-    t_mc.check_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
-                       par.expert_model_parallel_size)
+    t_mc.check_layout(par)
     s_path = cfg.student.checkpoint
     if s_path is not None:
         s_mc = store.load_model_config(s_path)
         kd.check_vocab(t_mc, s_mc)
         kd.check_tokenizers(t_path, s_path)
-        s_mc.check_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
-                       par.expert_model_parallel_size)
+        s_mc.check_layout(par)
     elif cfg.student.init_checkpoint is None:
         raise UserError("student.init_checkpoint is required when the student is pruned in-job "
                         "(student.checkpoint=null); pass student.init_checkpoint=DIR")

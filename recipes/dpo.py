@@ -33,7 +33,7 @@ def main():
     par, t, d = cfg.parallel, cfg.trainer, cfg.data
     store.require_checkpoint(cfg.checkpoint)
     mc = store.load_model_config(cfg.checkpoint)
-    mc.check_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.expert_model_parallel_size)
+    mc.check_layout(par)
     tok_dir = store.tokenizer_dir(cfg.checkpoint)
     renderer = chat_renderer(tok_dir)
     seq = int(d.seq_length)

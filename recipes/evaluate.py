@@ -79,8 +79,7 @@ def main():
     cfg = compose("evaluate", schema=schemas.EvaluateJob)
     mc = store.model_config_of(cfg.checkpoint)
     par, ev = cfg.parallel, cfg.eval
-    mc.check_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
-                       par.expert_model_parallel_size)
+    mc.check_layout(par)
     if not Path(ev.text_file).is_file():
         raise UserError(f"eval.text_file={ev.text_file} does not exist; allowed: a UTF-8 text file")
     if ev.output:

@@ -28,8 +28,7 @@ def main():
     hf_cfg = hfconv.read_hf_config(src)
     mc = hfconv.hf_model_config(src)
     par = cfg.parallel
-    mc.check_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
-                       par.expert_model_parallel_size)
+    mc.check_layout(par)
     params_dtype = dtype(cfg.dtype)
     hfconv.check_hf_tensors(mc, store.HFWeights(src).names(), src)  # complete weights, as config.json says
     outputs.claim_dir(cfg.output, sources={"source": src}, overwrite=cfg.overwrite)

@@ -51,8 +51,7 @@ def main():
     nemo2.check_tensors(mc, weights)  # weights vs context/model.yaml, both ways
     tok = tokenizer_source(cfg, src)
     par = cfg.parallel
-    mc.check_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
-                       par.expert_model_parallel_size)
+    mc.check_layout(par)
     params_dtype = dtype(cfg.dtype)
     outputs.claim_dir(cfg.output, sources={"source": src}, overwrite=cfg.overwrite)
     runtime.init_parallel(par, cfg.seed)

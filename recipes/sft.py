@@ -32,7 +32,7 @@ def main():
     par, t, d = cfg.parallel, cfg.trainer, cfg.data
     store.require_checkpoint(cfg.checkpoint)
     mc = store.load_model_config(cfg.checkpoint)
-    mc.check_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.expert_model_parallel_size)
+    mc.check_layout(par)
     work = Path(cfg.workdir)
     outputs.claim_workdir(work, sources={"checkpoint": cfg.checkpoint, "data.blend": d.blend,
                                          "data.valid_blend": d.valid_blend})

@@ -51,6 +51,16 @@ def hf_config(family: str):
         return tf.Qwen2MoeConfig(**common, tie_word_embeddings=False, rope_theta=1e6, num_experts=4,
                                  num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
                                  norm_topk_prob=True, router_aux_loss_coef=0.01)
+    # gpt-oss: four biased experts (width 32), top-2 over the top-2 logits; its clamped GLU with a limit the
+    # spread weights reach; sinks; windows of 8 on every other layer; YaRN stretching an original context of 16
+    # by 16 (the sequences of the tests are longer than 16)
+    if family == "gpt_oss":
+        return tf.GptOssConfig(**{**common, "intermediate_size": 32}, tie_word_embeddings=False, rms_norm_eps=1e-5,
+                               num_local_experts=4, num_experts_per_tok=2, swiglu_limit=1.0, sliding_window=8,
+                               layer_types=["sliding_attention", "full_attention"] * 2, router_aux_loss_coef=0.01,
+                               rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 16.0,
+                                                "original_max_position_embeddings": 16, "beta_fast": 32.0,
+                                                "beta_slow": 1.0, "truncate": False})
     raise ValueError(family)
 
 
@@ -71,7 +81,7 @@ def make_hf_model(family: str, path: Path, seed: int = 0, std: float | None = No
     model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
+            if "norm" in name or name.endswith(("bias", "sinks")):
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(path, safe_serialization=True)
     return Path(path)

@@ -20,7 +20,7 @@ from typing import Callable, Dict
 
 import torch
 
-from minitron_nemo.checkpoint import hf_gemma3
+from minitron_nemo.checkpoint import hf_gemma3, hf_gpt_oss, hf_layer_types
 from minitron_nemo.errors import UserError
 from minitron_nemo.models import layout, moe
 from minitron_nemo.models.config import ModelConfig
@@ -33,6 +33,7 @@ ARCHITECTURES = {
     "NemotronForCausalLM": "nemotron",
     "Qwen3ForCausalLM": "qwen3",
     hf_gemma3.ARCH: "gemma3",
+    hf_gpt_oss.ARCH: "gpt_oss",
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "MixtralForCausalLM": "mixtral",
     "Qwen2MoeForCausalLM": "qwen2_moe",
@@ -40,8 +41,11 @@ ARCHITECTURES = {
 FAMILY_TO_ARCH = {v: k for k, v in ARCHITECTURES.items()}
 _LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 # the norms after attention and MLP (post_norms, models/post_norm.py): hf_layer_names key -> canonical name
+# and the tensors only some families have (gpt-oss: the output bias, the sinks, the router bias), alike
 OUTPUT_NORMS = {"attn_out_norm": "self_attention.linear_proj.post_norm.weight",
-                "mlp_out_norm": "mlp.linear_fc2.post_norm.weight"}
+                "mlp_out_norm": "mlp.linear_fc2.post_norm.weight",
+                "ob": "self_attention.linear_proj.bias", "sinks": "self_attention.core_attention.softmax_offset",
+                "router_b": "mlp.router.bias"}
 WINDOW_FAMILIES = ("mistral", "mixtral")  # HF configs whose sliding_window applies to every layer
 LAYERED_WINDOW_FAMILIES = ("qwen2", "qwen3")  # use_sliding_window: the window on the layers layer_types names
 
@@ -69,6 +73,8 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
     family = ARCHITECTURES[arch]
     if family == "gemma3":
         return hf_gemma3.model_config(hf)
+    if family == "gpt_oss":
+        return hf_gpt_oss.model_config(hf)
     rope = _rope(hf)
     rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
     scaling = None
@@ -133,19 +139,12 @@ def _window_from_hf(hf: dict, family: str, arch: str) -> tuple:
     if family not in WINDOW_FAMILIES + LAYERED_WINDOW_FAMILIES:
         return None, None
     window = hf.get("sliding_window")
-    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
-        raise UserError(f"sliding_window={window!r} is not supported for {arch}; allowed: null (full attention) or "
-                        f"an integer >= 1")
+    hf_layer_types.check_window(window, arch)
     if window is None or family in WINDOW_FAMILIES:
         return window, None
     n = hf["num_hidden_layers"]
-    types = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", n) else "full_attention"
-                                      for i in range(n)]
-    kinds = {"sliding_attention": 1, "full_attention": 0}
-    if len(types) != n or any(t not in kinds for t in types):
-        raise UserError(f"layer_types={types} is not supported for {arch}; allowed: {n} entries, each "
-                        f"'sliding_attention' or 'full_attention'")
-    flags = [kinds[t] for t in types]
+    types = hf.get("layer_types") or hf_layer_types.layer_types(i >= hf.get("max_window_layers", n) for i in range(n))
+    flags = hf_layer_types.window_flags(types, n, arch)
     if not any(flags):
         return None, None
     return window, None if all(flags) else flags
@@ -194,6 +193,8 @@ def hf_config_from_model_config(mc: ModelConfig, tokenizer_ids: dict | None = No
     if family == "gemma3":
         hf_gemma3.check_family(mc)
         return {**_shape_fields(mc, hf_gemma3.ARCH, hf_gemma3.MODEL_TYPE), **hf_gemma3.hf_config(mc), **ids}
+    if family == "gpt_oss":
+        return {**_shape_fields(mc, hf_gpt_oss.ARCH, hf_gpt_oss.MODEL_TYPE), **hf_gpt_oss.hf_config(mc), **ids}
     if family == "llama" and (mc.hidden_size % mc.num_attention_heads or mc.sliding_window):
         family = "mistral"
     writable = LAYERED_WINDOW_FAMILIES + (WINDOW_FAMILIES if mc.window_layers is None else ())
@@ -228,7 +229,7 @@ def hf_config_from_model_config(mc: ModelConfig, tokenizer_ids: dict | None = No
     if family in LAYERED_WINDOW_FAMILIES and mc.sliding_window:
         flags = [mc.windowed(i) for i in range(mc.num_layers)]
         cfg.update(use_sliding_window=True, sliding_window=mc.sliding_window, max_window_layers=flags.index(True),
-                   layer_types=["sliding_attention" if f else "full_attention" for f in flags])
+                   layer_types=hf_layer_types.layer_types(flags))
     if family in ("qwen3", "qwen3_moe", "mixtral"):
         cfg.update(attention_bias=False)
     if family in ("qwen3_moe", "qwen2_moe"):
@@ -278,6 +279,8 @@ def hf_model_config(hf_dir: Path) -> ModelConfig:
 
 # ----------------------------------------------------------------------------- weights
 def hf_layer_names(mc: ModelConfig, i: int) -> dict:
+    if mc.family == "gpt_oss":
+        return hf_gpt_oss.layer_names(i)
     p = f"model.layers.{i}."
     names = {
         "in_norm": p + "input_layernorm.weight",
@@ -357,7 +360,9 @@ def hf_layer_to_canonical(mc: ModelConfig, get: Callable[[str], torch.Tensor], i
     if mc.is_moe:
         sd[p + "mlp.router.weight"] = get(n["router"])
         experts = experts if experts is not None else range(mc.num_moe_experts)
-        for e in experts:
+        if mc.family == "gpt_oss":
+            sd.update(hf_gpt_oss.experts_to_canonical(get, i, p, experts))
+        for e in experts if mc.family != "gpt_oss" else ():
             x = hf_expert_names(mc, i, e)
             sd[moe.expert_name(p, e - experts.start, "linear_fc1.weight")] = torch.cat([get(x["gate"]), get(x["up"])])
             sd[moe.expert_name(p, e - experts.start, "linear_fc2.weight")] = get(x["down"])
@@ -391,7 +396,9 @@ def canonical_layer_to_hf(mc: ModelConfig, sd: dict, i: int) -> dict:
             out[n[key]] = sd[p + name]
     if mc.is_moe:
         out[n["router"]] = sd[p + "mlp.router.weight"]
-        for e in range(mc.num_moe_experts):
+        if mc.family == "gpt_oss":
+            out.update(hf_gpt_oss.experts_to_hf(mc, sd, i))
+        for e in range(mc.num_moe_experts) if mc.family != "gpt_oss" else ():
             x = hf_expert_names(mc, i, e)
             out[x["gate"]], out[x["up"]] = torch.chunk(sd[moe.expert_name(p, e, "linear_fc1.weight")], 2, dim=0)
             out[x["down"]] = sd[moe.expert_name(p, e, "linear_fc2.weight")]
@@ -459,6 +466,9 @@ def hf_tensor_names(mc: ModelConfig) -> set:
         names.add("lm_head.weight")
     for i in range(mc.num_layers):
         names.update(hf_layer_names(mc, i).values())
+        if mc.family == "gpt_oss":
+            names.update(hf_gpt_oss.expert_names(i).values())
+            continue
         for e in range(mc.num_moe_experts or 0):
             names.update(hf_expert_names(mc, i, e).values())
     return names

@@ -18,6 +18,7 @@ The weight names are ``checkpoint/hf.py``'s, with the norms mapped as ``POST_NOR
 
 from __future__ import annotations
 
+from minitron_nemo.checkpoint.hf_layer_types import check_window, layer_types, window_flags
 from minitron_nemo.errors import UserError
 from minitron_nemo.models.config import ModelConfig
 
@@ -25,7 +26,6 @@ ARCH = "Gemma3ForCausalLM"
 MODEL_TYPE = "gemma3_text"
 MULTIMODAL_ARCH = "Gemma3ForConditionalGeneration"
 ACTIVATION = "gelu_pytorch_tanh"
-KINDS = {"sliding_attention": 1, "full_attention": 0}
 # HF name of each of a layer's norms (after "model.layers.{i}.") -> the key of hf.hf_layer_names
 POST_NORM_NAMES = {"post_norm": "pre_feedforward_layernorm.weight",
                    "attn_out_norm": "post_attention_layernorm.weight",
@@ -47,11 +47,8 @@ def _layer_kinds(hf: dict, n: int) -> list:
     types = hf.get("layer_types")
     if types is None:
         pattern = int(hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6)))
-        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
-    if len(types) != n or any(t not in KINDS for t in types):
-        raise UserError(f"layer_types={types} is not supported for {ARCH}; allowed: {n} entries, each "
-                        f"'sliding_attention' or 'full_attention'")
-    return [KINDS[t] for t in types]
+        types = layer_types((i + 1) % pattern for i in range(n))
+    return window_flags(types, n, ARCH)
 
 
 def model_config(hf: dict) -> ModelConfig:
@@ -81,8 +78,7 @@ def model_config(hf: dict) -> ModelConfig:
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     window = hf.get("sliding_window")
     flags = _layer_kinds(hf, n)
-    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
-        raise UserError(f"sliding_window={window!r} is not supported for {ARCH}; allowed: an integer >= 1")
+    check_window(window, ARCH)
     windowed = window is not None and any(flags)
     scalar = float(hf.get("query_pre_attn_scalar", head_dim))
     return ModelConfig(
@@ -131,7 +127,7 @@ def hf_config(mc: ModelConfig) -> dict:
         "query_pre_attn_scalar": _number(mc.query_pre_attn_scalar or mc.head_dim),  # an int to transformers
         # no window: every layer full, with a window the transformers config still needs a number
         "sliding_window": mc.sliding_window or mc.max_position_embeddings,
-        "layer_types": [("sliding_attention" if f else "full_attention") for f in flags],
+        "layer_types": layer_types(flags),
         "final_logit_softcapping": None,
         "attn_logit_softcapping": None,
         "attention_bias": False,

@@ -6,14 +6,13 @@ local spec with torch SDPA as ``core_attention`` and ``TorchNorm`` for the norms
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from megatron.core import parallel_state
 
 from minitron_nemo import runtime
 from minitron_nemo.models.config import ModelConfig, transformer_config
 from minitron_nemo.models import moe
+from minitron_nemo.models.biased_experts import submodules, with_biased_experts
 from minitron_nemo.models.layers import SDPAttention, TorchNorm
 from minitron_nemo.models.local_rope import LocalRopeSelfAttention
 from minitron_nemo.models.post_norm import post_normed
@@ -63,9 +62,9 @@ def layer_spec(use_te: bool | None = None, mc: ModelConfig | None = None, groupe
 
 
 def with_model_parts(spec, mc: ModelConfig | None):
-    """The spec choices a model config asks for beyond the standard layer (Gemma 3): the windowed layers'
-    own RoPE base (``models/local_rope.py``) and the norms after the attention and the MLP
-    (``models/post_norm.py``)."""
+    """The spec choices a model config asks for beyond the standard layer: the windowed layers' own RoPE base
+    (``models/local_rope.py``) and the norms after the attention and the MLP (``models/post_norm.py``) of
+    Gemma 3; gpt-oss's biased experts (``models/biased_experts.py``)."""
     if mc is None:
         return spec
     attention = spec.submodules.self_attention
@@ -75,9 +74,10 @@ def with_model_parts(spec, mc: ModelConfig | None):
                             "rotary_percent": mc.rotary_percent}
     if mc.post_norms:
         attention.submodules.linear_proj = post_normed(attention.submodules.linear_proj)
-        mlp = spec.submodules.mlp  # a ModuleSpec; Megatron-Core 0.19: a partial of MLP.as_mlp_submodule
-        mlp = mlp.keywords["submodules"] if isinstance(mlp, functools.partial) else mlp.submodules
+        mlp = submodules(spec.submodules.mlp)  # a ModuleSpec; Megatron-Core 0.19: a partial of MLP.as_mlp_submodule
         mlp.linear_fc2 = post_normed(mlp.linear_fc2)
+    if mc.experts_replicated_over_tp:
+        spec = with_biased_experts(spec)
     return spec
 
 
@@ -103,9 +103,10 @@ def build_model(mc: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     ep = parallel_state.get_expert_model_parallel_world_size()
+    etp = parallel_state.get_expert_tensor_parallel_world_size()
     if use_te is None:
         use_te = te_available()
-    cfg = transformer_config(mc, tp=tp, pp=pp, ep=ep, params_dtype=params_dtype, cpu=runtime.cpu_mode(),
+    cfg = transformer_config(mc, tp=tp, pp=pp, ep=ep, etp=etp, params_dtype=params_dtype, cpu=runtime.cpu_mode(),
                              sequence_parallel=sequence_parallel, moe_grouped_gemm=grouped_gemm)
     spec, final_norm = layer_spec(use_te, mc, grouped_gemm)
     if final_norm is not None:
@@ -119,7 +120,7 @@ def build_model(mc: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=mc.share_embeddings_and_output_weights,
-        position_embedding_type="rope",
+        position_embedding_type="yarn" if mc.yarn_factor is not None else "rope",
         rotary_percent=mc.rotary_percent,
         rotary_base=int(mc.rotary_base) if float(mc.rotary_base).is_integer() else mc.rotary_base,
         rope_scaling=mc.rope_scaling_factor is not None,
@@ -155,11 +156,15 @@ def count_parameters(mc: ModelConfig, active: bool = False) -> int:
         attn += h
     if mc.qk_layernorm:
         attn += 2 * mc.head_dim
+    if mc.attention_sinks:
+        attn += mc.num_attention_heads
     gate = 2 if mc.gated else 1
     if mc.is_moe:
         fe = mc.moe_ffn_hidden_size
         experts = mc.moe_router_topk if active else mc.num_moe_experts
         mlp = mc.num_moe_experts * h + experts * (h * gate * fe + fe * h)
+        if mc.add_bias_linear:  # the router's and every expert's biases (gpt-oss)
+            mlp += mc.num_moe_experts + experts * (gate * fe + h)
         if mc.moe_shared_expert_intermediate_size:  # every token uses the shared expert (and its gate)
             fs = mc.moe_shared_expert_intermediate_size
             mlp += h * gate * fs + fs * h + (h if mc.moe_shared_expert_gate else 0)

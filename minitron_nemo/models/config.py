@@ -15,11 +15,13 @@ import torch.nn.functional as F
 
 from minitron_nemo.errors import UserError, check
 
-FAMILIES = ("llama", "mistral", "qwen2", "nemotron", "qwen3", "gemma3", "qwen3_moe", "mixtral", "qwen2_moe")
-MOE_FAMILIES = ("qwen3_moe", "mixtral", "qwen2_moe")
+FAMILIES = ("llama", "mistral", "qwen2", "nemotron", "qwen3", "gemma3", "qwen3_moe", "mixtral", "qwen2_moe",
+            "gpt_oss")
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss")
 SHARED_EXPERT_FAMILIES = ("qwen2_moe",)  # families whose HF layout has a shared expert (always, with its gate)
-ACTIVATIONS = ("swiglu", "geglu", "squared_relu", "gelu")
-GATED_ACTIVATIONS = ("swiglu", "geglu")  # linear_fc1 = [gate; up], act(gate) * up
+ACTIVATIONS = ("swiglu", "geglu", "quick_geglu", "squared_relu", "gelu")
+# linear_fc1 = [gate; up], act(gate) * (up + glu_linear_offset); quick_geglu: act(x) = x * sigmoid(1.702 x)
+GATED_ACTIVATIONS = ("swiglu", "geglu", "quick_geglu")
 NORMS = ("RMSNorm", "LayerNorm")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # the job key `dtype`
 
@@ -61,6 +63,15 @@ class ModelConfig:
     query_pre_attn_scalar: Optional[float] = None  # attention scores times 1/sqrt(this); None: 1/sqrt(head_dim)
     post_norms: bool = False  # Gemma 3: a norm on the attention and MLP outputs before each residual add
     scale_embeddings: bool = False  # Gemma: the embeddings times sqrt(hidden_size)
+    attention_sinks: bool = False  # gpt-oss: a learned logit per head in every softmax denominator
+    glu_clamp: Optional[float] = None  # gpt-oss: gate clamped to <= this, up to [-this, this], before the GLU
+    glu_linear_offset: float = 0.0  # gpt-oss: act(gate) * (up + this)
+    # YaRN RoPE (gpt-oss): rotary frequencies stretched by yarn_factor beyond the original context
+    yarn_factor: Optional[float] = None
+    yarn_original_max_position_embeddings: int = 4096
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_truncate: bool = True  # round the correction range to whole dims (transformers' truncate)
     # Mixture of experts (every layer's MLP is an MoE layer when num_moe_experts is set).
     num_moe_experts: Optional[int] = None
     moe_router_topk: int = 2
@@ -74,6 +85,12 @@ class ModelConfig:
     @property
     def is_moe(self) -> bool:
         return self.num_moe_experts is not None
+
+    @property
+    def experts_replicated_over_tp(self) -> bool:
+        """Biased experts (gpt-oss) are whole on every TP rank (expert tensor parallelism 1): Megatron-Core
+        adds an expert's output bias before the TP reduction, so it cannot cut them."""
+        return self.is_moe and self.add_bias_linear
 
     @property
     def gated(self) -> bool:
@@ -106,7 +123,8 @@ class ModelConfig:
         check(self.local_rotary_base is None or self.sliding_window is not None,
               f"model.local_rotary_base={self.local_rotary_base} needs model.sliding_window (the windowed layers' "
               f"RoPE base); allowed: null without a window")
-        for name in ("local_rotary_base", "rotary_interpolation_factor", "query_pre_attn_scalar"):
+        for name in ("local_rotary_base", "rotary_interpolation_factor", "query_pre_attn_scalar", "glu_clamp",
+                     "yarn_factor"):
             value = getattr(self, name)
             check(value is None or value > 0, f"model.{name}={value} must be > 0; allowed: null or a positive number")
         check(not (self.post_norms and self.is_moe), "model.post_norms=true is not supported with experts; "
@@ -123,7 +141,6 @@ class ModelConfig:
                   f"model.moe_ffn_hidden_size={self.moe_ffn_hidden_size} must be >= 1 for an MoE model")
             check(self.moe_router_score_function in ("softmax", "sigmoid"),
                   f"model.moe_router_score_function={self.moe_router_score_function!r}; allowed: softmax, sigmoid")
-            check(not self.add_bias_linear, "model.add_bias_linear=true is not supported with experts; allowed: false")
             shared = self.moe_shared_expert_intermediate_size
             check(shared is None or shared >= 1,
                   f"model.moe_shared_expert_intermediate_size={shared} must be >= 1; allowed: null (no shared "
@@ -145,8 +162,12 @@ class ModelConfig:
                   f"experts; allowed: null for a dense model")
         return self
 
-    def check_parallel(self, tp: int, pp: int, ep: int = 1) -> None:
-        """One-line errors when the layout does not divide the model."""
+    def check_parallel(self, tp: int, pp: int, ep: int = 1, etp: Optional[int] = None) -> None:
+        """One-line errors when the layout does not divide the model (``etp``: the expert tensor parallelism,
+        checked when given)."""
+        if etp is not None and self.experts_replicated_over_tp and etp != 1:
+            raise UserError(f"parallel.expert_tensor_parallel_size={etp}: model.family={self.family!r} has biased "
+                            f"experts, which Megatron-Core keeps whole on each rank; allowed: 1")
         for name, value in (("num_attention_heads", self.num_attention_heads),
                             ("num_query_groups", self.num_query_groups),
                             ("ffn_hidden_size", self.ffn_hidden_size),
@@ -163,9 +184,17 @@ class ModelConfig:
                                 f"{self.num_moe_experts}; allowed: a divisor of {self.num_moe_experts}")
             for name in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
                 value = getattr(self, name)
+                if name == "moe_ffn_hidden_size" and self.experts_replicated_over_tp:
+                    continue
                 if value is not None and value % tp:
                     raise UserError(f"tensor_model_parallel_size={tp} does not divide {name}={value}; "
                                     f"allowed: a divisor of {value}")
+
+    def check_layout(self, par) -> None:
+        """``check_parallel`` for a job's ``parallel`` group."""
+        tp = par.tensor_model_parallel_size
+        etp = tp if par.expert_tensor_parallel_size is None else par.expert_tensor_parallel_size
+        self.check_parallel(tp, par.pipeline_model_parallel_size, par.expert_model_parallel_size, etp)
 
     def windowed(self, layer: int) -> bool:
         """Whether ``layer`` (0-indexed) attends within the sliding window."""
@@ -205,7 +234,10 @@ def gelu_tanh(x):
 
 
 def _activation(name: str):
-    return {"swiglu": F.silu, "geglu": gelu_tanh, "squared_relu": squared_relu, "gelu": F.gelu}[name]
+    from megatron.core.fusions.fused_bias_geglu import quick_gelu
+
+    return {"swiglu": F.silu, "geglu": gelu_tanh, "quick_geglu": quick_gelu, "squared_relu": squared_relu,
+            "gelu": F.gelu}[name]
 
 
 def moe_fields(mc: ModelConfig, ep: int, grouped_gemm: bool = False) -> dict:
@@ -231,14 +263,31 @@ def moe_fields(mc: ModelConfig, ep: int, grouped_gemm: bool = False) -> dict:
     )
 
 
-def transformer_config(mc: ModelConfig, *, tp: int = 1, pp: int = 1, ep: int = 1,
+def softmax_scale(mc: ModelConfig) -> Optional[float]:
+    """The attention scores' scale when it is not 1/sqrt(head_dim) (Gemma's query_pre_attn_scalar)."""
+    return mc.query_pre_attn_scalar ** -0.5 if mc.query_pre_attn_scalar else None
+
+
+def yarn_fields(mc: ModelConfig) -> dict:
+    """The ``yarn_*`` attributes ``GPTModel`` reads from its config for ``position_embedding_type="yarn"``
+    (``TransformerConfig`` has no such fields; the MLA config does). Megatron-Core's attention reads them too,
+    to scale cos and sin by YaRN's temperature (0.1 ln(factor) + 1, as transformers does)."""
+    if mc.yarn_factor is None:
+        return {}
+    return dict(yarn_rotary_scaling_factor=mc.yarn_factor,
+                yarn_original_max_position_embeddings=mc.yarn_original_max_position_embeddings,
+                yarn_beta_fast=mc.yarn_beta_fast, yarn_beta_slow=mc.yarn_beta_slow, yarn_mscale=1.0,
+                yarn_mscale_all_dim=0.0, yarn_correction_range_round_to_int=mc.yarn_truncate)
+
+
+def transformer_config(mc: ModelConfig, *, tp: int = 1, pp: int = 1, ep: int = 1, etp: Optional[int] = None,
                        params_dtype: torch.dtype = torch.float32, cpu: bool = False,
                        sequence_parallel: bool = False, moe_grouped_gemm: bool = False):
     """Build the Megatron-Core ``TransformerConfig`` for ``mc`` at the given layout."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    mc.check_parallel(tp, pp, ep)
-    return TransformerConfig(
+    mc.check_parallel(tp, pp, ep, etp)
+    cfg = TransformerConfig(
         num_layers=mc.num_layers,
         hidden_size=mc.hidden_size,
         ffn_hidden_size=mc.ffn_hidden_size,
@@ -253,7 +302,10 @@ def transformer_config(mc: ModelConfig, *, tp: int = 1, pp: int = 1, ep: int = 1
         add_bias_linear=mc.add_bias_linear,
         add_qkv_bias=mc.add_qkv_bias,
         qk_layernorm=mc.qk_layernorm,
-        softmax_scale=mc.query_pre_attn_scalar ** -0.5 if mc.query_pre_attn_scalar else None,
+        softmax_scale=softmax_scale(mc),
+        softmax_type="learnable" if mc.attention_sinks else "vanilla",
+        activation_func_clamp_value=mc.glu_clamp,
+        glu_linear_offset=mc.glu_linear_offset,
         window_size=(mc.sliding_window - 1, 0) if mc.sliding_window else None,
         window_attn_skip_freq=list(mc.window_layers) if mc.window_layers else None,
         hidden_dropout=0.0,
@@ -278,4 +330,8 @@ def transformer_config(mc: ModelConfig, *, tp: int = 1, pp: int = 1, ep: int = 1
         deallocate_pipeline_outputs=False,
         variable_seq_lengths=False,
         **moe_fields(mc, ep, moe_grouped_gemm),
+        **({"expert_tensor_parallel_size": etp} if mc.is_moe and etp is not None else {}),
     )
+    for key, value in yarn_fields(mc).items():
+        setattr(cfg, key, value)
+    return cfg

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
+from minitron_nemo.models.sinks import attention_with_sinks
+
 
 class SDPAttention(DotProductAttention):
     """Core attention through ``torch.nn.functional.scaled_dot_product_attention``.
@@ -36,6 +38,9 @@ class SDPAttention(DotProductAttention):
             v = v.repeat_interleave(groups, dim=1)
         p = self.config.attention_dropout if self.training else 0.0
         mask = self.allowed(q.shape[2], k.shape[2], q.device)
+        if self.softmax_offset is not None:  # attention sinks (gpt-oss)
+            scale = self.softmax_scale if self.softmax_scale is not None else q.shape[-1] ** -0.5
+            return attention_with_sinks(q, k, v, self.softmax_offset, scale, mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None,
                                               scale=self.softmax_scale)
 

@@ -9,7 +9,8 @@ shard of a canonical tensor is cut along its TP dim:
 * row-parallel (``ROW_PARALLEL``: ``linear_proj``, ``linear_fc2``): columns;
 * everything else (norms, biases of row-parallel linears, routers) is replicated.
 
-Experts use the same rules over the expert-TP group.
+Experts use the same rules over the expert-TP group; biased experts (gpt-oss) are whole on every rank
+(expert tensor parallelism 1, ``ModelConfig.experts_replicated_over_tp``).
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from minitron_nemo.models import moe
 from minitron_nemo.models.config import ModelConfig
 
 COLUMN_PARALLEL = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias",
+                   "core_attention.softmax_offset",  # attention sinks: one per head
                    "linear_fc1.weight", "linear_fc1.bias",
                    "embedding.word_embeddings.weight", "output_layer.weight")
 ROW_PARALLEL = ("self_attention.linear_proj.weight", "linear_fc2.weight")
@@ -38,9 +41,13 @@ def tp_sharded(name: str) -> bool:
     return name.endswith(COLUMN_PARALLEL) or name.endswith(ROW_PARALLEL)
 
 
+def _whole(mc: ModelConfig, name: str) -> bool:
+    return mc.experts_replicated_over_tp and moe.split_expert_name(name) is not None
+
+
 def shard_tensor(mc: ModelConfig, name: str, t: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
     """This TP rank's slice of a canonical tensor (SwiGLU fc1 shards gate and up separately)."""
-    if tp == 1:
+    if tp == 1 or _whole(mc, name):
         return t
     if name.endswith(FC1) and mc.gated:
         gate, up = torch.chunk(t, 2, dim=0)
@@ -54,7 +61,7 @@ def shard_tensor(mc: ModelConfig, name: str, t: torch.Tensor, tp_rank: int, tp: 
 
 def unshard_tensor(mc: ModelConfig, name: str, shards: list) -> torch.Tensor:
     """Inverse of ``shard_tensor`` given every TP rank's shard in rank order."""
-    if len(shards) == 1:
+    if len(shards) == 1 or _whole(mc, name):
         return shards[0]
     if name.endswith(FC1) and mc.gated:
         halves = [torch.chunk(s, 2, dim=0) for s in shards]

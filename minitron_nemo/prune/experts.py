@@ -152,13 +152,17 @@ def plan_experts(scores: dict, layers: List[int], num_experts: int, ffn: int, sc
 
 
 def slice_expert_tensor(mc, suffix: str, t: torch.Tensor, hidden: torch.Tensor, neurons: torch.Tensor):
-    """One expert's full (TP-unsharded) ``linear_fc1`` / ``linear_fc2`` weight, kept hidden channels and
-    neurons (SwiGLU: the same neurons in the gate and the up half)."""
+    """One expert's full (TP-unsharded) ``linear_fc1`` / ``linear_fc2`` weight or bias, kept hidden channels
+    and neurons (SwiGLU: the same neurons in the gate and the up half)."""
     if suffix.endswith("linear_fc1.weight"):
         rows = torch.cat([neurons, neurons + mc.moe_ffn_hidden_size]) if mc.gated else neurons
         return t[rows][:, hidden]
     if suffix.endswith("linear_fc2.weight"):
         return t[hidden][:, neurons]
+    if suffix.endswith("linear_fc1.bias"):
+        return t[torch.cat([neurons, neurons + mc.moe_ffn_hidden_size]) if mc.gated else neurons]
+    if suffix.endswith("linear_fc2.bias"):
+        return t[hidden]
     raise NotImplementedError(f"pruning does not know how to slice expert tensor {suffix}")
 
 

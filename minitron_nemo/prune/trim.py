@@ -132,6 +132,11 @@ def slice_layer_tensor(mc: ModelConfig, name: str, t: torch.Tensor, plan: Plan, 
         return t[hid][:, plan.ffn[j]]
     if name.endswith("mlp.router.weight"):
         return t[plan.experts[j]][:, hid]
+    if name.endswith("mlp.router.bias"):
+        return t[plan.experts[j]]
+    if name.endswith("core_attention.softmax_offset"):  # attention sinks: the kept heads' own
+        hpg = mc.num_attention_heads // mc.num_query_groups
+        return t[torch.cat([g * hpg + hs for g, hs in zip(plan.groups[j].tolist(), plan.heads[j])])]
     raise NotImplementedError(f"pruning does not know how to slice {name}")
 
 
