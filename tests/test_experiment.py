@@ -36,7 +36,7 @@ def test_experiment_runs_end_to_end_at_tiny_scale(tiny_teacher, tmp_path):
     readme.write_text("# title\n<!-- experiment:begin -->\nold\n<!-- experiment:end -->\nrest\n")
     args = [f"teacher={tiny_teacher}", f"workdir={tmp_path / 'work'}", f"results={tmp_path / 'docs'}",
             f"readme={readme}", "scale=0.1", "width.hidden_size=32", "width.ffn_hidden_size=64", "width.grid=16",
-            "depth.num_layers=2", "aggregations=[[l2,mean],[mean,l2]]", "budget.train_iters=20",
+            "depth.num_layers=2", "aggregations=[[l2,mean],[mean,l2]]", "depth_criteria=[block,bi]", "budget.train_iters=20",
             "budget.evals_per_run=2", "budget.valid_samples=20", "budget.test_tokens=5000", "budget.lm_eval_limit=20",
             "throughput.prompt_length=8", "throughput.generation_length=4", "throughput.repeats=1",
             "generate_tokens=4", "extra_overrides=['teacher.max_loss_fraction=10']",
@@ -60,7 +60,7 @@ def test_experiment_runs_end_to_end_at_tiny_scale(tiny_teacher, tmp_path):
     work = tmp_path / "work" / "arms"
     arms = sorted(d.name for d in work.iterdir())
     assert arms == sorted(["width_kd", "width_kd_uncorrected", "width_lm", "random_lm", "depth_block_kd",
-                           "depth_loss_kd", "depth_bi_kd", "width_kd_cached", "width_kd_top8"])
+                           "depth_bi_kd", "width_kd_cached", "width_kd_top8"])
     # the arms that share the corrected teacher read it from the caches; width_kd stays online
     meta = {a: json.loads((work / a / "results.json").read_text()) for a in arms}
     for a in arms:
