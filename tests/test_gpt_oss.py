@@ -3,8 +3,8 @@ experts, top-2 over the top-2 router logits, the clamped GLU with a limit the we
 q/k/v/o biases, windows of 8 on every other layer, YaRN stretching an original context of 16.
 
 Each of those features changes transformers' logits on the test's 32-token sequences (so the parity exercises
-them); our logits equal transformers' at TP=1, TP=2, PP=2 and TP=2 x EP=2; import at TP=2 x EP=2 and at PP=2,
-then export, round-trips bitwise; pruning (hidden, heads, experts, expert width, layers) at TP=2 exports a model
+them); our logits equal transformers' at TP=1, TP=2, PP=2 and TP=2 x EP=2; import at TP=1, at TP=2 x EP=2 and at
+PP=2, then export, round-trips bitwise; pruning (hidden, heads, experts, expert width, layers) at TP=2 exports a model
 whose transformers logits equal ours, with each kept head's sink and each kept expert's biases carried over;
 distillation killed with -9 and run again resumes bitwise."""
 
@@ -96,10 +96,11 @@ def _same_safetensors(a: Path, b: Path) -> None:
         assert torch.equal(src[k], got[k]), k
 
 
-@pytest.mark.parametrize("nproc, layout", [(4, ["parallel.tensor_model_parallel_size=2",
+@pytest.mark.parametrize("nproc, layout", [(1, []),
+                                            (4, ["parallel.tensor_model_parallel_size=2",
                                                  "parallel.expert_model_parallel_size=2", ETP1]),
                                             (2, ["parallel.pipeline_model_parallel_size=2"])],
-                         ids=["tp2ep2", "pp2"])
+                         ids=["tp1", "tp2ep2", "pp2"])
 def test_import_then_export_round_trips_bitwise(goss, tmp_path, nproc, layout):
     d, _ = goss
     src, ck, out = d / "hf_gpt_oss", tmp_path / "ck", tmp_path / "hf"
