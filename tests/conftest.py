@@ -109,11 +109,13 @@ def _reset_process(saved: dict) -> None:
 
 
 def run_torchrun(script, nproc: int, *args, timeout: int = 900, env=None) -> subprocess.CompletedProcess:
-    """Run ``script`` on ``nproc`` gloo ranks with torchrun's environment; fail the test with its output on
-    error. The ranks are started by the project's one-node launcher (``minitron_nemo/launch.py``), which does
-    what ``torchrun --standalone`` does without its agent (about 2 s less per start on these 2 cores);
-    tests/test_launch.py runs recipes under torchrun itself."""
-    cmd = [sys.executable, "-m", "minitron_nemo.launch", f"--nproc_per_node={nproc}", str(script), *map(str, args)]
+    """Run ``script`` under torchrun with ``nproc`` gloo ranks; fail the test with its output on error.
+
+    torchrun's agent holds the rendezvous port for the job's life. The project's launcher
+    (``minitron_nemo/launch.py``) starts faster but picks a free port that rank 0 binds seconds later, which
+    another job started meanwhile on the same machine can take (two pytest-xdist workers did)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(script), *map(str, args)]
     e = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env or {}))
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=e, cwd=ROOT)
     if p.returncode != 0:
