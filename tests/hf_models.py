@@ -61,6 +61,16 @@ def hf_config(family: str):
                                rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 16.0,
                                                 "original_max_position_embeddings": 16, "beta_fast": 32.0,
                                                 "beta_slow": 1.0, "truncate": False})
+    # Nemotron-H: Mamba-2, MLP and attention blocks "M-M*-M" (each PP=2 stage holds a Mamba layer), 8 Mamba heads of 16
+    # in 2 groups, state 16, chunks of 8 (the tests' 32-token sequences span four), the step clamped at
+    # time_step_min=0.01, which the random steps cross
+    if family == "nemotron_h":
+        shape = {k: v for k, v in common.items() if k != "num_hidden_layers"}
+        return tf.NemotronHConfig(**shape, tie_word_embeddings=False, layer_norm_epsilon=1e-5,
+                                  layers_block_type=["linear_attention", "mlp", "linear_attention", "full_attention",
+                                                     "mlp", "linear_attention"],
+                                  mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=16, conv_kernel=4,
+                                  chunk_size=8, time_step_min=0.01, time_step_max=0.1)
     raise ValueError(family)
 
 
@@ -81,7 +91,7 @@ def make_hf_model(family: str, path: Path, seed: int = 0, std: float | None = No
     model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name or name.endswith(("bias", "sinks")):
+            if "norm" in name or name.endswith(("bias", "sinks", ".D")):
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(path, safe_serialization=True)
     return Path(path)

@@ -1,5 +1,6 @@
 """Hugging Face <-> Megatron-Core conversion for Llama, Mistral, Qwen2, Qwen3, Nemotron, Gemma 3 (its config in
-``checkpoint/hf_gemma3.py``), and the mixture-of-experts Qwen3-MoE, Mixtral and Qwen2-MoE (a gated shared
+``checkpoint/hf_gemma3.py``), gpt-oss (``checkpoint/hf_gpt_oss.py``), the hybrid Mamba-Transformer Nemotron-H
+(config and weights in ``checkpoint/hf_nemotron_h.py``), and the mixture-of-experts Qwen3-MoE, Mixtral and Qwen2-MoE (a gated shared
 expert beside the routed ones).
 
 Weights move through one *canonical* layout: Megatron-Core's local-spec names at TP=1 with global
@@ -20,7 +21,7 @@ from typing import Callable, Dict
 
 import torch
 
-from minitron_nemo.checkpoint import hf_gemma3, hf_gpt_oss, hf_layer_types
+from minitron_nemo.checkpoint import hf_gemma3, hf_gpt_oss, hf_layer_types, hf_nemotron_h
 from minitron_nemo.errors import UserError
 from minitron_nemo.models import layout, moe
 from minitron_nemo.models.config import ModelConfig
@@ -34,6 +35,7 @@ ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     hf_gemma3.ARCH: "gemma3",
     hf_gpt_oss.ARCH: "gpt_oss",
+    hf_nemotron_h.ARCH: "nemotron_h",
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "MixtralForCausalLM": "mixtral",
     "Qwen2MoeForCausalLM": "qwen2_moe",
@@ -75,6 +77,8 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         return hf_gemma3.model_config(hf)
     if family == "gpt_oss":
         return hf_gpt_oss.model_config(hf)
+    if family == "nemotron_h":
+        return hf_nemotron_h.model_config(hf)
     rope = _rope(hf)
     rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
     scaling = None
@@ -195,6 +199,9 @@ def hf_config_from_model_config(mc: ModelConfig, tokenizer_ids: dict | None = No
         return {**_shape_fields(mc, hf_gemma3.ARCH, hf_gemma3.MODEL_TYPE), **hf_gemma3.hf_config(mc), **ids}
     if family == "gpt_oss":
         return {**_shape_fields(mc, hf_gpt_oss.ARCH, hf_gpt_oss.MODEL_TYPE), **hf_gpt_oss.hf_config(mc), **ids}
+    if family == "nemotron_h":
+        return {**_shape_fields(mc, hf_nemotron_h.ARCH, hf_nemotron_h.MODEL_TYPE), **hf_nemotron_h.hf_config(mc),
+                **ids}
     if family == "llama" and (mc.hidden_size % mc.num_attention_heads or mc.sliding_window):
         family = "mistral"
     writable = LAYERED_WINDOW_FAMILIES + (WINDOW_FAMILIES if mc.window_layers is None else ())
@@ -319,24 +326,8 @@ def hf_expert_names(mc: ModelConfig, i: int, e: int) -> dict:
     return {"gate": p + "gate_proj.weight", "up": p + "up_proj.weight", "down": p + "down_proj.weight"}
 
 
-def _pack_qkv(mc: ModelConfig, q, k, v):
-    """HF q/k/v (rows) -> Megatron fused rows, grouped per query group as [q_1..q_h, k, v]."""
-    g, d = mc.num_query_groups, mc.head_dim
-    hpg = mc.num_attention_heads // g
-    rest = q.shape[1:]
-    q = q.reshape(g, hpg * d, *rest)
-    k = k.reshape(g, d, *rest)
-    v = v.reshape(g, d, *rest)
-    return torch.cat([q, k, v], dim=1).reshape(g * (hpg + 2) * d, *rest)
-
-
-def _unpack_qkv(mc: ModelConfig, qkv):
-    g, d = mc.num_query_groups, mc.head_dim
-    hpg = mc.num_attention_heads // g
-    rest = qkv.shape[1:]
-    x = qkv.reshape(g, (hpg + 2) * d, *rest)
-    q, k, v = torch.split(x, [hpg * d, d, d], dim=1)
-    return (q.reshape(g * hpg * d, *rest), k.reshape(g * d, *rest), v.reshape(g * d, *rest))
+_pack_qkv = layout.pack_qkv  # fused QKV per query group [q_1..q_h, k, v] (models/layout.py)
+_unpack_qkv = layout.unpack_qkv
 
 
 def hf_layer_to_canonical(mc: ModelConfig, get: Callable[[str], torch.Tensor], i: int, out_i: int,
@@ -424,6 +415,8 @@ def canonical_layer_to_hf(mc: ModelConfig, sd: dict, i: int) -> dict:
 
 def canonical_to_hf(mc: ModelConfig, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Full canonical (TP=1, all layers) state dict -> HF tensors, vocab padding removed."""
+    if mc.is_hybrid:
+        return hf_nemotron_h.canonical_to_hf(mc, sd)
     V = mc.vocab_size
     out = {"model.embed_tokens.weight": sd["embedding.word_embeddings.weight"][:V],
            "model.norm.weight": sd["decoder.final_layernorm.weight"]}
@@ -440,6 +433,8 @@ def hf_to_local_state_dict(mc: ModelConfig, get: Callable[[str], torch.Tensor], 
                            pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> Dict[str, torch.Tensor]:
     """This rank's model state dict (local layer and expert numbers, local-spec names) read from HF
     tensors; experts are cut over TP like the dense MLP (expert tensor parallelism = TP)."""
+    if mc.is_hybrid:
+        return hf_nemotron_h.local_state_dict(mc, get, tp_rank=tp_rank, tp=tp, pp_rank=pp_rank, pp=pp)
     per_stage = mc.num_layers // pp
     first, last = pp_rank == 0, pp_rank == pp - 1
     experts = moe.local_experts(mc.num_moe_experts, ep_rank, ep) if mc.is_moe else None
@@ -459,6 +454,8 @@ def hf_to_local_state_dict(mc: ModelConfig, get: Callable[[str], torch.Tensor], 
 
 def hf_tensor_names(mc: ModelConfig) -> set:
     """Every tensor name an HF checkpoint of ``mc`` holds (tied models: no ``lm_head.weight``)."""
+    if mc.is_hybrid:
+        return hf_nemotron_h.tensor_names(mc)
     names = {"model.embed_tokens.weight", "model.norm.weight"}
     if mc.normalization == "LayerNorm":
         names.add("model.norm.bias")

@@ -1,7 +1,9 @@
 """Build a Megatron-Core ``GPTModel`` from a ``ModelConfig``.
 
 Layer spec: Transformer Engine's spec when TE imports and a GPU is present; otherwise Megatron-Core's
-local spec with torch SDPA as ``core_attention`` and ``TorchNorm`` for the norms.
+local spec with torch SDPA as ``core_attention`` and ``TorchNorm`` for the norms. Hybrid Mamba-Transformer
+models (Nemotron-H, ``ModelConfig.hybrid_pattern``) are Megatron-Core's hybrid model with local parts
+(``models/hybrid.py``), on CPU and GPU alike.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from megatron.core import parallel_state
 
 from minitron_nemo import runtime
 from minitron_nemo.models.config import ModelConfig, transformer_config
-from minitron_nemo.models import moe
+from minitron_nemo.models import hybrid, moe
 from minitron_nemo.models.biased_experts import submodules, with_biased_experts
 from minitron_nemo.models.layers import SDPAttention, TorchNorm
 from minitron_nemo.models.local_rope import LocalRopeSelfAttention
@@ -108,6 +110,8 @@ def build_model(mc: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
         use_te = te_available()
     cfg = transformer_config(mc, tp=tp, pp=pp, ep=ep, etp=etp, params_dtype=params_dtype, cpu=runtime.cpu_mode(),
                              sequence_parallel=sequence_parallel, moe_grouped_gemm=grouped_gemm)
+    if mc.is_hybrid:  # Mamba-2, attention and MLP layers: Megatron-Core's hybrid model (models/hybrid.py)
+        return hybrid.build_model(mc, cfg)
     spec, final_norm = layer_spec(use_te, mc, grouped_gemm)
     if final_norm is not None:
         spec = TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(cfg),
@@ -145,6 +149,8 @@ def count_parameters(mc: ModelConfig, active: bool = False) -> int:
 
     ``active=True``: the parameters one token uses (the router, ``moe_router_topk`` experts and the shared
     expert of each MoE layer instead of all experts); the same as the total for a dense model."""
+    if mc.is_hybrid:
+        return hybrid.count_parameters(mc)
     h, f, L = mc.hidden_size, mc.ffn_hidden_size, mc.num_layers
     q = mc.num_attention_heads * mc.head_dim
     kv = 2 * mc.num_query_groups * mc.head_dim

@@ -16,7 +16,12 @@ import torch.nn.functional as F
 from minitron_nemo.errors import UserError, check
 
 FAMILIES = ("llama", "mistral", "qwen2", "nemotron", "qwen3", "gemma3", "qwen3_moe", "mixtral", "qwen2_moe",
-            "gpt_oss")
+            "gpt_oss", "nemotron_h")
+HYBRID_FAMILIES = ("nemotron_h",)  # Mamba-2, attention and MLP layers in one stack (models/hybrid.py)
+# Megatron-Core's hybrid_override_pattern alphabet: a Mamba-2 layer, an attention layer, an MLP layer (each a
+# whole residual block with its own pre-norm); "E" (an MoE layer) is one-line refused for now
+HYBRID_SYMBOLS = {"M": "mamba", "*": "attention", "-": "mlp"}
+MAMBA_CONV_KERNELS = (2, 3, 4)  # causal_conv1d's widths
 MOE_FAMILIES = ("qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss")
 SHARED_EXPERT_FAMILIES = ("qwen2_moe",)  # families whose HF layout has a shared expert (always, with its gate)
 ACTIVATIONS = ("swiglu", "geglu", "quick_geglu", "squared_relu", "gelu")
@@ -81,6 +86,15 @@ class ModelConfig:
     moe_aux_loss_coeff: float = 0.0  # load-balancing loss weight (HF router_aux_loss_coef)
     moe_shared_expert_intermediate_size: Optional[int] = None  # shared expert's FFN width (every token uses it)
     moe_shared_expert_gate: bool = False  # shared expert output times sigmoid(gate . x) (Qwen2-MoE)
+    # Hybrid Mamba-Transformer (Nemotron-H): one pattern character per layer (HYBRID_SYMBOLS), len == num_layers
+    hybrid_pattern: Optional[str] = None
+    mamba_num_heads: int = 128
+    mamba_head_dim: int = 64
+    mamba_num_groups: int = 8  # B and C are shared by the heads of a group
+    mamba_state_dim: int = 128
+    mamba_conv_kernel: int = 4
+    mamba_chunk_size: int = 128
+    mamba_dt_min: float = 0.0  # the SSM step dt = softplus(. + dt_bias) clamped to >= this (transformers' time_step_min)
 
     @property
     def is_moe(self) -> bool:
@@ -91,6 +105,14 @@ class ModelConfig:
         """Biased experts (gpt-oss) are whole on every TP rank (expert tensor parallelism 1): Megatron-Core
         adds an expert's output bias before the TP reduction, so it cannot cut them."""
         return self.is_moe and self.add_bias_linear
+
+    @property
+    def is_hybrid(self) -> bool:
+        return self.hybrid_pattern is not None
+
+    def layer_kind(self, layer: int) -> str:
+        """``"mamba"``, ``"attention"`` or ``"mlp"`` for a hybrid model's layer; ``"transformer"`` otherwise."""
+        return HYBRID_SYMBOLS[self.hybrid_pattern[layer]] if self.is_hybrid else "transformer"
 
     @property
     def gated(self) -> bool:
@@ -132,6 +154,7 @@ class ModelConfig:
         check(self.num_attention_heads % self.num_query_groups == 0,
               f"model.num_attention_heads={self.num_attention_heads} is not a multiple of "
               f"model.num_query_groups={self.num_query_groups}")
+        self._validate_hybrid()
         if self.is_moe:
             check(self.num_moe_experts >= 1, f"model.num_moe_experts={self.num_moe_experts} must be >= 1")
             check(1 <= self.moe_router_topk <= self.num_moe_experts,
@@ -162,6 +185,34 @@ class ModelConfig:
                   f"experts; allowed: null for a dense model")
         return self
 
+    def _validate_hybrid(self) -> None:
+        if self.family not in HYBRID_FAMILIES:
+            check(self.hybrid_pattern is None, f"model.hybrid_pattern={self.hybrid_pattern!r}: model.family="
+                  f"{self.family!r} is not hybrid; allowed: null, or family {' or '.join(HYBRID_FAMILIES)}")
+            return
+        p = self.hybrid_pattern
+        check(not self.is_moe, f"model.num_moe_experts={self.num_moe_experts}: a hybrid model's experts are not "
+              f"supported yet; allowed: null")
+        check(isinstance(p, str) and len(p) == self.num_layers,
+              f"model.hybrid_pattern={p!r}; allowed: one character per layer, model.num_layers={self.num_layers}")
+        check("E" not in p, f"model.hybrid_pattern={p!r}: MoE layers (E) are not supported yet; allowed: "
+              f"{', '.join(HYBRID_SYMBOLS)}")
+        bad = sorted(set(p) - set(HYBRID_SYMBOLS))
+        check(not bad, f"model.hybrid_pattern={p!r} has {bad[0] if bad else ''!r}; allowed: "
+              f"{', '.join(f'{k} ({v})' for k, v in HYBRID_SYMBOLS.items())}")
+        for name in ("mamba_num_heads", "mamba_head_dim", "mamba_num_groups", "mamba_state_dim", "mamba_chunk_size"):
+            check(getattr(self, name) >= 1, f"model.{name}={getattr(self, name)} must be >= 1")
+        check(self.mamba_num_heads % self.mamba_num_groups == 0,
+              f"model.mamba_num_heads={self.mamba_num_heads} is not a multiple of model.mamba_num_groups="
+              f"{self.mamba_num_groups}; allowed: a multiple")
+        check(self.mamba_conv_kernel in MAMBA_CONV_KERNELS, f"model.mamba_conv_kernel={self.mamba_conv_kernel}; "
+              f"allowed: {', '.join(map(str, MAMBA_CONV_KERNELS))}")
+        check(self.mamba_dt_min >= 0, f"model.mamba_dt_min={self.mamba_dt_min} must be >= 0")
+        check(not self.gated and not self.add_bias_linear and not self.add_qkv_bias,
+              f"model.activation={self.activation!r} / add_bias_linear={self.add_bias_linear} / add_qkv_bias="
+              f"{self.add_qkv_bias}: the hybrid stack has non-gated MLPs without biases; allowed: a non-gated "
+              f"activation, false, false")
+
     def check_parallel(self, tp: int, pp: int, ep: int = 1, etp: Optional[int] = None) -> None:
         """One-line errors when the layout does not divide the model (``etp``: the expert tensor parallelism,
         checked when given)."""
@@ -171,7 +222,9 @@ class ModelConfig:
         for name, value in (("num_attention_heads", self.num_attention_heads),
                             ("num_query_groups", self.num_query_groups),
                             ("ffn_hidden_size", self.ffn_hidden_size),
-                            ("padded vocab size", self.padded_vocab_size)):
+                            ("padded vocab size", self.padded_vocab_size),
+                            *((("mamba_num_heads", self.mamba_num_heads), ("mamba_num_groups", self.mamba_num_groups))
+                              if self.is_hybrid else ())):
             if value % tp:
                 raise UserError(f"tensor_model_parallel_size={tp} does not divide {name}={value}; "
                                 f"allowed: a divisor of {value}")
@@ -263,6 +316,15 @@ def moe_fields(mc: ModelConfig, ep: int, grouped_gemm: bool = False) -> dict:
     )
 
 
+def mamba_fields(mc: ModelConfig) -> dict:
+    """``TransformerConfig`` fields of a hybrid model's Mamba-2 mixers (the kernel width, chunk size and dt floor
+    are the mixer's own arguments: ``models/hybrid.py``)."""
+    if not mc.is_hybrid:
+        return {}
+    return dict(mamba_num_heads=mc.mamba_num_heads, mamba_head_dim=mc.mamba_head_dim,
+                mamba_num_groups=mc.mamba_num_groups, mamba_state_dim=mc.mamba_state_dim)
+
+
 def softmax_scale(mc: ModelConfig) -> Optional[float]:
     """The attention scores' scale when it is not 1/sqrt(head_dim) (Gemma's query_pre_attn_scalar)."""
     return mc.query_pre_attn_scalar ** -0.5 if mc.query_pre_attn_scalar else None
@@ -331,6 +393,7 @@ def transformer_config(mc: ModelConfig, *, tp: int = 1, pp: int = 1, ep: int = 1
         variable_seq_lengths=False,
         **moe_fields(mc, ep, moe_grouped_gemm),
         **({"expert_tensor_parallel_size": etp} if mc.is_moe and etp is not None else {}),
+        **mamba_fields(mc),
     )
     for key, value in yarn_fields(mc).items():
         setattr(cfg, key, value)

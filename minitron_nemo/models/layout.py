@@ -9,6 +9,15 @@ shard of a canonical tensor is cut along its TP dim:
 * row-parallel (``ROW_PARALLEL``: ``linear_proj``, ``linear_fc2``): columns;
 * everything else (norms, biases of row-parallel linears, routers) is replicated.
 
+Mamba-2 mixers (hybrid models, ``models/hybrid.py``) are cut per component, as Megatron-Core's mixer holds them:
+
+* ``mixer.in_proj.weight`` rows ``[z | x | B | C | dt]``: each rank keeps ``[z_r | x_r | B_r | C_r | dt_r]`` (z, x by
+  heads of head_dim, B, C by groups of state_dim, dt by heads); ``mixer.conv1d.weight/bias`` rows ``[x | B | C]``
+  likewise;
+* ``mixer.A_log``, ``mixer.D``, ``mixer.dt_bias`` by heads and ``mixer.norm.weight`` (the gated norm, per group)
+  along dim 0; ``mixer.out_proj.weight`` row-parallel (columns);
+* a Mamba layer's pre-norm (``norm.weight``) is replicated.
+
 Experts use the same rules over the expert-TP group; biased experts (gpt-oss) are whole on every rank
 (expert tensor parallelism 1, ``ModelConfig.experts_replicated_over_tp``).
 """
@@ -28,12 +37,48 @@ COLUMN_PARALLEL = ("self_attention.linear_qkv.weight", "self_attention.linear_qk
                    "embedding.word_embeddings.weight", "output_layer.weight")
 ROW_PARALLEL = ("self_attention.linear_proj.weight", "linear_fc2.weight")
 FC1 = ("linear_fc1.weight", "linear_fc1.bias")  # of the MLP and of every expert
+MAMBA_IN_PROJ = ("mixer.in_proj.weight",)  # z | x | B | C | dt
+MAMBA_CONV = ("mixer.conv1d.weight", "mixer.conv1d.bias")  # x | B | C
+MAMBA_BY_HEAD = ("mixer.A_log", "mixer.D", "mixer.dt_bias", "mixer.norm.weight")  # dim 0, whole heads / groups
+COLUMN_PARALLEL = COLUMN_PARALLEL + MAMBA_IN_PROJ + MAMBA_CONV + MAMBA_BY_HEAD
+ROW_PARALLEL = ROW_PARALLEL + ("mixer.out_proj.weight",)
+
+
+def mamba_parts(mc: ModelConfig, name: str) -> list | None:
+    """The row counts of the components a Mamba mixer tensor is cut by separately (None: not such a tensor)."""
+    inner, bc = mc.mamba_num_heads * mc.mamba_head_dim, mc.mamba_num_groups * mc.mamba_state_dim
+    if name.endswith(MAMBA_IN_PROJ):
+        return [inner, inner, bc, bc, mc.mamba_num_heads]
+    if name.endswith(MAMBA_CONV):
+        return [inner, bc, bc]
+    return None
 
 
 def pad_vocab(mc: ModelConfig, w):
     """``w`` (``[V, ...]``) padded with zero rows to ``mc.padded_vocab_size``."""
     pad = mc.padded_vocab_size - w.shape[0]
     return torch.cat([w, w.new_zeros(pad, *w.shape[1:])]) if pad else w
+
+
+def pack_qkv(mc: ModelConfig, q, k, v):
+    """HF q/k/v (rows) -> Megatron fused rows, grouped per query group as [q_1..q_h, k, v]."""
+    g, d = mc.num_query_groups, mc.head_dim
+    hpg = mc.num_attention_heads // g
+    rest = q.shape[1:]
+    q = q.reshape(g, hpg * d, *rest)
+    k = k.reshape(g, d, *rest)
+    v = v.reshape(g, d, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(g * (hpg + 2) * d, *rest)
+
+
+def unpack_qkv(mc: ModelConfig, qkv):
+    """Inverse of ``pack_qkv``: ``(q, k, v)``."""
+    g, d = mc.num_query_groups, mc.head_dim
+    hpg = mc.num_attention_heads // g
+    rest = qkv.shape[1:]
+    x = qkv.reshape(g, (hpg + 2) * d, *rest)
+    q, k, v = torch.split(x, [hpg * d, d, d], dim=1)
+    return (q.reshape(g * hpg * d, *rest), k.reshape(g * d, *rest), v.reshape(g * d, *rest))
 
 
 # ----------------------------------------------------------------------------- tensor parallelism
@@ -49,6 +94,9 @@ def shard_tensor(mc: ModelConfig, name: str, t: torch.Tensor, tp_rank: int, tp: 
     """This TP rank's slice of a canonical tensor (SwiGLU fc1 shards gate and up separately)."""
     if tp == 1 or _whole(mc, name):
         return t
+    parts = mamba_parts(mc, name)
+    if parts is not None:
+        return torch.cat([torch.chunk(c, tp)[tp_rank] for c in torch.split(t, parts)])
     if name.endswith(FC1) and mc.gated:
         gate, up = torch.chunk(t, 2, dim=0)
         return torch.cat([torch.chunk(gate, tp)[tp_rank], torch.chunk(up, tp)[tp_rank]])
@@ -63,6 +111,10 @@ def unshard_tensor(mc: ModelConfig, name: str, shards: list) -> torch.Tensor:
     """Inverse of ``shard_tensor`` given every TP rank's shard in rank order."""
     if len(shards) == 1 or _whole(mc, name):
         return shards[0]
+    parts = mamba_parts(mc, name)
+    if parts is not None:
+        local = [torch.split(s, [n // len(shards) for n in parts]) for s in shards]
+        return torch.cat([s[i] for i in range(len(parts)) for s in local])
     if name.endswith(FC1) and mc.gated:
         halves = [torch.chunk(s, 2, dim=0) for s in shards]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves])
@@ -91,11 +143,15 @@ TE_NAMES = {
     "input_layernorm.bias": "self_attention.linear_qkv.layer_norm_bias",
     "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
     "pre_mlp_layernorm.bias": "mlp.linear_fc1.layer_norm_bias",
+    # not TE: Megatron-Core 0.19's Mamba mixer holds its convolution as parameters (0.16: a conv1d module);
+    # its checkpoint key is conv1d.weight in both
+    "mixer.conv1d.weight": "mixer.conv1d_weight",
+    "mixer.conv1d.bias": "mixer.conv1d_bias",
 }
 
 
 def to_model_names(sd: dict, model_keys) -> dict:
-    """Rename canonical (local-spec) keys to the keys of ``model`` (TE fuses norms into linears)."""
+    """Rename canonical (local-spec) keys to the keys of ``model`` (TE fuses norms into linears; ``TE_NAMES``)."""
     keys = set(model_keys)
     out = {}
     for k, v in sd.items():
