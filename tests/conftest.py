@@ -147,6 +147,26 @@ def tiny_kd_args(work: Path, teacher: Path, train: Path, valid: Path, *, iters: 
             "trainer.eval_interval=0", "trainer.tensorboard=false", f"checkpointing.save_interval={save_every}"]
 
 
+def tiny_imported(tmp_path_factory, family: str) -> tuple:
+    """``(dir, checkpoint)`` for a module fixture: tests/workers/prune_common.py's tiny random ``family`` model
+    (weights spread so that units differ, its own BPE tokenizer) imported, with its HF directory
+    ``dir/hf_{family}`` and ``dir/calib.txt``."""
+    sys.path.insert(0, str(ROOT / "tests" / "workers"))
+    from prune_common import small_checkpoint
+
+    d = tmp_path_factory.mktemp(family)
+    return d, small_checkpoint(d, family)
+
+
+def train_records(work: Path) -> dict:
+    """Each training step's losses, learning rate and gradient norm from a job's ``metrics.jsonl``."""
+    import json
+
+    recs = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["iteration"]: {k: r[k] for k in ("total", "logits", "lr", "grad_norm")} for r in recs
+            if r["kind"] == "train"}
+
+
 def kill_9_once_logged(script: Path, args: list, mark: str, log: Path, env: dict | None = None) -> None:
     """Start ``python SCRIPT ARGS`` (output to ``log``); SIGKILL it as soon as ``mark`` is in its log. Fails the test
     when the process ends (or hangs for 10 minutes) first."""

@@ -10,13 +10,13 @@ distillation killed with -9 and run again resumes bitwise."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, kill_9_once_logged, run_main, run_py, run_torchrun, tiny_kd_args
+from conftest import (ROOT, kill_9_once_logged, run_main, run_py, run_torchrun, tiny_imported, tiny_kd_args,
+                      train_records)
 
 WORKERS = ROOT / "tests" / "workers"
 DISTILL = ROOT / "recipes" / "distill.py"
@@ -26,13 +26,7 @@ ITERS, SAVE_EVERY = 8, 2
 
 @pytest.fixture(scope="module")
 def gemma(tmp_path_factory):
-    """``(dir, checkpoint)``: the tiny Gemma 3 (weights spread so that units differ, its own BPE tokenizer)
-    imported, with its HF directory ``dir/hf_gemma3`` and ``dir/calib.txt``."""
-    sys.path.insert(0, str(WORKERS))
-    from prune_common import small_checkpoint
-
-    d = tmp_path_factory.mktemp("gemma3")
-    return d, small_checkpoint(d, "gemma3")
+    return tiny_imported(tmp_path_factory, "gemma3")
 
 
 def hf_logits(hf: Path, tokens: torch.Tensor, **overrides) -> torch.Tensor:
@@ -114,12 +108,6 @@ def test_width_and_depth_pruning_at_tp2_exports_what_we_compute(gemma, tmp_path)
 
 
 # ----------------------------------------------------------------------------- distillation, kill -9, resume
-def train_records(work: Path) -> dict:
-    recs = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {r["iteration"]: {k: r[k] for k in ("total", "logits", "lr", "grad_norm")} for r in recs
-            if r["kind"] == "train"}
-
-
 def test_distillation_killed_and_rerun_resumes_bitwise(gemma, tmp_path):
     d, ck = gemma
     text = d / "calib.txt"

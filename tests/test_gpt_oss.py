@@ -11,13 +11,13 @@ distillation killed with -9 and run again resumes bitwise."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, kill_9_once_logged, run_main, run_py, run_torchrun, tiny_kd_args
+from conftest import (ROOT, kill_9_once_logged, run_main, run_py, run_torchrun, tiny_imported, tiny_kd_args,
+                      train_records)
 
 WORKERS = ROOT / "tests" / "workers"
 DISTILL = ROOT / "recipes" / "distill.py"
@@ -27,13 +27,7 @@ ETP1 = "parallel.expert_tensor_parallel_size=1"
 
 @pytest.fixture(scope="module")
 def goss(tmp_path_factory):
-    """``(dir, checkpoint)``: the tiny gpt-oss (weights spread so that units differ, its own BPE tokenizer)
-    imported, with its HF directory ``dir/hf_gpt_oss`` and ``dir/calib.txt``."""
-    sys.path.insert(0, str(WORKERS))
-    from prune_common import small_checkpoint
-
-    d = tmp_path_factory.mktemp("gpt_oss")
-    return d, small_checkpoint(d, "gpt_oss")
+    return tiny_imported(tmp_path_factory, "gpt_oss")
 
 
 def hf_model(hf: Path, **overrides):
@@ -157,12 +151,6 @@ def test_pruning_at_tp2_exports_what_we_compute_with_sinks_and_biases_of_the_kep
 def _ordered_subset(part: torch.Tensor, whole: torch.Tensor) -> bool:
     idx = [int((whole == v).nonzero()[0]) if (whole == v).any() else -1 for v in part.tolist()]
     return -1 not in idx and idx == sorted(idx)
-
-
-def train_records(work: Path) -> dict:
-    recs = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {r["iteration"]: {k: r[k] for k in ("total", "logits", "lr", "grad_norm")} for r in recs
-            if r["kind"] == "train"}
 
 
 def test_distillation_killed_and_rerun_resumes_bitwise(goss, tmp_path):

@@ -10,13 +10,12 @@ one-line refusal."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, run_main, run_py, run_torchrun
+from conftest import ROOT, run_main, run_py, run_torchrun, tiny_imported
 
 WORKERS = ROOT / "tests" / "workers"
 SEQ = 32  # logits_worker.py's sequences: four Mamba chunks
@@ -24,12 +23,7 @@ SEQ = 32  # logits_worker.py's sequences: four Mamba chunks
 
 @pytest.fixture(scope="module")
 def nemo_h(tmp_path_factory):
-    """``(dir, checkpoint)``: the tiny Nemotron-H imported, with its HF directory ``dir/hf_nemotron_h``."""
-    sys.path.insert(0, str(WORKERS))
-    from prune_common import small_checkpoint
-
-    d = tmp_path_factory.mktemp("nemotron_h")
-    return d, small_checkpoint(d, "nemotron_h")
+    return tiny_imported(tmp_path_factory, "nemotron_h")
 
 
 def hf_model(hf: Path, **overrides):

@@ -21,7 +21,7 @@ from typing import Callable, Dict
 
 import torch
 
-from minitron_nemo.checkpoint import hf_gemma3, hf_gpt_oss, hf_layer_types, hf_nemotron_h
+from minitron_nemo.checkpoint import hf_gemma3, hf_fields, hf_gpt_oss, hf_nemotron_h
 from minitron_nemo.errors import UserError
 from minitron_nemo.models import layout, moe
 from minitron_nemo.models.config import ModelConfig
@@ -89,9 +89,6 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         scaling = float(rope["factor"])
     elif rope_type != "default":
         raise UserError(f"rope_type {rope_type!r} is not supported; allowed: default, llama3")
-    heads = hf["num_attention_heads"]
-    groups = hf.get("num_key_value_heads") or heads
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     if family in ("llama", "mistral") and (hf.get("attention_bias") or hf.get("mlp_bias")):
         raise UserError("attention_bias/mlp_bias=true is not supported for Llama/Mistral; allowed: false")
     if family == "nemotron" and (hf.get("attention_bias") or hf.get("mlp_bias")):
@@ -110,12 +107,7 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
     return ModelConfig(
         family=family,
         num_layers=hf["num_hidden_layers"],
-        hidden_size=hf["hidden_size"],
-        ffn_hidden_size=hf["intermediate_size"],
-        num_attention_heads=heads,
-        num_query_groups=groups,
-        kv_channels=head_dim,
-        vocab_size=hf["vocab_size"],
+        **hf_fields.shape_fields(hf),
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         normalization="LayerNorm" if nemotron else "RMSNorm",
         norm_epsilon=float(hf.get("norm_eps" if nemotron else "rms_norm_eps", 1e-5)),
@@ -143,12 +135,12 @@ def _window_from_hf(hf: dict, family: str, arch: str) -> tuple:
     if family not in WINDOW_FAMILIES + LAYERED_WINDOW_FAMILIES:
         return None, None
     window = hf.get("sliding_window")
-    hf_layer_types.check_window(window, arch)
+    hf_fields.check_window(window, arch)
     if window is None or family in WINDOW_FAMILIES:
         return window, None
     n = hf["num_hidden_layers"]
-    types = hf.get("layer_types") or hf_layer_types.layer_types(i >= hf.get("max_window_layers", n) for i in range(n))
-    flags = hf_layer_types.window_flags(types, n, arch)
+    types = hf.get("layer_types") or hf_fields.layer_types(i >= hf.get("max_window_layers", n) for i in range(n))
+    flags = hf_fields.window_flags(types, n, arch)
     if not any(flags):
         return None, None
     return window, None if all(flags) else flags
@@ -236,7 +228,7 @@ def hf_config_from_model_config(mc: ModelConfig, tokenizer_ids: dict | None = No
     if family in LAYERED_WINDOW_FAMILIES and mc.sliding_window:
         flags = [mc.windowed(i) for i in range(mc.num_layers)]
         cfg.update(use_sliding_window=True, sliding_window=mc.sliding_window, max_window_layers=flags.index(True),
-                   layer_types=hf_layer_types.layer_types(flags))
+                   layer_types=hf_fields.layer_types(flags))
     if family in ("qwen3", "qwen3_moe", "mixtral"):
         cfg.update(attention_bias=False)
     if family in ("qwen3_moe", "qwen2_moe"):
@@ -326,10 +318,6 @@ def hf_expert_names(mc: ModelConfig, i: int, e: int) -> dict:
     return {"gate": p + "gate_proj.weight", "up": p + "up_proj.weight", "down": p + "down_proj.weight"}
 
 
-_pack_qkv = layout.pack_qkv  # fused QKV per query group [q_1..q_h, k, v] (models/layout.py)
-_unpack_qkv = layout.unpack_qkv
-
-
 def hf_layer_to_canonical(mc: ModelConfig, get: Callable[[str], torch.Tensor], i: int, out_i: int,
                           experts: range | None = None) -> dict:
     """Canonical tensors of HF layer ``i``, numbered ``out_i``. MoE: only the experts in ``experts``
@@ -339,7 +327,7 @@ def hf_layer_to_canonical(mc: ModelConfig, get: Callable[[str], torch.Tensor], i
     sd = {
         p + "input_layernorm.weight": get(n["in_norm"]),
         p + "pre_mlp_layernorm.weight": get(n["post_norm"]),
-        p + "self_attention.linear_qkv.weight": _pack_qkv(mc, get(n["q"]), get(n["k"]), get(n["v"])),
+        p + "self_attention.linear_qkv.weight": layout.pack_qkv(mc, get(n["q"]), get(n["k"]), get(n["v"])),
         p + "self_attention.linear_proj.weight": get(n["o"]),
     }
     if mc.qk_layernorm:
@@ -351,12 +339,14 @@ def hf_layer_to_canonical(mc: ModelConfig, get: Callable[[str], torch.Tensor], i
     if mc.is_moe:
         sd[p + "mlp.router.weight"] = get(n["router"])
         experts = experts if experts is not None else range(mc.num_moe_experts)
-        if mc.family == "gpt_oss":
+        if mc.family == "gpt_oss":  # stacked experts
             sd.update(hf_gpt_oss.experts_to_canonical(get, i, p, experts))
-        for e in experts if mc.family != "gpt_oss" else ():
-            x = hf_expert_names(mc, i, e)
-            sd[moe.expert_name(p, e - experts.start, "linear_fc1.weight")] = torch.cat([get(x["gate"]), get(x["up"])])
-            sd[moe.expert_name(p, e - experts.start, "linear_fc2.weight")] = get(x["down"])
+        else:
+            for e in experts:
+                x = hf_expert_names(mc, i, e)
+                sd[moe.expert_name(p, e - experts.start, "linear_fc1.weight")] = torch.cat([get(x["gate"]),
+                                                                                            get(x["up"])])
+                sd[moe.expert_name(p, e - experts.start, "linear_fc2.weight")] = get(x["down"])
         if "shared_gate" in n:
             sd[p + "mlp.shared_experts.linear_fc1.weight"] = torch.cat([get(n["shared_gate_proj"]), get(n["shared_up"])])
             sd[p + "mlp.shared_experts.linear_fc2.weight"] = get(n["shared_down"])
@@ -366,7 +356,7 @@ def hf_layer_to_canonical(mc: ModelConfig, get: Callable[[str], torch.Tensor], i
         sd[p + "mlp.linear_fc2.weight"] = get(n["down"])
         sd[p + "mlp.linear_fc1.weight"] = torch.cat([get(n["gate"]), up]) if "gate" in n else up
     if mc.add_qkv_bias:
-        sd[p + "self_attention.linear_qkv.bias"] = _pack_qkv(mc, get(n["qb"]), get(n["kb"]), get(n["vb"]))
+        sd[p + "self_attention.linear_qkv.bias"] = layout.pack_qkv(mc, get(n["qb"]), get(n["kb"]), get(n["vb"]))
     if mc.normalization == "LayerNorm":
         sd[p + "input_layernorm.bias"] = get(n["in_norm_b"])
         sd[p + "pre_mlp_layernorm.bias"] = get(n["post_norm_b"])
@@ -376,7 +366,7 @@ def hf_layer_to_canonical(mc: ModelConfig, get: Callable[[str], torch.Tensor], i
 def canonical_layer_to_hf(mc: ModelConfig, sd: dict, i: int) -> dict:
     n = hf_layer_names(mc, i)
     p = f"decoder.layers.{i}."
-    q, k, v = _unpack_qkv(mc, sd[p + "self_attention.linear_qkv.weight"])
+    q, k, v = layout.unpack_qkv(mc, sd[p + "self_attention.linear_qkv.weight"])
     out = {n["in_norm"]: sd[p + "input_layernorm.weight"], n["post_norm"]: sd[p + "pre_mlp_layernorm.weight"],
            n["q"]: q, n["k"]: k, n["v"]: v, n["o"]: sd[p + "self_attention.linear_proj.weight"]}
     if mc.qk_layernorm:
@@ -387,12 +377,13 @@ def canonical_layer_to_hf(mc: ModelConfig, sd: dict, i: int) -> dict:
             out[n[key]] = sd[p + name]
     if mc.is_moe:
         out[n["router"]] = sd[p + "mlp.router.weight"]
-        if mc.family == "gpt_oss":
+        if mc.family == "gpt_oss":  # stacked experts
             out.update(hf_gpt_oss.experts_to_hf(mc, sd, i))
-        for e in range(mc.num_moe_experts) if mc.family != "gpt_oss" else ():
-            x = hf_expert_names(mc, i, e)
-            out[x["gate"]], out[x["up"]] = torch.chunk(sd[moe.expert_name(p, e, "linear_fc1.weight")], 2, dim=0)
-            out[x["down"]] = sd[moe.expert_name(p, e, "linear_fc2.weight")]
+        else:
+            for e in range(mc.num_moe_experts):
+                x = hf_expert_names(mc, i, e)
+                out[x["gate"]], out[x["up"]] = torch.chunk(sd[moe.expert_name(p, e, "linear_fc1.weight")], 2, dim=0)
+                out[x["down"]] = sd[moe.expert_name(p, e, "linear_fc2.weight")]
         if "shared_gate" in n:
             out[n["shared_gate_proj"]], out[n["shared_up"]] = torch.chunk(
                 sd[p + "mlp.shared_experts.linear_fc1.weight"], 2, dim=0)
@@ -406,7 +397,7 @@ def canonical_layer_to_hf(mc: ModelConfig, sd: dict, i: int) -> dict:
         else:
             out[n["up"]] = fc1
     if mc.add_qkv_bias:
-        out[n["qb"]], out[n["kb"]], out[n["vb"]] = _unpack_qkv(mc, sd[p + "self_attention.linear_qkv.bias"])
+        out[n["qb"]], out[n["kb"]], out[n["vb"]] = layout.unpack_qkv(mc, sd[p + "self_attention.linear_qkv.bias"])
     if mc.normalization == "LayerNorm":
         out[n["in_norm_b"]] = sd[p + "input_layernorm.bias"]
         out[n["post_norm_b"]] = sd[p + "pre_mlp_layernorm.bias"]

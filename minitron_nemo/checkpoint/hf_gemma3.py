@@ -18,7 +18,7 @@ The weight names are ``checkpoint/hf.py``'s, with the norms mapped as ``POST_NOR
 
 from __future__ import annotations
 
-from minitron_nemo.checkpoint.hf_layer_types import check_window, layer_types, window_flags
+from minitron_nemo.checkpoint.hf_fields import check_window, layer_types, shape_fields, window_flags
 from minitron_nemo.errors import UserError
 from minitron_nemo.models.config import ModelConfig
 
@@ -74,8 +74,9 @@ def model_config(hf: dict) -> ModelConfig:
     if (local.get("rope_type") or "default") != "default":
         raise UserError(f"rope_parameters.sliding_attention.rope_type={local.get('rope_type')!r} is not supported "
                         f"for {ARCH}; allowed: default")
-    n, heads = hf["num_hidden_layers"], hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    n = hf["num_hidden_layers"]
+    shape = shape_fields(hf)
+    head_dim = shape["kv_channels"]
     window = hf.get("sliding_window")
     flags = _layer_kinds(hf, n)
     check_window(window, ARCH)
@@ -84,12 +85,7 @@ def model_config(hf: dict) -> ModelConfig:
     return ModelConfig(
         family="gemma3",
         num_layers=n,
-        hidden_size=hf["hidden_size"],
-        ffn_hidden_size=hf["intermediate_size"],
-        num_attention_heads=heads,
-        num_query_groups=hf.get("num_key_value_heads") or heads,
-        kv_channels=head_dim,
-        vocab_size=hf["vocab_size"],
+        **shape,
         max_position_embeddings=hf.get("max_position_embeddings", 131072),
         normalization="RMSNorm",
         norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),

@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from minitron_nemo.checkpoint.hf_layer_types import check_window, layer_types, window_flags
+from minitron_nemo.checkpoint.hf_fields import check_window, layer_types, shape_fields, window_flags
 from minitron_nemo.errors import UserError
 from minitron_nemo.models import moe
 from minitron_nemo.models.config import ModelConfig
@@ -65,7 +65,7 @@ def model_config(hf: dict) -> ModelConfig:
         raise UserError(f"swiglu_alpha={alpha} is not supported for {ARCH}; allowed: {ALPHA}")
     if hf.get("attention_bias") is False:
         raise UserError(f"attention_bias=false is not supported for {ARCH}; allowed: true")
-    n, heads = hf["num_hidden_layers"], hf["num_attention_heads"]
+    n = hf["num_hidden_layers"]
     window = hf.get("sliding_window")
     check_window(window, ARCH)
     flags = window_flags(hf.get("layer_types") or layer_types((i + 1) % 2 for i in range(n)), n, ARCH)
@@ -74,12 +74,7 @@ def model_config(hf: dict) -> ModelConfig:
     return ModelConfig(
         family="gpt_oss",
         num_layers=n,
-        hidden_size=hf["hidden_size"],
-        ffn_hidden_size=hf["intermediate_size"],
-        num_attention_heads=heads,
-        num_query_groups=hf.get("num_key_value_heads") or heads,
-        kv_channels=hf.get("head_dim") or hf["hidden_size"] // heads,
-        vocab_size=hf["vocab_size"],
+        **shape_fields(hf),
         max_position_embeddings=hf.get("max_position_embeddings", 131072),
         normalization="RMSNorm",
         norm_epsilon=float(hf.get("rms_norm_eps", 1e-5)),

@@ -31,6 +31,7 @@ from typing import Callable, Dict
 
 import torch
 
+from minitron_nemo.checkpoint.hf_fields import shape_fields
 from minitron_nemo.errors import UserError
 from minitron_nemo.models import layout
 from minitron_nemo.models.config import ModelConfig
@@ -83,17 +84,11 @@ def model_config(hf: dict) -> ModelConfig:
     if eps != MAMBA_NORM_EPS:
         raise UserError(f"layer_norm_epsilon={eps} is not supported for {ARCH}: Megatron-Core's Mamba gated norm uses "
                         f"{MAMBA_NORM_EPS}; allowed: {MAMBA_NORM_EPS}")
-    heads = hf["num_attention_heads"]
     dt_min = float(hf.get("time_step_min", 0.001))
     return ModelConfig(
         family="nemotron_h",
         num_layers=len(pattern),
-        hidden_size=hf["hidden_size"],
-        ffn_hidden_size=hf["intermediate_size"],
-        num_attention_heads=heads,
-        num_query_groups=hf.get("num_key_value_heads") or heads,
-        kv_channels=hf.get("head_dim") or hf["hidden_size"] // heads,
-        vocab_size=hf["vocab_size"],
+        **shape_fields(hf),
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         normalization="RMSNorm",
         norm_epsilon=eps,

@@ -111,7 +111,7 @@ def build_model(mc: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
     cfg = transformer_config(mc, tp=tp, pp=pp, ep=ep, etp=etp, params_dtype=params_dtype, cpu=runtime.cpu_mode(),
                              sequence_parallel=sequence_parallel, moe_grouped_gemm=grouped_gemm)
     if mc.is_hybrid:  # Mamba-2, attention and MLP layers: Megatron-Core's hybrid model (models/hybrid.py)
-        return hybrid.build_model(mc, cfg)
+        return _placed(hybrid.build_model(mc, cfg))
     spec, final_norm = layer_spec(use_te, mc, grouped_gemm)
     if final_norm is not None:
         spec = TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(cfg),
@@ -133,6 +133,11 @@ def build_model(mc: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
     )
     if mc.scale_embeddings and model.pre_process:
         scale_embeddings(model, mc.hidden_size ** 0.5)
+    return _placed(model)
+
+
+def _placed(model):
+    """``model`` on this rank's GPU (CPU mode: where it is)."""
     if not runtime.cpu_mode():
         model.cuda(torch.cuda.current_device())
     return model

@@ -32,10 +32,8 @@ import contextlib
 import functools
 from types import SimpleNamespace
 
-import torch
 from megatron.core import parallel_state
 
-from minitron_nemo import runtime
 from minitron_nemo.models import mamba_cpu
 from minitron_nemo.models.config import ModelConfig
 from minitron_nemo.models.layers import SDPAttention, TorchNorm
@@ -134,9 +132,10 @@ def stack_spec(mc: ModelConfig):
 
 
 def build_model(mc: ModelConfig, cfg):
-    """This rank's hybrid model chunk for the ``TransformerConfig`` ``cfg`` (``builder.build_model``)."""
+    """This rank's hybrid model chunk for the ``TransformerConfig`` ``cfg`` (``builder.build_model`` places it on
+    the GPU)."""
     mg = _megatron()
-    model = mg.Model(
+    return mg.Model(
         config=cfg,
         vocab_size=mc.padded_vocab_size,
         max_sequence_length=mc.max_position_embeddings,
@@ -146,9 +145,6 @@ def build_model(mc: ModelConfig, cfg):
         position_embedding_type="none",
         **{mg.spec_key: stack_spec(mc), mg.pattern_key: mc.hybrid_pattern},
     )
-    if not runtime.cpu_mode():
-        model.cuda(torch.cuda.current_device())
-    return model
 
 
 def count_parameters(mc: ModelConfig) -> int:
