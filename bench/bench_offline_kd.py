@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from benchlib import OPT, SHAPES, interleaved, shape, summary, timed
+from benchlib import OPT, SHAPES, interleaved, shape, summary, timed, top_ops
 from minitron_nemo import runtime
 from minitron_nemo.distill import cache, cache_writer, offline
 from minitron_nemo.distill import online as kd
@@ -141,6 +141,8 @@ def main():
     ap.add_argument("--mbs", type=int, default=None)
     ap.add_argument("--topk", type=int, default=64)
     ap.add_argument("--out", "--json", default=None, help="also write the results as JSON here")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one step of each mode: its top operators by device time (result: profile)")
     ap.add_argument("--memory", default=None, choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -199,6 +201,11 @@ def main():
            "cache_write_tokens_per_s": summary([len(data) * sh.seq / w for w in write_t]),
            "teacher_forward_tokens_per_s": summary([len(data) * sh.seq / f for f in fwd_t]),
            "peak_memory": mem, "bytes_per_token": sizes}
+    if a.profile:
+        res["profile"] = {}
+        for m in MODES:
+            print(f"[profile] {m}")
+            res["profile"][m] = top_ops(steps[m], bs)
     print(f"device {res['device']}  student {s_mc.hidden_size}/{s_mc.ffn_hidden_size}  teacher "
           f"{t_mc.hidden_size}/{t_mc.ffn_hidden_size}  vocab {t_mc.vocab_size}  tokens/step {tokens}  K {a.topk}")
     fmt = lambda s: f"{s['median']:.3f} [{s['min']:.3f}, {s['max']:.3f}]"  # noqa: E731

@@ -99,6 +99,26 @@ def interleaved(steps: dict, batches, rounds: int, reps: int) -> dict:
     return per
 
 
+def top_ops(step, batches, rows: int = 12) -> list:
+    """The ``rows`` operators taking the most device time (the GPU's kernels; the CPU's time in CPU mode) in
+    one call of ``step(batches)`` under torch.profiler, each ``{"name", "ms", "calls"}``, printed as well."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available() and not runtime.cpu_mode()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        step(batches)
+        if cuda:
+            torch.cuda.synchronize()
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: -getattr(e, attr, 0.0))
+    out = [{"name": e.key[:90], "ms": round(getattr(e, attr, 0.0) / 1e3, 3), "calls": e.count} for e in events[:rows]]
+    total = sum(getattr(e, attr, 0.0) for e in events) / 1e3
+    print(f"  top {rows} of {total:.1f} ms ({'device' if cuda else 'CPU'} self time, one step):")
+    for o in out:
+        print(f"    {o['ms']:9.3f} ms  {o['calls']:5d}x  {o['name']}")
+    return out
+
+
 def summary(xs) -> dict:
     xs = list(xs)
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}

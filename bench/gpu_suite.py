@@ -1,7 +1,7 @@
 """The GPU suite's driver (bench/gpu_suite.sh runs it after installing the kit): the GPU tests and six
 benchmarks, each in its own process under its own time limit, into one JSON.
 
-    python bench/gpu_suite.py [--dry-run] [--out DIR] [--budget-s SECONDS]
+    python bench/gpu_suite.py [--dry-run] [--out DIR] [--budget-s SECONDS] [--only KEY[,KEY...]]
 
 Writes ``OUT/gpu_suite.json`` (rewritten after every part, so a suite stopped from outside leaves what it
 measured): one entry per part, ``device``, ``dry_run`` and ``elapsed_s``. A benchmark's entry is
@@ -12,7 +12,15 @@ over the rounds it alternated, then the benchmark's whole JSON); a part that fai
 ``--dry-run``: the same parts with tiny shapes on the CPU (seconds each); what only a GPU measures (the
 allocator's peak memory) is ``{"status": "skipped", "why": ...}``, and the tests part runs
 tests/test_gpu.py alone, whose GPU tests skip without CUDA. ``--budget-s`` bounds the whole: a part gets its
-own limit or what is left, whichever is less.
+own limit or what is left, whichever is less. The benchmarks run first and the tests last, with what is left
+(at least their own limit's worth when the benchmarks keep to theirs). ``--only`` runs the parts named (the
+others are recorded as ``{"status": "not run", "why": "--only"}``), e.g. ``--only tests`` gives the tests the
+whole budget.
+
+The tests part runs pytest verbosely (a line per test as it ends, Python's stack dumped for a test still
+running after ``TRACE_AFTER_S``) and with ``MINITRON_TEST_TRACE=OUT/test_logs``: tests/conftest.py then
+streams every recipe or worker a test starts into its own log there and prints a line when each ends, so a
+part stopped at its limit still shows where its time went.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DRY_LIMIT_S = 180     # each part of a dry run
 KILL_AFTER_S = 10     # a part still running this long after its limit's SIGTERM gets SIGKILL
 MIN_PART_S = 20       # a part is not started with less time than this left in the budget
+TRACE_AFTER_S = 120   # a GPU test still running this long has Python's stacks dumped into the log
 
 
 @dataclass(frozen=True)
@@ -46,7 +55,7 @@ class Part:
     gpu_only: str = ""     # why a dry run skips it
 
 
-TESTS = Part("tests", 200, "pytest", gpu=("tests",), dry=("tests/test_gpu.py",))
+TESTS = Part("tests", 270, "pytest", gpu=("tests",), dry=("tests/test_gpu.py",))
 BENCHMARKS = (
     Part("mfu", 60, "bench_mfu.py",
          gpu=("--shape", "1b", "--dtype", "bfloat16", "--rounds", "5", "--steps", "2"),
@@ -85,7 +94,7 @@ BENCHMARKS = (
          good="about 2 or less: the KL over the vocabulary is chunked, so it holds no fp32 copy of the logits",
          gpu_only="it measures torch.cuda.max_memory_allocated; a CPU's peak resident memory is another measure"),
     Part("offline_vs_student", 150, "bench_offline_kd.py",
-         gpu=("--shape", "1b", "--dtype", "bfloat16", "--rounds", "3", "--steps", "2", "--topk", "64"),
+         gpu=("--shape", "1b", "--dtype", "bfloat16", "--rounds", "3", "--steps", "2", "--topk", "64", "--profile"),
          dry=("--shape", "tiny", "--rounds", "2", "--steps", "1", "--topk", "8"),
          headline="offline_over_student",
          what="an offline KD step (student + teacher-cache lookup, top-K) over a student-only step (GPU: the 1b "
@@ -177,8 +186,9 @@ def junit_counts(xml_file: Path) -> dict:
 def run_tests(part: Part, out: Path, dry: bool, limit: float, env: dict) -> dict:
     xml_file = out / "gpu_tests.xml"
     xml_file.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", *(part.dry if dry else part.gpu), "-q", "-p", "no:cacheprovider",
-           "--junitxml", str(xml_file)]
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", *(part.dry if dry else part.gpu), "-v", "-p", "no:cacheprovider",
+           "-o", f"faulthandler_timeout={TRACE_AFTER_S}", "--durations=0", "--junitxml", str(xml_file)]
+    env = dict(env, MINITRON_TEST_TRACE=str(out / "test_logs"))
     t0 = time.monotonic()
     rc, last = run_logged(cmd, limit, env)
     seconds = time.monotonic() - t0
@@ -235,6 +245,8 @@ def headline(entry: dict) -> str:
         return f"ok {entry['median']:.3f} [{entry['min']:.3f}, {entry['max']:.3f}] in {entry['seconds']} s"
     if entry["status"] == "skipped":
         return f"skipped: {entry['why']}"
+    if entry["status"] == "not run":
+        return "not run (--only)"
     if entry["status"] == "passed":
         return f"passed {entry['passed']}, skipped {entry['skipped']} in {entry['seconds']} s"
     return f"{entry['status']}: {entry.get('error')}"
@@ -246,12 +258,15 @@ def write(out: Path, report: dict) -> None:
     tmp.replace(out / "gpu_suite.json")
 
 
-def run_suite(out: Path, dry: bool, budget_s: float) -> dict:
+def run_suite(out: Path, dry: bool, budget_s: float, only: tuple = KEYS) -> dict:
     t0, budget, env = time.monotonic(), Budget(budget_s), child_env(dry)
     report = {"dry_run": dry, "device": device_info(env), "elapsed_s": 0.0,
               **{k: {"status": "failed", "error": "not run: the suite stopped before it"} for k in KEYS}}
     print(f"[gpu_suite] device {json.dumps(report['device'])}  dry run {dry}  budget {budget_s:.0f} s", flush=True)
-    for part in (TESTS, *BENCHMARKS):
+    for part in (*BENCHMARKS, TESTS):
+        if part.key not in only:
+            report[part.key] = {"status": "not run", "why": "--only"}
+            continue
         report[part.key] = run_part(part, out, dry, budget, env)
         report["elapsed_s"] = round(time.monotonic() - t0, 1)
         write(out, report)
@@ -263,7 +278,8 @@ def run_suite(out: Path, dry: bool, budget_s: float) -> dict:
 # ----------------------------------------------------------------------------- command line
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):
-        print(f"error: {message}; usage: python bench/gpu_suite.py [--dry-run] [--out DIR] [--budget-s SECONDS]",
+        print(f"error: {message}; usage: python bench/gpu_suite.py [--dry-run] [--out DIR] [--budget-s SECONDS] "
+              f"[--only KEY[,KEY...]]",
               file=sys.stderr)
         sys.exit(2)
 
@@ -273,15 +289,20 @@ def main():
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU; GPU-only parts skipped")
     ap.add_argument("--out", default=os.environ.get("OUT") or "runs/gpu_suite")
     ap.add_argument("--budget-s", type=float, default=510.0, help="the whole suite's time limit")
+    ap.add_argument("--only", default=",".join(KEYS), help="the parts to run, comma-separated")
     a = ap.parse_args()
     if a.budget_s <= 0:
         ap.error(f"--budget-s={a.budget_s:g} must be positive")
+    only = tuple(k.strip() for k in a.only.split(","))
+    unknown = [k for k in only if k not in KEYS]
+    if unknown or not only:
+        ap.error(f"--only={a.only}: unknown part {unknown[0] if unknown else '(none)'}; allowed: {', '.join(KEYS)}")
     out = Path(a.out).resolve()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         ap.error(f"--out={a.out} cannot be created ({e.strerror})")
-    run_suite(out, a.dry_run, a.budget_s)
+    run_suite(out, a.dry_run, a.budget_s, only)
 
 
 if __name__ == "__main__":

@@ -5,22 +5,28 @@
 #
 #   bash bench/gpu_suite.sh             # on the GPU machine (its python3)
 #   bash bench/gpu_suite.sh --dry-run   # here, on the CPU with .venv's python: tiny shapes, GPU-only parts skipped
+#   bash bench/gpu_suite.sh --only tests            # some parts alone (comma-separated keys), the whole budget theirs
 #
-# Writes $OUT/gpu_suite.json and $OUT/gpu_suite.log (OUT defaults to runs/gpu_suite). PYTHON overrides the
-# interpreter.
+# Writes $OUT/gpu_suite.json, $OUT/gpu_suite.log and $OUT/parts.tgz (each part's own JSON, pytest's report and
+# the GPU tests' recipe logs: the device tool brings back at most 8 files). OUT defaults to runs/gpu_suite;
+# PYTHON overrides the interpreter.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-USAGE="usage: bash bench/gpu_suite.sh [--dry-run]"
+USAGE="usage: bash bench/gpu_suite.sh [--dry-run] [--only KEY[,KEY...]]"
 BUDGET_S=530     # the whole command, install included (the device tool allows 600 s)
 DRY=""
-for arg in "$@"; do
-    case "$arg" in
+ONLY=()
+while (( $# )); do
+    case "$1" in
         --dry-run) DRY="--dry-run" ;;
+        --only) [[ $# -ge 2 ]] || { echo "error: --only needs a comma-separated list of parts; $USAGE" >&2; exit 2; }
+                ONLY=(--only "$2"); shift ;;
         -h|--help) echo "$USAGE"; exit 0 ;;
-        *) echo "error: unknown argument '$arg'; $USAGE" >&2; exit 2 ;;
+        *) echo "error: unknown argument '$1'; $USAGE" >&2; exit 2 ;;
     esac
+    shift
 done
 OUT="${OUT:-runs/gpu_suite}"
 mkdir -p "$OUT" || { echo "error: OUT=$OUT cannot be created" >&2; exit 2; }
@@ -60,8 +66,21 @@ main() {
     fi
     export CUDA_DEVICE_MAX_CONNECTIONS=1   # as the container image sets it (Dockerfile)
     export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-    "$PY" bench/gpu_suite.py $DRY --out "$OUT" --budget-s $((BUDGET_S - (SECONDS - start)))
+    "$PY" bench/gpu_suite.py $DRY "${ONLY[@]}" --out "$OUT" --budget-s $((BUDGET_S - (SECONDS - start)))
+}
+
+# What the parts wrote beside the summary and the log (bench/gpu_suite.py's names), into one archive.
+PART_FILES=(mfu.json kd_step_vs_ideal.json kd_vs_hf_loop.json calibration_vs_forward.json
+            kd_loss_memory_vs_ce.json offline_vs_student.json gpu_tests.xml test_logs)
+bundle() {
+    local f present=()
+    for f in "${PART_FILES[@]}"; do [[ -e "$OUT/$f" ]] && present+=("$f"); done
+    rm -f "$OUT/parts.tgz"
+    (( ${#present[@]} )) || return 0
+    (cd "$OUT" && tar czf parts.tgz "${present[@]}" && rm -rf "${present[@]}")
 }
 
 main 2>&1 | tee "$OUT/gpu_suite.log"
-exit "${PIPESTATUS[0]}"
+rc="${PIPESTATUS[0]}"
+bundle
+exit "$rc"

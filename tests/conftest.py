@@ -33,7 +33,6 @@ def run_main(script, *args, cwd=ROOT, env=None, timeout=None) -> subprocess.Comp
     the working directory and the environment restored. About 30x cheaper than a subprocess after the first
     call (the imports are shared); the few cases about exit codes, signals or stray processes stay real
     processes (``run_py``)."""
-    import contextlib
     import io
     import runpy
     import signal
@@ -123,11 +122,53 @@ def run_torchrun(script, nproc: int, *args, timeout: int = 900, env=None) -> sub
     return p
 
 
+# MINITRON_TEST_TRACE=DIR (bench/gpu_suite.py sets it for the GPU tests): every process run_py or
+# kill_9_once_logged starts writes its output to DIR as it runs, and a line is printed when it starts and ends,
+# so a session stopped from outside still shows where its time went.
+_TRACE_DIR = os.environ.get("MINITRON_TEST_TRACE")
+_TRACE_COUNT = [0]
+
+
+def trace(message: str) -> None:
+    if _TRACE_DIR:
+        print(f"[trace] {message}", file=sys.__stderr__, flush=True)
+
+
+def trace_log(script) -> Path | None:
+    """A fresh log path in the trace folder for a process running ``script``; None when not tracing."""
+    if not _TRACE_DIR:
+        return None
+    _TRACE_COUNT[0] += 1
+    Path(_TRACE_DIR).mkdir(parents=True, exist_ok=True)
+    return Path(_TRACE_DIR) / f"{_TRACE_COUNT[0]:02d}_{Path(str(script)).stem}"
+
+
+def _run_traced(cmd: list, log: Path, timeout: int, env: dict) -> subprocess.CompletedProcess:
+    """``subprocess.run`` with the output streamed to ``log.out`` / ``log.err`` instead of pipes."""
+    import time
+
+    trace(f"start {' '.join(cmd[1:])[:300]} -> {log.name}.out/.err")
+    t0 = time.monotonic()
+    with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
+        try:
+            rc = subprocess.run(cmd, stdout=out, stderr=err, timeout=timeout, env=env, cwd=ROOT).returncode
+        except subprocess.TimeoutExpired:
+            trace(f"{log.name} timed out after {time.monotonic() - t0:.1f} s")
+            raise
+    trace(f"{log.name} exit {rc} after {time.monotonic() - t0:.1f} s")
+    read = lambda suffix: Path(f"{log}{suffix}").read_text(errors="replace")  # noqa: E731
+    return subprocess.CompletedProcess(cmd, rc, read(".out"), read(".err"))
+
+
 def run_py(*args, timeout: int = 900, env=None, check=True) -> subprocess.CompletedProcess:
     """Run ``python *args`` from the repo root."""
     e = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
-    p = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
-                       timeout=timeout, env=e, cwd=ROOT)
+    cmd = [sys.executable, *map(str, args)]
+    log = trace_log(args[0])
+    if log is None:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=e, cwd=ROOT)
+    else:
+        p = _run_traced(cmd, log, timeout, e)
     if check and p.returncode != 0:
         pytest.fail(f"python {args} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-8000:]}")
     return p
@@ -173,6 +214,11 @@ def kill_9_once_logged(script: Path, args: list, mark: str, log: Path, env: dict
     import time
 
     e = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    traced = trace_log(script)
+    if traced is not None:  # the killed job's log where the trace keeps it
+        log = Path(f"{traced}.log")
+        trace(f"start {script} (killed once its log has {mark!r}) -> {log.name}")
+    t0 = time.time()
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, str(script), *map(str, args)], stdout=f, stderr=subprocess.STDOUT,
                                 cwd=ROOT, env=e)
@@ -184,6 +230,7 @@ def kill_9_once_logged(script: Path, args: list, mark: str, log: Path, env: dict
         time.sleep(0.01)
     proc.kill()
     assert proc.wait(timeout=60) == -9
+    trace(f"{log.name} killed after {time.time() - t0:.1f} s")
 
 
 @pytest.fixture(scope="session")
@@ -257,6 +304,8 @@ def pytest_sessionstart(session):
 
 def pytest_runtest_logreport(report):
     _TIMES[report.nodeid] = _TIMES.get(report.nodeid, 0.0) + report.duration
+    if report.when == "teardown":
+        trace(f"{report.nodeid}: {_TIMES[report.nodeid]:.1f} s (setup + call + teardown)")
 
 
 def pytest_sessionfinish(session, exitstatus):
