@@ -28,6 +28,7 @@ core attention and torch norms of the CPU layer spec are in ``models/builder.py`
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 
 import torch
@@ -159,6 +160,10 @@ def enable_cpu_mode() -> None:
 
     mrandom._get_cuda_rng_state = _cpu_rng_get
     mrandom._set_cuda_rng_state = _cpu_rng_set
+    # The tracker warns when the CPU generator moves inside a fork; here the "CUDA" state it forks is the CPU
+    # generator, so every random initialisation inside a fork (the Mamba mixer's) would warn, meaninglessly.
+    logging.getLogger(mrandom.__name__).addFilter(
+        lambda record: record.getMessage() != "CPU RNG state changed within GPU RNG context")
     mode = _CudaToCpu()
     mode.__enter__()
     _MODE_STACK = mode

@@ -175,6 +175,17 @@ def _prime(optimizer, step: int) -> None:
                 st["step"] = torch.tensor(float(step))
 
 
+def _stored_keys(leaf) -> set:
+    """The keys ``leaf`` is saved under: a factory (Megatron-Core saves a fused tensor, such as the Mamba mixer's
+    in_proj and conv1d, as its parts) under those of the tensors it builds."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    if isinstance(leaf, ShardedTensorFactory):
+        return {t.key for t in nested_values(leaf.build())}
+    return {leaf.key}
+
+
 def load_optimizer(optimizer, model, directory, weights, step: int) -> None:
     """Fill ``optimizer`` from ``directory`` (``save_optimizer``'s tensors, any layout) and set Adam's step.
     fp32 main parameters a checkpoint lacks (saved by an fp32 optimizer, which keeps none) are read from
@@ -186,14 +197,15 @@ def load_optimizer(optimizer, model, directory, weights, step: int) -> None:
     _prime(optimizer, step)
     leaves, nested = optimizer_tensors(optimizer, model, loading=True)
     saved = store.saved_keys(directory)
-    missing = sorted({leaf.key for leaf in leaves} - saved)
+    present = {id(leaf): _stored_keys(leaf) <= saved for leaf in leaves}
+    missing = sorted(leaf.key for leaf in leaves if not present[id(leaf)])
     if any(not k.startswith(MAIN_PARAM) for k in missing):
         raise UserError(f"{directory} has no optimizer state for {missing[0]}; resume with the model it was saved "
                         f"with")
-    wanted = [leaf for leaf in leaves if leaf.key in saved]
+    wanted = [leaf for leaf in leaves if present[id(leaf)]]
     got = store.load_sharded(_named(wanted), directory, "optimizer state")
     loaded = [got[f"t{i}"] for i in range(len(wanted))]
-    from_weights = [leaf for leaf in leaves if leaf.key not in saved]
+    from_weights = [leaf for leaf in leaves if not present[id(leaf)]]
     for leaf in from_weights:      # the fp32 weights themselves
         leaf.key = leaf.key[len(MAIN_PARAM):]
     if from_weights:
