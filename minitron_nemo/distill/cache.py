@@ -337,4 +337,8 @@ class TeacherCache:
                 faults.note(why)
             target.append(torch.from_numpy(np.array(a["target"][r])))
         out = {"logp": torch.stack(logp), "target": torch.stack(target), **({"ids": torch.stack(ids)} if ids else {})}
-        return {k: v.to(device) for k, v in out.items()} if device is not None else out
+        if device is None:
+            return out
+        if torch.device(device).type == "cuda":  # page-locked: the copies are queued without a host wait
+            return {k: v.pin_memory().to(device, non_blocking=True) for k, v in out.items()}
+        return {k: v.to(device) for k, v in out.items()}
