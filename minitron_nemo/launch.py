@@ -3,8 +3,10 @@
     python -m minitron_nemo.launch --nproc_per_node=2 recipes/distill.py --config-name NAME key=value ...
 
 What ``torchrun --standalone`` does for one node, with the project's exit contract: each rank gets the
-torchrun environment (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``,
-``MASTER_PORT``) and shares this terminal's stdout and stderr. When a rank fails, the others get SIGTERM
+torchrun environment (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``) and,
+in place of ``MASTER_PORT``, ``MINITRON_STORE_FILE``: rank 0 starts the job's store on a port the system picks
+and writes the port there for the others (``runtime._launch_store``), so two jobs started at once cannot take
+each other's port. The ranks share this terminal's stdout and stderr. When a rank fails, the others get SIGTERM
 (SIGKILL 30 s later) and the launcher exits with the failed rank's code, adding nothing to the rank's own
 one line (rank 0 speaks for all: ``entry._say``). Ctrl-C and SIGTERM go to every rank once; each rank
 checkpoints and stops as it would alone. A rank killed by a signal nobody sent (the OOM killer) is named
@@ -17,10 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
-import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 from minitron_nemo.children import FORWARDED, sigterm_when_parent_dies
@@ -54,15 +57,12 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rank_env(rank: int, n: int, port: int) -> dict:
-    return dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n),
-                GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def rank_env(rank: int, n: int, store_file: str) -> dict:
+    """A rank's environment: torchrun's variables, and in place of a port chosen here (which another job could
+    take before rank 0 binds it) the file rank 0 writes its store's port into (``runtime.STORE_FILE``)."""
+    env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}
+    return dict(env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n),
+                GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MINITRON_STORE_FILE=store_file)
 
 
 class Ranks:
@@ -109,18 +109,20 @@ class Ranks:
 
 def main(argv=None) -> int:
     n, cmd = parse(sys.argv[1:] if argv is None else argv)
-    ranks, port = Ranks(), _free_port()
+    ranks, rendezvous = Ranks(), tempfile.mkdtemp(prefix="minitron_launch_")
     before = {s: signal.getsignal(s) for s in FORWARDED}
     for s, h in before.items():
         if h not in (signal.SIG_IGN, None):
             signal.signal(s, ranks)
     try:
         for r in range(n):
-            ranks.procs.append(subprocess.Popen([sys.executable, *cmd], env=rank_env(r, n, port),
-                                                start_new_session=True, preexec_fn=sigterm_when_parent_dies()))
+            env = rank_env(r, n, os.path.join(rendezvous, "store_port"))
+            ranks.procs.append(subprocess.Popen([sys.executable, *cmd], env=env, start_new_session=True,
+                                                preexec_fn=sigterm_when_parent_dies()))
         failed = ranks.wait_first_failure()
     finally:
         ranks.stop_all()
+        shutil.rmtree(rendezvous, ignore_errors=True)
     if failed is None:
         return 128 + ranks.received[0] if ranks.received else 0
     code = failed.returncode

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
+import time
 
 import torch
 import torch.distributed as dist
@@ -35,10 +35,30 @@ def device() -> torch.device:
     return torch.device("cpu") if cpu_mode() else torch.device("cuda", torch.cuda.current_device())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Set by minitron_nemo.launch for its ranks: a file rank 0 writes its store's port into. Rank 0 binds the port
+# itself (port 0: the system picks a free one), so no other job can take it between its choice and its use.
+STORE_FILE = "MINITRON_STORE_FILE"
+
+
+def _launch_store(path: str, rank: int, world: int, timeout: datetime.timedelta):
+    """The one-node job's TCP store: rank 0 hosts it and writes its port to ``path``; the others wait for the
+    file, then connect."""
+    host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    if rank == 0:
+        store = dist.TCPStore(host, 0, world, True, timeout=timeout, wait_for_workers=False)
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.write(str(store.port))
+        os.replace(tmp, path)
+        return store
+    deadline = time.monotonic() + timeout.total_seconds()
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rank 0 did not start the job's store within {timeout} ({path} never appeared)")
+        time.sleep(0.02)
+    with open(path) as f:
+        port = int(f.read())
+    return dist.TCPStore(host, port, world, False, timeout=timeout)
 
 
 def _env_from_slurm() -> None:
@@ -87,14 +107,19 @@ def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_paralle
     _env_from_slurm()
     check_world(world_size(), tensor_model_parallel_size, pipeline_model_parallel_size, expert_model_parallel_size)
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"] = "0", "1", "0"
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        store, rank_, world = None, rank(), world_size()
+        if "RANK" not in os.environ:   # one process: an in-memory store, no port to take (and no launcher
+            store = dist.HashStore()   # variables set, which a process this one starts would inherit)
+        elif os.environ.get(STORE_FILE):
+            store = _launch_store(os.environ[STORE_FILE], rank_, world, timeout)
         if not cpu_mode():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="gloo" if cpu_mode() else "nccl",
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+        backend = "gloo" if cpu_mode() else "nccl"
+        if store is None:              # torchrun's or srun's rendezvous (MASTER_ADDR, MASTER_PORT)
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, store=store, rank=rank_, world_size=world, timeout=timeout)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(

@@ -107,18 +107,19 @@ def _reset_process(saved: dict) -> None:
     os.environ.update(saved["env"])
 
 
-def run_torchrun(script, nproc: int, *args, timeout: int = 900, env=None) -> subprocess.CompletedProcess:
-    """Run ``script`` under torchrun with ``nproc`` gloo ranks; fail the test with its output on error.
-
-    torchrun's agent holds the rendezvous port for the job's life. The project's launcher
-    (``minitron_nemo/launch.py``) starts faster but picks a free port that rank 0 binds seconds later, which
-    another job started meanwhile on the same machine can take (two pytest-xdist workers did)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(script), *map(str, args)]
+def run_torchrun(script, nproc: int, *args, timeout: int = 900, env=None, torchrun: bool = False
+                 ) -> subprocess.CompletedProcess:
+    """Run ``script`` with ``nproc`` gloo ranks; fail the test with its output on error. The ranks are started by
+    the project's launcher (``python -m minitron_nemo.launch``: rank 0 binds its store's port itself, so jobs
+    started at once on this machine, as pytest-xdist's workers start them, cannot take each other's port), or
+    with ``torchrun=True`` by torchrun's agent (for a script that calls ``init_process_group`` itself)."""
+    launcher = ["torch.distributed.run", "--standalone"] if torchrun else ["minitron_nemo.launch"]
+    cmd = [sys.executable, "-m", *launcher, f"--nproc_per_node={nproc}", str(script), *map(str, args)]
     e = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env or {}))
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=e, cwd=ROOT)
     if p.returncode != 0:
-        pytest.fail(f"torchrun {script} {args} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-8000:]}")
+        pytest.fail(f"{' '.join(launcher)} {script} {args} failed ({p.returncode}):\n{p.stdout[-4000:]}\n"
+                    f"{p.stderr[-8000:]}")
     return p
 
 

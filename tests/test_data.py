@@ -165,7 +165,7 @@ def test_build_under_torchrun(data, hf_dir, tmp_path):
     script = tmp_path / "dist_build.py"
     script.write_text(DIST_SCRIPT)
     cache = tmp_path / "cache"
-    p = run_torchrun(script, 2, data["test"], data["tempest"], hf_dir, cache, timeout=600)
+    p = run_torchrun(script, 2, data["test"], data["tempest"], hf_dir, cache, timeout=600, torchrun=True)
     lines = sorted(x for x in p.stdout.splitlines() if x.startswith("RANK"))
     assert len(lines) == 2
     r0, r1 = (x.split(" ", 4) for x in lines)

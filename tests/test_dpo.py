@@ -71,7 +71,7 @@ def test_response_masks_and_sequence_log_probs_match_transformers(model):
         assert hf.decode([t for t, m in zip(cl, ml) if m]) == lose + "<|im_end|>"
     batch = {k: v[None] for k, v in PreferenceSamples(pairs, 48, 2, 1)[0].items()}
     env = dict(os.environ)
-    runtime.init_distributed(1, 1)  # sets RANK, MASTER_PORT, ...: restored below for later subprocesses
+    runtime.init_distributed(1, 1)  # the environment is restored below, whatever it sets
     try:
         mc = store.load_model_config(model / "ckpt")
         ours = sequence_logps(full_logits(store.load_model(model / "ckpt", mc), batch["tokens"][0]), batch)

@@ -65,7 +65,7 @@ RANK_SCRIPT = """
 import os, signal, sys, time
 rank = int(os.environ["RANK"])
 # one write of the whole line: the ranks share the launcher's stdout
-os.write(1, f"rank {rank} of {os.environ['WORLD_SIZE']} port {os.environ['MASTER_PORT']} pid {os.getpid()}\\n".encode())
+os.write(1, f"rank {rank} of {os.environ['WORLD_SIZE']} store {os.environ['MINITRON_STORE_FILE']} pid {os.getpid()}\\n".encode())
 here, world = os.path.dirname(os.path.abspath(__file__)), int(os.environ["WORLD_SIZE"])
 open(os.path.join(here, f"ready{rank}"), "w").close()
 mode = sys.argv[1]
@@ -99,7 +99,32 @@ def test_ranks_get_the_torchrun_environment(tmp_path):
     assert p.returncode == 0 and p.stderr == "", p.stderr
     lines = sorted(p.stdout.splitlines())
     assert [line.split()[:4] for line in lines] == [["rank", str(r), "of", "3"] for r in range(3)]
-    assert len({line.split()[5] for line in lines}) == 1  # one rendezvous port
+    assert len({line.split()[5] for line in lines}) == 1  # one rendezvous: the file rank 0 writes its port to
+
+
+JOB_SCRIPT = """
+import sys, torch, torch.distributed as dist
+from minitron_nemo import runtime
+runtime.init_distributed(1, 1)
+x = torch.tensor([float(sys.argv[1])])
+dist.all_reduce(x)
+print(f"job {sys.argv[1]} rank {dist.get_rank()} sum {x.item():g}", flush=True)
+runtime.shutdown()
+"""
+
+
+def test_jobs_started_at_once_keep_to_their_own_ranks(tmp_path):
+    """Four two-rank jobs at once: each rank 0 binds its store's port itself, so no job's rank can reach
+    another job's store (a port chosen by the launcher and bound later by rank 0 could be taken meanwhile)."""
+    script = tmp_path / "job.py"
+    script.write_text(JOB_SCRIPT)
+    e = dict(ENV, PYTHONPATH=str(ROOT), MINITRON_FORCE_CPU="1")
+    procs = [subprocess.Popen([*LAUNCH, "--nproc_per_node=2", str(script), str(j)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT, env=e) for j in range(1, 5)]
+    for j, proc in enumerate(procs, 1):
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        assert sorted(out.split("\n")[:-1]) == [f"job {j} rank {r} sum {2 * j}" for r in range(2)], out
 
 
 def test_a_killed_rank_is_named_and_the_others_stopped(tmp_path):

@@ -131,12 +131,11 @@ def test_value_check_accepts_a_teacher_and_refuses_garbage(dtype):
 
 
 def test_all_ranks_stop_together(job, cache, tmp_path):  # noqa: F811
-    """Data parallel x 2, two processes started as torchrun starts them (without its agent, which would end
+    """Data parallel x 2, two processes started as the launcher starts them (without it, since it would end
     the other rank itself): train sample 10, read by one rank only, holds log-probabilities above 0 (a
     finite loss, so only that rank knows); both ranks stop at iteration 3 with its line, exit 2, none is
     left waiting in a collective, and no checkpoint of the step is saved."""
     import os
-    import socket
     import subprocess
     import sys
 
@@ -144,11 +143,8 @@ def test_all_ranks_stop_together(job, cache, tmp_path):  # noqa: F811
 
     _damaged_copy(cache, tmp_path / "cache", "train", 3, lambda a: a.__setitem__(slice(512, 520), BF16_ONE))
     work = tmp_path / "work"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(port), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+               MINITRON_STORE_FILE=str(tmp_path / "store_port"), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
     procs = [subprocess.Popen([sys.executable, str(DISTILL), *_args(job, tmp_path / "cache", work)], cwd=ROOT,
                               env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in range(2)]
