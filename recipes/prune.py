@@ -90,6 +90,9 @@ def main():
         msg += (f", experts {mc.num_moe_experts}->{new_mc.num_moe_experts} (expert FFN {mc.moe_ffn_hidden_size}->"
                 f"{new_mc.moe_ffn_hidden_size}{_shared(mc, new_mc)}), active params {count_parameters(mc, active=True)}->"
                 f"{count_parameters(new_mc, active=True)}")
+    if mc.is_hybrid:
+        msg += (f", mamba heads x head_dim {mc.mamba_num_heads}x{mc.mamba_head_dim}->{new_mc.mamba_num_heads}x"
+                f"{new_mc.mamba_head_dim}, pattern {mc.hybrid_pattern}->{new_mc.hybrid_pattern}")
     if result.calib_loss is not None:
         msg += f"; zero-shot calibration loss {result.calib_loss:.4f}"
     runtime.print0(msg)

@@ -91,16 +91,6 @@ def test_moe_layers_are_a_one_line_refusal(nemo_h, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_pruning_a_hybrid_is_a_one_line_refusal_for_now(nemo_h, tmp_path):
-    from test_user_errors import assert_one_line
-
-    d, ck = nemo_h
-    p = run_main(ROOT / "recipes" / "prune.py", f"checkpoint={ck}", f"output={tmp_path / 'pruned'}",
-                 f"prune.calibration.data={d / 'calib.txt'}", "prune.target_hidden_size=48")
-    assert_one_line(p, 2, "model.family='nemotron_h' (hybrid Mamba-Transformer): pruning it is not supported yet")
-    assert not (tmp_path / "pruned").exists()
-
-
 def test_the_8b_model_config_has_the_cards_layers():
     """Nemotron-H-8B: 52 layers, 24 Mamba-2, 4 attention and 24 MLP (conf/model/nemotron_h_8b.yaml)."""
     import yaml

@@ -262,6 +262,11 @@ class ModelConfig:
         return {"sliding_window": self.sliding_window, "window_layers": None if all(flags) else [int(f) for f in flags],
                 "local_rotary_base": self.local_rotary_base}
 
+    def pattern_of_layers(self, kept: List[int]) -> dict:
+        """The ``hybrid_pattern`` of a model made of this model's (0-indexed) layers ``kept`` (depth pruning); {} for
+        a model that is not hybrid."""
+        return {"hybrid_pattern": "".join(self.hybrid_pattern[i] for i in kept)} if self.is_hybrid else {}
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -62,12 +62,12 @@ def check_same_on_every_rank(scores: dict) -> None:
 def prune_to(model, mc: ModelConfig, new_mc: ModelConfig, scores: dict, *, layer_criterion="block",
              drop_layers=None, loss_batches=None, progress=True, expert_score="routed_l2"):
     """Trim ``model`` to ``new_mc``; returns (new model, its config, kept old layers). The config is
-    ``new_mc`` with the window pattern of the kept layers."""
+    ``new_mc`` with the window pattern (and a hybrid model's layer pattern) of the kept layers."""
     if not drop_layers:
         ensure_depth_scores(model, mc, scores, layer_criterion, mc.num_layers - new_mc.num_layers,
                             loss_batches, progress)
     kept = select_layers(mc, new_mc.num_layers, scores, layer_criterion, drop_layers)
-    new_mc = new_mc.replace(**mc.window_of_layers(kept))
+    new_mc = new_mc.replace(**mc.window_of_layers(kept), **mc.pattern_of_layers(kept))
     plan = make_plan(mc, new_mc, scores, kept, expert_score)
     return trim_model(model, mc, new_mc, plan), new_mc, kept
 

@@ -52,6 +52,9 @@ def load_scores(path, mc: ModelConfig) -> tuple[dict, dict]:
         want["expert_ffn"] = (mc.num_layers, mc.num_moe_experts, mc.moe_ffn_hidden_size)
         if mc.moe_shared_expert_intermediate_size:
             want["shared_ffn"] = (mc.num_layers, mc.moe_shared_expert_intermediate_size)
+    if mc.is_hybrid:
+        want["mamba_heads"] = (mc.num_layers, mc.mamba_num_heads)
+        want["mamba_head_dim"] = (mc.num_layers, mc.mamba_head_dim)
     for k, shape in want.items():
         if k not in scores or tuple(scores[k].shape) != shape:
             got = tuple(scores[k].shape) if k in scores else "missing"

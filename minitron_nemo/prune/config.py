@@ -87,7 +87,8 @@ class PruneGroup(Targets):
     def check(self, at: str) -> None:
         for k in ("target_hidden_size", "target_ffn_hidden_size", "target_num_attention_heads",
                   "target_num_query_groups", "target_num_layers", "target_num_moe_experts",
-                  "target_moe_ffn_hidden_size", "target_moe_shared_expert_intermediate_size"):
+                  "target_moe_ffn_hidden_size", "target_moe_shared_expert_intermediate_size",
+                  "target_mamba_num_heads", "target_mamba_head_dim"):
             at_least(f"{at}.{k}", getattr(self, k), 1, optional=True)
         for x in self.drop_layers or []:
             at_least(f"{at}.drop_layers", x, 1)

@@ -37,6 +37,10 @@ def _identity_layer(hidden_states=None, *args, context=None, **kwargs):
     return hidden_states, context
 
 
+def _identity_mamba_layer(hidden_states=None, *args, **kwargs):
+    return hidden_states  # a hybrid model's Mamba layer returns the hidden states alone
+
+
 @contextlib.contextmanager
 def skip_layers(model, num_layers_total: int, drop: set):
     """Temporarily replace the forward of the (0-indexed, global) layers in ``drop`` by identity."""
@@ -44,7 +48,7 @@ def skip_layers(model, num_layers_total: int, drop: set):
     changed = []
     for j, layer in enumerate(model.decoder.layers):
         if off + j in drop:
-            layer.forward = _identity_layer
+            layer.forward = _identity_mamba_layer if hasattr(layer, "mixer") else _identity_layer
             changed.append(layer)
     try:
         yield

@@ -15,7 +15,7 @@ from megatron.core import parallel_state
 from minitron_nemo import runtime
 from minitron_nemo.data.windows import to_batches
 from minitron_nemo.errors import UserError
-from minitron_nemo.models.config import FAMILIES, HYBRID_FAMILIES, ModelConfig
+from minitron_nemo.models.config import ModelConfig
 from minitron_nemo.prune import data as pdata
 from minitron_nemo.prune import importance as imp
 from minitron_nemo.prune.api import PruneResult, prune_model
@@ -32,9 +32,6 @@ def check_config(mc: ModelConfig, p: PruneGroup, tp: int, pp: int, ranked_search
 
     Returns (targets, candidate configs, aggregation, loaded (scores, meta) or None)."""
     p = PruneGroup.of(p)
-    if mc.is_hybrid:
-        raise UserError(f"model.family={mc.family!r} (hybrid Mamba-Transformer): pruning it is not supported yet; "
-                        f"allowed: families {', '.join(f for f in FAMILIES if f not in HYBRID_FAMILIES)}")
     mc.check_parallel(tp, pp, ep)
     if p.search.distill_iters > 0 and not ranked_search:
         raise UserError(f"prune.search.distill_iters={p.search.distill_iters}: the search ranked by short "

@@ -12,12 +12,17 @@ batches, by hooks that read Megatron activations (layout ``[seq, batch, channel]
                     (concatenated head outputs, [heads, head_dim])       per channel
   query groups      same                                                L2 over all channels of the
                                                                         group's query heads
+  Mamba heads       input of ``mixer.out_proj`` in a hybrid model's      L2 over head_dim of agg(x)
+                    Mamba layers (gated-norm output, [heads, head_dim])  per channel
+  Mamba head dim    same                                                L2 over all heads of agg(x)
+                                                                        per channel, per head channel
   hidden channels   output of ``input_layernorm`` and                   agg(x) per norm, then summed
                     ``pre_mlp_layernorm`` of every layer (under TE: the  over norms, layers and
                     fused norm, recomputed from the input of             pipeline stages
                     ``linear_qkv`` / ``linear_fc1``); with sandwich
                     norms (Gemma 3) also the norms after the
-                    attention and the MLP (``post_norm``)
+                    attention and the MLP (``post_norm``); a hybrid
+                    model's Mamba layers: their pre-norm (``norm``)
   layers (a)        layer input / output hidden states                  BI = 1 - mean_tokens cos
   layers (b)        LM loss with layer i skipped (identity)             loss_i - loss_full
                     (``prune/depth.py``)
@@ -98,6 +103,16 @@ def aggregate(x: torch.Tensor, agg: Aggregation) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- hooks
+def _is_mamba(layer) -> bool:
+    """A hybrid model's Mamba layer (``MambaLayer``: ``norm`` and ``mixer``)."""
+    return hasattr(layer, "mixer")
+
+
+def _attn_proj(layer):
+    """The attention output projection of ``layer`` (None: a Mamba layer, or a hybrid model's MLP layer)."""
+    return getattr(getattr(layer, "self_attention", None), "linear_proj", None)
+
+
 def _fused_norm(linear, x):
     """Output of the norm that Transformer Engine fuses into ``linear`` (LayerNormColumnParallelLinear)."""
     cfg = linear.config
@@ -119,30 +134,50 @@ class Collector:
         tp = parallel_state.get_tensor_model_parallel_world_size()
         n = len(self.layers)
         z = lambda *shape: torch.zeros(2, n, *shape, dtype=torch.float64, device=runtime.device())  # noqa: E731
-        post = hasattr(self.layers[0].self_attention.linear_proj, "post_norm")  # models/post_norm.py
+        proj0 = next((p for p in map(_attn_proj, self.layers) if p is not None), None)
+        post = hasattr(proj0, "post_norm")  # models/post_norm.py
         self.hidden = z(4 if post else 2, cfg.hidden_size)  # [s1|s2, layer, norm, H]
         self.proj = z(cfg.num_attention_heads // tp * cfg.kv_channels)
         self.ffn = z(cfg.ffn_hidden_size // tp)
         shared = cfg.moe_shared_expert_intermediate_size
         self.shared = z(shared // tp) if shared else None
+        # hybrid models (models/hybrid.py): the input of each Mamba mixer's out_proj, [heads_local * head_dim]
+        # (from the config: a pipeline stage without Mamba layers still takes part in the gather)
+        self.hybrid = getattr(cfg, "mamba_num_heads", None) is not None
+        self.mamba = z(cfg.mamba_num_heads // tp * cfg.mamba_head_dim) if self.hybrid else None
         self.bi = torch.zeros(2, n, dtype=torch.float64, device=runtime.device())  # [sum cos, tokens]
         self.handles = []
         # MoE layers: the experts' own collector; their pre-MLP norm is hooked below like a dense one
         # (never fused into a linear: the router and the experts both read it).
-        self.experts = moe_imp.ExpertCollector(model) if moe_imp.is_moe_layer(self.layers[0]) else None
+        self.experts = moe_imp.ExpertCollector(model) if not self.hybrid and moe_imp.is_moe_layer(self.layers[0]) \
+            else None
         for i, layer in enumerate(self.layers):
+            if _is_mamba(layer):  # a Mamba layer: its pre-norm joins the hidden score; heads from out_proj's input
+                self.handles.append(layer.norm.register_forward_hook(self._norm_hook(i, 0)))
+                self.handles.append(layer.mixer.out_proj.register_forward_pre_hook(self._input_hook(self.mamba, i)))
+                self.handles.append(layer.register_forward_hook(self._bi_hook(i), with_kwargs=True))
+                continue
             attn, mlp = layer.self_attention, layer.mlp
-            norms = [(layer.input_layernorm, attn.linear_qkv), (layer.pre_mlp_layernorm, getattr(mlp, "linear_fc1", None))]
+            proj, fc2 = _attn_proj(layer), getattr(mlp, "linear_fc2", None)
+            # a hybrid model's attention layer has no MLP and its MLP layer no attention (IdentityOp)
+            norms = [(layer.input_layernorm, getattr(attn, "linear_qkv", None)) if proj is not None else None,
+                     (layer.pre_mlp_layernorm, getattr(mlp, "linear_fc1", None))
+                     if fc2 is not None or self.experts is not None else None]
             if post:
-                norms += [(attn.linear_proj.post_norm, None), (mlp.linear_fc2.post_norm, None)]
-            for k, (norm, fused) in enumerate(norms):
+                norms += [(proj.post_norm, None), (fc2.post_norm, None)]
+            for k, nf in enumerate(norms):
+                if nf is None:
+                    continue
+                norm, fused = nf
                 if hasattr(fused, "layer_norm_weight"):  # TE: norm fused into the next linear
                     self.handles.append(fused.register_forward_pre_hook(self._fused_hook(i, k)))
                 else:
                     self.handles.append(norm.register_forward_hook(self._norm_hook(i, k)))
-            self.handles.append(attn.linear_proj.register_forward_pre_hook(self._input_hook(self.proj, i)))
+            if proj is not None:
+                self.handles.append(proj.register_forward_pre_hook(self._input_hook(self.proj, i)))
             if self.experts is None:
-                self.handles.append(mlp.linear_fc2.register_forward_pre_hook(self._input_hook(self.ffn, i)))
+                if fc2 is not None:
+                    self.handles.append(fc2.register_forward_pre_hook(self._input_hook(self.ffn, i)))
             elif self.shared is not None:
                 fc2 = mlp.shared_experts.linear_fc2
                 self.handles.append(fc2.register_forward_pre_hook(self._input_hook(self.shared, i)))
@@ -165,7 +200,7 @@ class Collector:
     def _bi_hook(self, i):
         def hook(mod, args, kwargs, out):
             h_in = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).detach().float()
-            h_out = out[0].detach().float()
+            h_out = (out if torch.is_tensor(out) else out[0]).detach().float()  # a Mamba layer returns a tensor
             norms = torch.linalg.vector_norm(h_in, dim=-1) * torch.linalg.vector_norm(h_out, dim=-1)
             cos = torch.linalg.vecdot(h_in, h_out, dim=-1) / norms.clamp_min(1e-8)
             self.bi[0, i] += cos.sum()
@@ -198,6 +233,12 @@ def _finalize(c: Collector, n: float, cfg) -> dict:
     heads, groups, ffn = (all_gather_along(t, tp_g, dim=1) for t in (heads, groups, ffn))
     bi = 1.0 - c.bi[0] / c.bi[1].clamp_min(1)
     per_layer = {"hidden_per_layer": hidden.sum(1), "heads": heads, "groups": groups, "ffn": ffn, "layer_bi": bi}
+    if c.mamba is not None:  # Mamba heads: L2 over each head's head_dim channels, as attention heads
+        all_reduce_over(c.mamba, dp)
+        m = all_gather_along(batch_finalize(c.mamba[0], c.mamba[1], n, how), tp_g, dim=1)  # [Ll, heads * d]
+        m = m.view(Ll, -1, cfg.mamba_head_dim)
+        per_layer["mamba_heads"] = m.norm(dim=-1)  # [Ll, heads]
+        per_layer["mamba_head_dim"] = m.norm(dim=1)  # [Ll, d]: each channel's L2 over every head
     if c.shared is not None:
         all_reduce_over(c.shared, dp)
         per_layer["shared_ffn"] = all_gather_along(batch_finalize(c.shared[0], c.shared[1], n, how), tp_g, dim=1)
@@ -242,7 +283,10 @@ def estimate(model, batches, agg: Aggregation | None = None, *, progress=True) -
     Returns fp32 CPU tensors: ``hidden [H]``, ``hidden_per_layer [L, H]``, ``heads [L, heads]``,
     ``groups [L, groups]``, ``ffn [L, ffn]``, ``layer_bi [L]`` (global layer order); MoE models also
     ``expert_<score> [L, E]`` for each of ``experts.EXPERT_SCORES`` and ``expert_ffn [L, E, F]``, and
-    with a shared expert ``shared_ffn [L, F_shared]``.
+    with a shared expert ``shared_ffn [L, F_shared]``; hybrid models also ``mamba_heads [L, mamba_heads]`` (the L2
+    over head_dim of each Mamba mixer's ``out_proj`` input, as attention heads) and ``mamba_head_dim
+    [L, mamba_head_dim]`` (each head channel's L2 over all heads). The rows of layers without the
+    part (a hybrid model's Mamba, attention or MLP layers) are zero.
     """
     agg = agg or Aggregation()
     c = Collector(model, agg)

@@ -5,7 +5,10 @@ Targets (names as in NeMo 2 / modelopt): ``target_hidden_size``, ``target_ffn_hi
 ``drop_layers`` (1-INDEXED layer numbers, as in NeMo), or a budget ``target_params`` /
 ``target_params_ratio``; MoE models also ``target_num_moe_experts`` (experts kept in every layer),
 ``target_moe_ffn_hidden_size`` (each expert's FFN width) and ``target_moe_shared_expert_intermediate_size``
-(the shared expert's width). Unset targets keep the source value, except: with only
+(the shared expert's width); hybrid Mamba-Transformer models (Nemotron-H) also
+``target_mamba_num_heads`` (Mamba-2 heads kept in every Mamba layer, the same number in each of its groups, as
+GQA keeps heads within groups) and ``target_mamba_head_dim`` (the channels kept in every Mamba head, the same
+set for every head of a layer). Unset targets keep the source value, except: with only
 ``target_num_query_groups`` set, the heads per group are kept (heads = groups' x heads/group); with
 only ``target_num_attention_heads`` set on an MHA model (groups == heads), groups follow the heads.
 ``kv_channels`` (head_dim) is always preserved.
@@ -25,7 +28,9 @@ WIDTH_KEYS = {"target_hidden_size": "hidden_size", "target_ffn_hidden_size": "ff
               "target_num_attention_heads": "num_attention_heads",
               "target_num_query_groups": "num_query_groups", "target_num_layers": "num_layers",
               "target_num_moe_experts": "num_moe_experts", "target_moe_ffn_hidden_size": "moe_ffn_hidden_size",
-              "target_moe_shared_expert_intermediate_size": "moe_shared_expert_intermediate_size"}
+              "target_moe_shared_expert_intermediate_size": "moe_shared_expert_intermediate_size",
+              "target_mamba_num_heads": "mamba_num_heads", "target_mamba_head_dim": "mamba_head_dim"}
+MAMBA_KEYS = ("target_mamba_num_heads", "target_mamba_head_dim")
 MOE_KEYS = ("target_num_moe_experts", "target_moe_ffn_hidden_size", "target_moe_shared_expert_intermediate_size")
 
 
@@ -39,6 +44,8 @@ class Targets:
     target_num_moe_experts: Optional[int] = None
     target_moe_ffn_hidden_size: Optional[int] = None
     target_moe_shared_expert_intermediate_size: Optional[int] = None
+    target_mamba_num_heads: Optional[int] = None  # hybrid models: Mamba-2 heads per Mamba layer
+    target_mamba_head_dim: Optional[int] = None  # hybrid models: channels kept in every Mamba head
     drop_layers: Optional[List[int]] = None  # 1-indexed
     target_params: Optional[float] = None
     target_params_ratio: Optional[float] = None
@@ -70,8 +77,8 @@ class Targets:
 
 def new_config(mc: ModelConfig, t: Targets) -> ModelConfig:
     """The pruned ``ModelConfig`` for explicit targets (no validation beyond the schema). With fewer layers,
-    a per-layer window pattern is left unset: it follows the layers depth pruning keeps
-    (``api.prune_to``)."""
+    a per-layer window pattern is left unset and a hybrid model's ``hybrid_pattern`` is its first layers' (with
+    ``drop_layers``: the kept layers'): both follow the layers depth pruning keeps (``api.prune_to``)."""
     hpg = mc.num_attention_heads // mc.num_query_groups
     heads, groups = t.target_num_attention_heads, t.target_num_query_groups
     if groups is not None and heads is None:
@@ -81,6 +88,10 @@ def new_config(mc: ModelConfig, t: Targets) -> ModelConfig:
     layers = t.target_num_layers
     if t.drop_layers:
         layers = mc.num_layers - len(set(t.drop_layers))
+    pattern = mc.hybrid_pattern
+    if mc.is_hybrid and layers not in (None, mc.num_layers):  # the kept layers' pattern characters
+        drop = {x - 1 for x in t.drop_layers or []}
+        pattern = "".join(c for i, c in enumerate(pattern) if i not in drop)[: max(layers, 0)]
     return ModelConfig(**{**mc.to_dict(),
                           "hidden_size": t.target_hidden_size or mc.hidden_size,
                           "ffn_hidden_size": t.target_ffn_hidden_size or mc.ffn_hidden_size,
@@ -91,13 +102,17 @@ def new_config(mc: ModelConfig, t: Targets) -> ModelConfig:
                           "moe_ffn_hidden_size": t.target_moe_ffn_hidden_size or mc.moe_ffn_hidden_size,
                           "moe_shared_expert_intermediate_size": (t.target_moe_shared_expert_intermediate_size
                                                                   or mc.moe_shared_expert_intermediate_size),
+                          "mamba_num_heads": t.target_mamba_num_heads or mc.mamba_num_heads,
+                          "mamba_head_dim": t.target_mamba_head_dim or mc.mamba_head_dim,
                           "kv_channels": mc.head_dim,
-                          "window_layers": mc.window_layers if layers in (None, mc.num_layers) else None})
+                          "window_layers": mc.window_layers if layers in (None, mc.num_layers) else None,
+                          "hybrid_pattern": pattern})
 
 
 def validate(mc: ModelConfig, t: Targets, tp: int, pp: int, ep: int = 1) -> ModelConfig:
     """Check explicit targets against the source and the parallel layout; return the pruned config. (Each
     value's own range, e.g. ``grid`` >= 1, is checked when the job config is composed: ``prune/config.py``.)"""
+    _check_mamba(mc, t)
     for key in MOE_KEYS:
         if getattr(t, key) is not None and not mc.is_moe:
             raise UserError(f"prune.{key}={getattr(t, key)} but the source model ({mc.family}) has no experts; "
@@ -153,10 +168,28 @@ def validate(mc: ModelConfig, t: Targets, tp: int, pp: int, ep: int = 1) -> Mode
         if v is not None and v % tp:
             raise UserError(f"target {attr}={v} is not divisible by tensor_model_parallel_size={tp}; "
                             f"allowed: a multiple of {tp}")
+    if new.is_hybrid and new.mamba_num_heads != mc.mamba_num_heads:
+        g = mc.mamba_num_groups
+        if new.mamba_num_heads % g:
+            raise UserError(f"prune.target_mamba_num_heads={new.mamba_num_heads} is not a multiple of "
+                            f"mamba_num_groups={g} (every group keeps the same number of heads); allowed: a "
+                            f"multiple of {g}")
+        if new.mamba_num_heads % tp:
+            raise UserError(f"prune.target_mamba_num_heads={new.mamba_num_heads} is not divisible by "
+                            f"tensor_model_parallel_size={tp}; allowed: a multiple of {_lcm(g, tp)}")
     if new.num_layers % pp:
         raise UserError(f"target num_layers={new.num_layers} is not divisible by pipeline_model_parallel_size={pp}; "
                         f"allowed: a multiple of {pp}")
     return new.validate()
+
+
+def _check_mamba(mc: ModelConfig, t: Targets) -> None:
+    """Mamba targets need Mamba layers."""
+    for key in MAMBA_KEYS:
+        v = getattr(t, key)
+        if v is not None and not (mc.is_hybrid and "M" in mc.hybrid_pattern):
+            raise UserError(f"prune.{key}={v} but the source model ({mc.family}) has no Mamba layers; allowed: "
+                            f"unset for a model without Mamba layers")
 
 
 # ----------------------------------------------------------------------------- budget search grid
@@ -207,6 +240,11 @@ def budget(mc: ModelConfig, t: Targets) -> int:
     """The budget in parameters (active parameters with ``target_active_params``)."""
     given = [f"prune.{k}" for k in ("target_params", "target_params_ratio", "target_active_params")
              if getattr(t, k) is not None]
+    if given and mc.is_hybrid:
+        raise UserError(f"{given[0]}: the parameter-budget search over a hybrid model ({mc.family}) is not "
+                        f"supported yet; allowed: explicit targets (prune.target_hidden_size, prune.target_ffn_hidden_size, "
+                        f"prune.target_num_attention_heads, prune.target_mamba_num_heads, prune.target_mamba_head_dim, "
+                        f"prune.target_num_layers or prune.drop_layers)")
     if len(given) > 1:
         raise UserError(f"{' and '.join(given)} are {'both' if len(given) == 2 else 'all'} set; allowed: one of them")
     if t.target_active_params is not None and not mc.is_moe:

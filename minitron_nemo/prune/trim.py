@@ -10,6 +10,13 @@ pruned model equals the source with the dropped units masked to zero (tests chec
   heads (every group keeps the same number of heads, and its K and V).
 * MLP: top ``F'`` neurons of each layer; both SwiGLU halves (gate, up) use the same indices.
 * layers: the kept old layers, in order.
+* Mamba heads (hybrid models): within each of a layer's groups its top ``h'`` heads by their L2 score (every group
+  keeps the same number, as query groups do), and in every kept head the layer's top ``d'`` head channels (one set
+  for all heads, ranked by each channel's L2 over all heads); ``in_proj`` keeps the kept channels' z and x rows, the
+  kept heads' dt rows and every B, C row, the convolution the kept x channels and every B, C channel, ``A_log``,
+  ``D``, ``dt_bias`` the kept heads, the gated norm and ``out_proj`` the kept channels. The gated norm normalises
+  over a group's channels, so a pruned group's RMS is taken over its kept channels only (the masked model of the
+  tests re-scales it).
 * experts (MoE): top ``E'`` experts of each layer by the chosen expert score, and within each kept expert
   its top ``F'`` neurons; the router keeps the kept experts' rows (``prune/experts.py``). A shared expert
   keeps the top ``F_shared'`` neurons of its layer like a dense MLP; its gate keeps the hidden channels.
@@ -47,6 +54,8 @@ class Plan:
     experts: List[torch.Tensor] = field(default_factory=list)  # MoE, per new layer: kept experts [E']
     expert_ffn: List[torch.Tensor] = field(default_factory=list)  # MoE, per new layer: [E', F'] kept neurons
     shared_ffn: List[torch.Tensor] = field(default_factory=list)  # shared expert, per new layer: kept neurons
+    mamba_heads: List[torch.Tensor] = field(default_factory=list)  # hybrid, per new layer: kept Mamba heads (global)
+    mamba_dims: List[torch.Tensor] = field(default_factory=list)  # hybrid, per new layer: kept channels of each head
 
 
 def make_plan(mc: ModelConfig, new_mc: ModelConfig, scores: dict, layers: List[int],
@@ -70,7 +79,18 @@ def make_plan(mc: ModelConfig, new_mc: ModelConfig, scores: dict, layers: List[i
     if mc.moe_shared_expert_intermediate_size:
         plan.shared_ffn = [top_k(scores["shared_ffn"][i], new_mc.moe_shared_expert_intermediate_size)
                            for i in layers]
+    if mc.is_hybrid:
+        plan.mamba_heads = [mamba_heads_kept(mc, new_mc, scores["mamba_heads"][i]) for i in layers]
+        plan.mamba_dims = [top_k(scores["mamba_head_dim"][i], new_mc.mamba_head_dim) for i in layers]
     return plan
+
+
+def mamba_heads_kept(mc: ModelConfig, new_mc: ModelConfig, scores: torch.Tensor) -> torch.Tensor:
+    """The kept Mamba heads of one layer (global indices, ascending): each group's top ``new / groups`` heads."""
+    G = mc.mamba_num_groups
+    hpg, new_hpg = mc.mamba_num_heads // G, new_mc.mamba_num_heads // G
+    per_group = scores.view(G, hpg)
+    return torch.cat([g * hpg + top_k(per_group[g], new_hpg) for g in range(G)])
 
 
 # ----------------------------------------------------------------------------- index helpers
@@ -101,6 +121,29 @@ def fc1_rows(mc: ModelConfig, ffn_idx: torch.Tensor) -> torch.Tensor:
     return ffn_idx
 
 
+def mamba_channels(mc: ModelConfig, heads: torch.Tensor, dims: torch.Tensor) -> torch.Tensor:
+    """The channels (x, z, the gated norm, ``out_proj``'s input; head-major) of the kept Mamba ``heads``, each with its
+    kept channels ``dims``."""
+    return (heads[:, None] * mc.mamba_head_dim + dims[None, :]).reshape(-1)
+
+
+def mamba_rows(mc: ModelConfig, name: str, heads: torch.Tensor, dims: torch.Tensor) -> torch.Tensor:
+    """Rows of a Mamba mixer tensor (canonical name, TP-unsharded) that the kept ``heads`` keep: ``in_proj``
+    ``[z | x | B | C | dt]``, the convolution ``[x | B | C]`` (B and C whole: groups are kept), ``A_log`` /
+    ``dt_bias`` / ``D`` per head (``D`` per channel when it has one per channel), the gated norm per channel."""
+    inner, bc = mc.mamba_num_heads * mc.mamba_head_dim, mc.mamba_num_groups * mc.mamba_state_dim
+    ch = mamba_channels(mc, heads, dims)
+    if name.endswith("mixer.in_proj.weight"):
+        return torch.cat([ch, inner + ch, _span(2 * inner, 2 * bc), 2 * inner + 2 * bc + heads])
+    if name.endswith(("mixer.conv1d.weight", "mixer.conv1d.bias")):
+        return torch.cat([ch, _span(inner, 2 * bc)])
+    if name.endswith("mixer.norm.weight"):
+        return ch
+    return heads  # A_log, dt_bias, D (per head)
+
+
+MAMBA_MIXER = ("mixer.in_proj.weight", "mixer.conv1d.weight", "mixer.conv1d.bias", "mixer.A_log", "mixer.D",
+               "mixer.dt_bias", "mixer.norm.weight")
 QK_NORMS = ("q_layernorm.weight", "k_layernorm.weight")
 NORM_SUFFIXES = ("layernorm.weight", "layernorm.bias", "layer_norm_weight", "layer_norm_bias",
                  "post_norm.weight")  # post_norm: the sandwich norms (models/post_norm.py)
@@ -109,6 +152,16 @@ NORM_SUFFIXES = ("layernorm.weight", "layernorm.bias", "layer_norm_weight", "lay
 def slice_layer_tensor(mc: ModelConfig, name: str, t: torch.Tensor, plan: Plan, j: int) -> torch.Tensor:
     """Slice one full (TP-unsharded) tensor of old layer ``plan.layers[j]`` for new layer ``j``."""
     hid = plan.hidden
+    if name.endswith(MAMBA_MIXER):  # a hybrid model's Mamba layer
+        heads, dims = plan.mamba_heads[j], plan.mamba_dims[j]
+        if name.endswith("mixer.D") and t.shape[0] != mc.mamba_num_heads:  # D per channel
+            return t[mamba_channels(mc, heads, dims)]
+        rows = t[mamba_rows(mc, name, heads, dims)]
+        return rows[:, hid] if name.endswith("mixer.in_proj.weight") else rows
+    if name.endswith("mixer.out_proj.weight"):
+        return t[hid][:, mamba_channels(mc, plan.mamba_heads[j], plan.mamba_dims[j])]
+    if name == "norm.weight":  # a Mamba layer's pre-norm
+        return t[hid]
     if ".shared_experts." in f".{name}":
         return moe_prune.slice_shared_expert_tensor(mc, name, t, hid, plan.shared_ffn[j])
     if name.endswith(QK_NORMS):
@@ -144,15 +197,16 @@ def slice_global_tensor(name: str, t: torch.Tensor, plan: Plan) -> torch.Tensor:
     """Embedding / output layer (``[V/TP, H]``) and the final norm: hidden slicing only (local)."""
     if name.endswith(("word_embeddings.weight", "output_layer.weight")):
         return t[:, plan.hidden]
-    if name.startswith("decoder.final_layernorm."):
+    if name.startswith(("decoder.final_layernorm.", "decoder.final_norm.")):  # final_norm: hybrid models
         return t[plan.hidden]
     raise NotImplementedError(f"pruning does not know how to slice {name}")
 
 
 # ----------------------------------------------------------------------------- TP / PP movement
-def _layer_suffixes(model) -> List[str]:
-    """Tensor names of a layer, experts excluded (``experts.fill_experts`` moves those)."""
-    keys = model.decoder.layers[0].state_dict().keys()
+def _layer_suffixes(layer) -> List[str]:
+    """Tensor names of ``layer`` (a hybrid model's Mamba, attention and MLP layers differ), experts excluded
+    (``experts.fill_experts`` moves those)."""
+    keys = layer.state_dict().keys()
     return sorted(k for k in keys if not k.endswith("_extra_state") and ".experts." not in f".{k}")
 
 
@@ -171,26 +225,30 @@ def fill_pruned(model, mc: ModelConfig, new_model, new_mc: ModelConfig, plan: Pl
             continue
         dst.copy_(slice_global_tensor(k, old_sd[k], plan))
     per_old, per_new = mc.num_layers // pp, new_mc.num_layers // pp
-    suffixes = _layer_suffixes(model)
     for j, i in enumerate(plan.layers):  # same order on every rank: collectives and p2p match up
         src, dst_stage = i // per_old, j // per_new
         if stage == src:
-            for suf in suffixes:
-                full = layout.gather_tp(mc, suf, old_sd[f"decoder.layers.{i - src * per_old}.{suf}"])
-                piece = slice_layer_tensor(mc, suf, full, plan, j)
-                piece = layout.shard_tensor(new_mc, suf, piece, tp_rank, tp).contiguous()
+            for suf in _layer_suffixes(model.decoder.layers[i - src * per_old]):
+                name = _canonical(suf)  # Megatron-Core 0.19's mixer.conv1d_weight is conv1d.weight
+                full = layout.gather_tp(mc, name, old_sd[f"decoder.layers.{i - src * per_old}.{suf}"])
+                piece = slice_layer_tensor(mc, name, full, plan, j)
+                piece = layout.shard_tensor(new_mc, name, piece, tp_rank, tp).contiguous()
                 if dst_stage == stage:
                     new_sd[f"decoder.layers.{j - stage * per_new}.{suf}"].copy_(piece)
                 else:
                     dist.send(piece, dst=pp_ranks[dst_stage])
-        elif stage == dst_stage:
-            for suf in suffixes:
+        elif stage == dst_stage:  # the new layer has the old one's tensors
+            for suf in _layer_suffixes(new_model.decoder.layers[j - stage * per_new]):
                 buf = new_sd[f"decoder.layers.{j - stage * per_new}.{suf}"]
                 tmp = torch.empty_like(buf)
                 dist.recv(tmp, src=pp_ranks[src])
                 buf.copy_(tmp)
     if mc.is_moe:
         moe_prune.fill_experts(old_sd, new_sd, mc, new_mc, plan, per_old, per_new)
+
+
+def _canonical(suffix: str) -> str:
+    return next(iter(layout.to_canonical_names({suffix: None})))
 
 
 def trim_model(model, mc: ModelConfig, new_mc: ModelConfig, plan: Plan, params_dtype=None):
