@@ -18,7 +18,13 @@ JOBS = {
     "smollm2_demo": (134.5e6, (30, 384, 768, 9, 3), 63.1e6, 4, 128, 1e-3, 1e-4),
     "qwen3_30b_a3b_minitron": (30.5e9, (48, 2048, 6144, 32, 4), 16.0e9, 1024, 4096, 1e-4, 1e-5),
     "gemma3_12b_minitron_6b": (11.77e9, (48, 3072, 8192, 16, 8), 6.24e9, 768, 8192, 1e-4, 1e-5),
+    "nemotron_h_4b": (8.10e9, (52, 3072, 12288, 32, 8), 4.49e9, 768, 8192, 1e-4, 1e-5),
+    # the 9B-v2's own count (conf/model/nemotron_nano_9b_v2.yaml); which layers depth pruning keeps, and so the
+    # student's exact count, is decided by the calibration data
+    "nemotron_nano_9b_v2": (12.31e9, (56, 4480, 15680, 40, 8), 8.89e9, 768, 8192, 1e-4, 1e-5),
 }
+# hybrid jobs: (Mamba heads, head_dim) of the student
+MAMBA = {"nemotron_h_4b": (112, 64), "nemotron_nano_9b_v2": (128, 80)}
 
 # Model cards: total parameters, active parameters (MoE), parameters without the embeddings (where given).
 # Qwen3-8B: 8.2B, non-embedding 6.95B; Qwen3-30B-A3B: 30.5B, 3.3B activated, non-embedding 29.9B;
@@ -92,6 +98,8 @@ def test_job_config(name):
     assert got == shape
     assert abs(count_parameters(s_mc) - s_params) / s_params < 0.03, count_parameters(s_mc)
     assert s_mc.head_dim == t_mc.head_dim
+    if name in MAMBA:
+        assert (s_mc.mamba_num_heads, s_mc.mamba_head_dim) == MAMBA[name]
     t = cfg.trainer
     assert (t.global_batch_size, cfg.data.seq_length, t.optim.lr, t.optim.min_lr) == (gbs, seq, lr, min_lr)
     assert t.global_batch_size % t.micro_batch_size == 0
