@@ -103,12 +103,13 @@ def test_ranks_get_the_torchrun_environment(tmp_path):
 
 
 JOB_SCRIPT = """
-import sys, torch, torch.distributed as dist
+import os, sys, torch, torch.distributed as dist
 from minitron_nemo import runtime
 runtime.init_distributed(1, 1)
 x = torch.tensor([float(sys.argv[1])])
 dist.all_reduce(x)
-print(f"job {sys.argv[1]} rank {dist.get_rank()} sum {x.item():g}", flush=True)
+# one write of the whole line: the ranks share the launcher's stdout
+os.write(1, f"job {sys.argv[1]} rank {dist.get_rank()} sum {x.item():g}\\n".encode())
 runtime.shutdown()
 """
 
