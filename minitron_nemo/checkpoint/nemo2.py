@@ -259,7 +259,7 @@ class Nemo2Weights:
             if not k.startswith(self.prefix):
                 continue
             name = k[len(self.prefix):]
-            self._stored[layout.to_canonical_names({name: None}).popitem()[0]] = k
+            self._stored[layout.canonical_name(name)] = k
         self._meta = tensors
 
     # names -------------------------------------------------------------------------------------

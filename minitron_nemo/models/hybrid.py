@@ -147,6 +147,12 @@ def build_model(mc: ModelConfig, cfg):
     )
 
 
+def is_mamba_layer(layer) -> bool:
+    """A hybrid model's Mamba layer (Megatron-Core's ``MambaLayer``: ``norm`` and ``mixer``; it returns the hidden
+    states alone, where a transformer layer returns them with a context)."""
+    return hasattr(layer, "mixer")
+
+
 def count_parameters(mc: ModelConfig) -> int:
     """Parameters of the unpadded hybrid model (``builder.count_parameters``)."""
     h, f = mc.hidden_size, mc.ffn_hidden_size

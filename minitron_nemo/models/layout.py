@@ -164,15 +164,14 @@ def to_model_names(sd: dict, model_keys) -> dict:
     return out
 
 
+def canonical_name(key: str) -> str:
+    """A model's tensor name as the canonical (local-spec) one."""
+    for a, b in TE_NAMES.items():
+        if key.endswith(b):
+            return key[: -len(b)] + a
+    return key
+
+
 def to_canonical_names(sd: dict) -> dict:
     """Rename a model's keys to canonical (local-spec) names; ``_extra_state`` entries are dropped."""
-    out = {}
-    for k, v in sd.items():
-        if k.endswith("_extra_state"):
-            continue
-        for a, b in TE_NAMES.items():
-            if k.endswith(b):
-                k = k[: -len(b)] + a
-                break
-        out[k] = v
-    return out
+    return {canonical_name(k): v for k, v in sd.items() if not k.endswith("_extra_state")}

@@ -30,6 +30,7 @@ from minitron_nemo import runtime
 from minitron_nemo.errors import UserError
 from minitron_nemo.models.config import ModelConfig
 from minitron_nemo.models.forward import lm_loss_sums
+from minitron_nemo.models.hybrid import is_mamba_layer
 
 
 # ----------------------------------------------------------------------------- LM loss with layers skipped
@@ -48,7 +49,7 @@ def skip_layers(model, num_layers_total: int, drop: set):
     changed = []
     for j, layer in enumerate(model.decoder.layers):
         if off + j in drop:
-            layer.forward = _identity_mamba_layer if hasattr(layer, "mixer") else _identity_layer
+            layer.forward = _identity_mamba_layer if is_mamba_layer(layer) else _identity_layer
             changed.append(layer)
     try:
         yield

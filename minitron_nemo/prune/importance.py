@@ -59,6 +59,7 @@ from megatron.core import parallel_state
 from minitron_nemo import runtime
 from minitron_nemo.errors import UserError
 from minitron_nemo.models.forward import run_forward
+from minitron_nemo.models.hybrid import is_mamba_layer
 from minitron_nemo.prune import experts as moe_imp
 from minitron_nemo.prune.scores import all_gather_along, all_reduce_over
 
@@ -103,11 +104,6 @@ def aggregate(x: torch.Tensor, agg: Aggregation) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- hooks
-def _is_mamba(layer) -> bool:
-    """A hybrid model's Mamba layer (``MambaLayer``: ``norm`` and ``mixer``)."""
-    return hasattr(layer, "mixer")
-
-
 def _attn_proj(layer):
     """The attention output projection of ``layer`` (None: a Mamba layer, or a hybrid model's MLP layer)."""
     return getattr(getattr(layer, "self_attention", None), "linear_proj", None)
@@ -152,7 +148,7 @@ class Collector:
         self.experts = moe_imp.ExpertCollector(model) if not self.hybrid and moe_imp.is_moe_layer(self.layers[0]) \
             else None
         for i, layer in enumerate(self.layers):
-            if _is_mamba(layer):  # a Mamba layer: its pre-norm joins the hidden score; heads from out_proj's input
+            if is_mamba_layer(layer):  # a Mamba layer: its pre-norm joins the hidden score; heads from out_proj's input
                 self.handles.append(layer.norm.register_forward_hook(self._norm_hook(i, 0)))
                 self.handles.append(layer.mixer.out_proj.register_forward_pre_hook(self._input_hook(self.mamba, i)))
                 self.handles.append(layer.register_forward_hook(self._bi_hook(i), with_kwargs=True))

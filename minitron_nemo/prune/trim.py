@@ -229,7 +229,7 @@ def fill_pruned(model, mc: ModelConfig, new_model, new_mc: ModelConfig, plan: Pl
         src, dst_stage = i // per_old, j // per_new
         if stage == src:
             for suf in _layer_suffixes(model.decoder.layers[i - src * per_old]):
-                name = _canonical(suf)  # Megatron-Core 0.19's mixer.conv1d_weight is conv1d.weight
+                name = layout.canonical_name(suf)  # Megatron-Core 0.19's mixer.conv1d_weight is conv1d.weight
                 full = layout.gather_tp(mc, name, old_sd[f"decoder.layers.{i - src * per_old}.{suf}"])
                 piece = slice_layer_tensor(mc, name, full, plan, j)
                 piece = layout.shard_tensor(new_mc, name, piece, tp_rank, tp).contiguous()
@@ -245,10 +245,6 @@ def fill_pruned(model, mc: ModelConfig, new_model, new_mc: ModelConfig, plan: Pl
                 buf.copy_(tmp)
     if mc.is_moe:
         moe_prune.fill_experts(old_sd, new_sd, mc, new_mc, plan, per_old, per_new)
-
-
-def _canonical(suffix: str) -> str:
-    return next(iter(layout.to_canonical_names({suffix: None})))
 
 
 def trim_model(model, mc: ModelConfig, new_mc: ModelConfig, plan: Plan, params_dtype=None):
