@@ -21,12 +21,10 @@ import argparse
 
 import torch
 
-from benchlib import OPT, device_name, fmt, random_batches, summary, timed, write_json
+from benchlib import device_name, fmt, interleaved, lm_step, random_batches, summary, write_json
 from minitron_nemo import runtime
-from minitron_nemo.models.builder import build_model, count_parameters
+from minitron_nemo.models.builder import count_parameters
 from minitron_nemo.models.config import ModelConfig
-from minitron_nemo.training import optim
-from minitron_nemo.training.loop import lm_forward, lm_loss, setup_schedule, train_step
 
 VOCAB = 16384
 
@@ -58,15 +56,6 @@ def dense_config(hybrid: ModelConfig) -> ModelConfig:
     return base.replace(ffn_hidden_size=ffn).validate()
 
 
-def stepper(mc: ModelConfig, dt, batches):
-    model = build_model(mc, params_dtype=dt)
-    ddp = optim.wrap_ddp(model, distributed_optimizer=False)
-    opt = optim.build_optimizer(ddp, OPT, dt, False)
-    sched = optim.build_scheduler(opt, OPT, 1000, 1)
-    setup_schedule(ddp, ddp, opt)
-    return lambda: train_step(ddp, ddp, opt, sched, batches, lm_forward, lm_loss)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--hidden", type=int, default=512)
@@ -86,14 +75,7 @@ def main():
     hyb = hybrid_config(a.hidden, a.layers, a.seq)
     den = dense_config(hyb)
     batches = random_batches(VOCAB, a.mbs, a.seq)
-    steps = {"hybrid": stepper(hyb, dt, batches), "dense": stepper(den, dt, batches)}
-    for s in steps.values():
-        s()  # warm-up
-    per = {m: [] for m in steps}
-    for r in range(a.rounds):
-        for m, s in steps.items():
-            per[m].append(timed(s, a.steps))
-        print(f"[bench] round {r + 1}/{a.rounds}: " + "  ".join(f"{m} {per[m][-1]:.3f}s" for m in per), flush=True)
+    per = interleaved({"hybrid": lm_step(hyb, dt), "dense": lm_step(den, dt)}, batches, a.rounds, a.steps)
     tokens = len(batches) * a.mbs * a.seq
     res = {"device": device_name(), "dtype": a.dtype, "seq": a.seq, "tokens_per_step": tokens,
            "hybrid": {"pattern": hyb.hybrid_pattern, "params": count_parameters(hyb), "hidden": hyb.hidden_size,

@@ -18,11 +18,9 @@ import argparse
 
 import torch
 
-from benchlib import OPT, device_name, fmt, random_batches, shape, summary, timed, write_json
+from benchlib import device_name, fmt, lm_step, random_batches, shape, summary, timed, write_json
 from minitron_nemo import runtime
-from minitron_nemo.models.builder import build_model, count_parameters
-from minitron_nemo.training import optim
-from minitron_nemo.training.loop import lm_forward, lm_loss, setup_schedule, train_step
+from minitron_nemo.models.builder import count_parameters
 from minitron_nemo.training.metrics import flops_per_token
 
 H200_BF16_DENSE_TFLOPS = 989.0
@@ -43,13 +41,9 @@ def main():
     sh = shape(a.shape, a.seq, a.mbs)
     mc = sh.teacher
     runtime.init_distributed(1, 1)
-    model = build_model(mc, params_dtype=dt)
-    ddp = optim.wrap_ddp(model, distributed_optimizer=False)
-    opt = optim.build_optimizer(ddp, OPT, dt, False)
-    sched = optim.build_scheduler(opt, OPT, 1000, 1)
-    setup_schedule(ddp, ddp, opt)
+    train = lm_step(mc, dt)
     batches = random_batches(mc.vocab_size, sh.mbs, sh.seq)
-    step = lambda: train_step(ddp, ddp, opt, sched, batches, lm_forward, lm_loss)  # noqa: E731
+    step = lambda: train(batches)  # noqa: E731
     step()  # warm-up
     seconds = []
     for r in range(a.rounds):

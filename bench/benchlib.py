@@ -20,7 +20,10 @@ import torch
 from omegaconf import OmegaConf
 
 from minitron_nemo import runtime
+from minitron_nemo.models.builder import build_model
 from minitron_nemo.models.config import ModelConfig
+from minitron_nemo.training import optim
+from minitron_nemo.training.loop import lm_forward, lm_loss, setup_schedule, train_step
 
 # The optimizer settings of every benchmark's training steps (Megatron Adam, clipping at 1).
 OPT = OmegaConf.create({"lr": 1e-4, "min_lr": 1e-5, "weight_decay": 0.0, "adam_beta1": 0.9, "adam_beta2": 0.95,
@@ -58,6 +61,16 @@ def shape(name: str, seq: int | None = None, mbs: int | None = None) -> Shape:
     """The named shape, with ``seq`` / ``mbs`` replaced where given."""
     s = SHAPES[name]
     return Shape(s.teacher, s.student, seq or s.seq, mbs or s.mbs)
+
+
+def lm_step(mc: ModelConfig, dtype):
+    """``step(batches)``: one LM-loss training step of a fresh ``mc`` model through the project's loop (Megatron
+    schedule, DDP, Megatron Adam with the benchmarks' ``OPT``)."""
+    ddp = optim.wrap_ddp(build_model(mc, params_dtype=dtype), distributed_optimizer=False)
+    opt = optim.build_optimizer(ddp, OPT, dtype, False)
+    sched = optim.build_scheduler(opt, OPT, 1000, 1)
+    setup_schedule(ddp, ddp, opt)
+    return lambda batches: train_step(ddp, ddp, opt, sched, batches, lm_forward, lm_loss)
 
 
 def random_batches(vocab: int, mbs: int, seq: int, n: int = 2, seed: int = 0) -> list:

@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from gpu_suite import pick
+
 # What each benchmark's result holds besides its headline, as (label, dotted path, unit) rows.
 DETAILS = {
     "mfu": [("step", "step_seconds", "s"), ("TFLOP/s", "tflops", "")],
@@ -23,14 +25,6 @@ DETAILS = {
     "offline_vs_student": [("student step", "step_seconds.student", "s"), ("offline step", "step_seconds.offline", "s"),
                            ("online step", "step_seconds.online", "s"), ("offline / online", "offline_over_online", "")],
 }
-
-
-def pick(d: dict, dotted: str):
-    for k in dotted.split("."):
-        if not isinstance(d, dict) or k not in d:
-            return None
-        d = d[k]
-    return d
 
 
 def fmt(v, unit: str = "") -> str:
@@ -45,9 +39,13 @@ def row(key: str, e: dict) -> str:
     if e.get("status") != "ok":
         return f"| `{key}` | {e.get('status')}: {e.get('error') or e.get('why', '')} | | |"
     head = f"**{e['median']:.3f}** [{e['min']:.3f}, {e['max']:.3f}], n = {e['n']}"
-    details = "; ".join(f"{label} {fmt(pick(e['result'], path), unit)}" for label, path, unit in DETAILS.get(key, [])
-                        if pick(e["result"], path) is not None)
-    return f"| `{key}` | {head} | {e['good']} | {details} |"
+    details = []
+    for label, path, unit in DETAILS.get(key, []):
+        try:
+            details.append(f"{label} {fmt(pick(e['result'], path), unit)}")
+        except (KeyError, TypeError):  # a result without it (an older benchmark's JSON)
+            continue
+    return f"| `{key}` | {head} | {e['good']} | {'; '.join(details)} |"
 
 
 def tests_line(t: dict) -> str:
