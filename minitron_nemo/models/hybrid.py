@@ -153,8 +153,8 @@ def is_mamba_layer(layer) -> bool:
     return hasattr(layer, "mixer")
 
 
-def count_parameters(mc: ModelConfig) -> int:
-    """Parameters of the unpadded hybrid model (``builder.count_parameters``)."""
+def layer_parameters(mc: ModelConfig) -> dict:
+    """Parameters of one layer of each kind (``"mamba"``, ``"attention"``, ``"mlp"``), its pre-norm included."""
     h, f = mc.hidden_size, mc.ffn_hidden_size
     heads, inner = mc.mamba_num_heads, mc.mamba_num_heads * mc.mamba_head_dim
     bc = 2 * mc.mamba_num_groups * mc.mamba_state_dim
@@ -165,6 +165,12 @@ def count_parameters(mc: ModelConfig) -> int:
         "attention": h * (q + kv) + q * h,
         "mlp": 2 * h * f,
     }
-    layers = sum(per_kind[mc.layer_kind(i)] + h for i in range(mc.num_layers))  # + each layer's pre-norm
+    return {kind: n + h for kind, n in per_kind.items()}
+
+
+def count_parameters(mc: ModelConfig) -> int:
+    """Parameters of the unpadded hybrid model (``builder.count_parameters``)."""
+    h, per_kind = mc.hidden_size, layer_parameters(mc)
+    layers = sum(per_kind[mc.layer_kind(i)] for i in range(mc.num_layers))
     out = 0 if mc.share_embeddings_and_output_weights else mc.vocab_size * h
     return layers + h + mc.vocab_size * h + out

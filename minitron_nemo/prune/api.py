@@ -58,6 +58,39 @@ def check_same_on_every_rank(scores: dict) -> None:
                            f"pruned shards would not match")
 
 
+# ----------------------------------------------------------------------------- budget-search candidates
+def kept_pattern(model, mc: ModelConfig, scores: dict, layer_criterion: str, loss_batches, progress=True):
+    """``num_layers -> the hybrid pattern of the layers depth pruning keeps`` (``targets.candidates``), its depth
+    scores computed into ``scores`` on first use."""
+    def pattern(num_layers: int) -> str:
+        ensure_depth_scores(model, mc, scores, layer_criterion, mc.num_layers - num_layers, loss_batches, progress)
+        return mc.pattern_of_layers(select_layers(mc, num_layers, scores, layer_criterion))["hybrid_pattern"]
+    return pattern
+
+
+def candidate_row(c: ModelConfig) -> dict:
+    """A candidate's columns in the search table: its shape (MoE: experts and their width; hybrid: Mamba heads,
+    their channels and the kept layers' pattern) and parameter count."""
+    row = {"num_layers": c.num_layers, "hidden_size": c.hidden_size, "ffn_hidden_size": c.ffn_hidden_size,
+           "num_attention_heads": c.num_attention_heads, "num_query_groups": c.num_query_groups}
+    if c.is_moe:
+        row.update(num_moe_experts=c.num_moe_experts, moe_ffn_hidden_size=c.moe_ffn_hidden_size,
+                   active_params=count_parameters(c, active=True))
+    if c.is_hybrid:
+        row.update(mamba_num_heads=c.mamba_num_heads, mamba_head_dim=c.mamba_head_dim, hybrid_pattern=c.hybrid_pattern)
+    return {**row, "params": count_parameters(c)}
+
+
+def describe(row: dict) -> str:
+    """A candidate row in one line of the search's log."""
+    moe = f"E={row['num_moe_experts']} Fe={row['moe_ffn_hidden_size']} active={row['active_params']} " \
+        if "num_moe_experts" in row else ""
+    mamba = f"mamba={row['mamba_num_heads']}x{row['mamba_head_dim']} pattern={row['hybrid_pattern']} " \
+        if "mamba_num_heads" in row else ""
+    return (f"L={row['num_layers']} H={row['hidden_size']} F={row['ffn_hidden_size']} "
+            f"heads={row['num_attention_heads']} {moe}{mamba}params={row['params']}")
+
+
 # ----------------------------------------------------------------------------- one target
 def prune_to(model, mc: ModelConfig, new_mc: ModelConfig, scores: dict, *, layer_criterion="block",
              drop_layers=None, loss_batches=None, progress=True, expert_score="routed_l2"):
@@ -109,22 +142,17 @@ def prune_model(model, mc: ModelConfig, targets, *, batches=None, scores: Option
     if not eval_batches:
         raise UserError("the parameter-budget search ranks candidates by calibration loss; allowed: "
                         "pass prune.calibration.data")
+    if mc.is_hybrid:  # a candidate with fewer layers counts the layers depth pruning keeps
+        cands = candidates(mc, t, search, tp, pp, ep, pattern_of=kept_pattern(
+            model, mc, scores, layer_criterion, loss_batches, progress))
     rows, best = [], None
     for n, c in enumerate(cands):
         new_model, c, kept = prune_to(model, mc, c, scores, layer_criterion=layer_criterion,
                                       loss_batches=loss_batches, progress=progress, expert_score=expert_score)
         loss = mean_loss(new_model, eval_batches)
-        row = {"num_layers": c.num_layers, "hidden_size": c.hidden_size, "ffn_hidden_size": c.ffn_hidden_size,
-               "num_attention_heads": c.num_attention_heads, "num_query_groups": c.num_query_groups,
-               **({"num_moe_experts": c.num_moe_experts, "moe_ffn_hidden_size": c.moe_ffn_hidden_size,
-                   "active_params": count_parameters(c, active=True)} if c.is_moe else {}),
-               "params": count_parameters(c), "loss": loss, "ppl": math.exp(min(loss, 50.0))}
+        row = {**candidate_row(c), "loss": loss, "ppl": math.exp(min(loss, 50.0))}
         rows.append(row)
-        moe_txt = f"E={c.num_moe_experts} Fe={c.moe_ffn_hidden_size} active={row['active_params']} " \
-            if c.is_moe else ""
-        runtime.print0(f"[search] candidate {n + 1}/{len(cands)}: L={c.num_layers} H={c.hidden_size} "
-                       f"F={c.ffn_hidden_size} heads={c.num_attention_heads} {moe_txt}params={row['params']} "
-                       f"loss={loss:.4f}")
+        runtime.print0(f"[search] candidate {n + 1}/{len(cands)}: {describe(row)} loss={loss:.4f}")
         if best is None or loss < best[0]:
             best = (loss, new_model, c, kept)
         else:

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from minitron_nemo.errors import UserError
 from minitron_nemo.models.builder import count_parameters
-from minitron_nemo.models.config import ModelConfig
+from minitron_nemo.models.config import HYBRID_SYMBOLS, ModelConfig
 
 WIDTH_KEYS = {"target_hidden_size": "hidden_size", "target_ffn_hidden_size": "ffn_hidden_size",
               "target_num_attention_heads": "num_attention_heads",
@@ -193,30 +193,51 @@ def _check_mamba(mc: ModelConfig, t: Targets) -> None:
 
 
 # ----------------------------------------------------------------------------- budget search grid
+# hybrid models: mamba_heads (heads per Mamba layer, kept within groups), mamba_head_dim (channels per head)
+AXES = ("hidden", "ffn", "heads", "layers", "experts", "mamba_heads", "mamba_head_dim")
+MAMBA_HEAD_DIM_STEP = 8  # the search keeps Mamba heads' channels in multiples of 8 (explicit targets: any count)
+
+
 @dataclass
 class SearchSpace:
     ratios: List[float] = field(default_factory=lambda: [1.0, 0.875, 0.75, 0.625, 0.5])
-    axes: List[str] = field(default_factory=lambda: ["hidden", "ffn", "heads", "layers", "experts"])
+    axes: List[str] = field(default_factory=lambda: list(AXES))
     tolerance: float = 0.05
     max_candidates: int = 20
 
 
-AXES = ("hidden", "ffn", "heads", "layers", "experts")
-
-
 def _source_values(mc: ModelConfig) -> dict:
-    """Each search axis's source value; on an MoE model ``ffn`` is each expert's width and ``experts`` the
-    experts per layer (a dense model has no ``experts`` axis: None)."""
-    return {"hidden": mc.hidden_size, "ffn": mc.moe_ffn_hidden_size if mc.is_moe else mc.ffn_hidden_size,
-            "heads": mc.num_attention_heads, "layers": mc.num_layers, "experts": mc.num_moe_experts}
+    """Each search axis's source value, None where the model has no such part: on an MoE model ``ffn`` is each
+    expert's width and ``experts`` the experts per layer; a hybrid model has ``ffn``, ``heads`` and the Mamba
+    axes only if its pattern has MLP, attention and Mamba layers."""
+    has = (lambda ch: ch in mc.hybrid_pattern) if mc.is_hybrid else (lambda ch: ch != "M")
+    return {"hidden": mc.hidden_size,
+            "ffn": (mc.moe_ffn_hidden_size if mc.is_moe else mc.ffn_hidden_size) if has("-") else None,
+            "heads": mc.num_attention_heads if has("*") else None, "layers": mc.num_layers,
+            "experts": mc.num_moe_experts, "mamba_heads": mc.mamba_num_heads if has("M") else None,
+            "mamba_head_dim": mc.mamba_head_dim if has("M") else None}
+
+
+def _step(mc: ModelConfig, axis: str, grid: int, tp: int, pp: int, ep: int) -> int:
+    """The grid step of ``axis``: what the layout and the grouping need (heads within groups and over TP)."""
+    if axis == "hidden":
+        return grid
+    if axis == "ffn":
+        return grid * tp // _gcd(grid, tp)
+    if axis == "heads":
+        return _lcm(mc.num_query_groups, tp)
+    if axis == "mamba_heads":
+        return _lcm(mc.mamba_num_groups, tp)
+    if axis == "mamba_head_dim":
+        return min(MAMBA_HEAD_DIM_STEP, mc.mamba_head_dim)
+    return {"layers": pp, "experts": ep}[axis]
 
 
 def _axis_values(mc: ModelConfig, axis: str, ratios, grid: int, tp: int, pp: int, ep: int = 1) -> List:
     src = _source_values(mc)[axis]
     if src is None:
         return [None]
-    step = {"hidden": grid, "ffn": grid * tp // _gcd(grid, tp), "heads": _lcm(mc.num_query_groups, tp),
-            "layers": pp, "experts": ep}[axis]
+    step = _step(mc, axis, grid, tp, pp, ep)
     least = mc.moe_router_topk if axis == "experts" else step
     vals = {src}
     for r in ratios:
@@ -240,11 +261,6 @@ def budget(mc: ModelConfig, t: Targets) -> int:
     """The budget in parameters (active parameters with ``target_active_params``)."""
     given = [f"prune.{k}" for k in ("target_params", "target_params_ratio", "target_active_params")
              if getattr(t, k) is not None]
-    if given and mc.is_hybrid:
-        raise UserError(f"{given[0]}: the parameter-budget search over a hybrid model ({mc.family}) is not "
-                        f"supported yet; allowed: explicit targets (prune.target_hidden_size, prune.target_ffn_hidden_size, "
-                        f"prune.target_num_attention_heads, prune.target_mamba_num_heads, prune.target_mamba_head_dim, "
-                        f"prune.target_num_layers or prune.drop_layers)")
     if len(given) > 1:
         raise UserError(f"{' and '.join(given)} are {'both' if len(given) == 2 else 'all'} set; allowed: one of them")
     if t.target_active_params is not None and not mc.is_moe:
@@ -269,24 +285,47 @@ def budget(mc: ModelConfig, t: Targets) -> int:
     return int(n)
 
 
-def candidates(mc: ModelConfig, t: Targets, space: SearchSpace, tp: int, pp: int,
-               ep: int = 1) -> List[ModelConfig]:
+def _hybrid_count_range(c: ModelConfig, source_pattern: str) -> tuple[int, int]:
+    """The fewest and the most parameters a hybrid model of ``c``'s widths and layer count has, over every choice
+    of its layers among the source's (``source_pattern``)."""
+    from minitron_nemo.models import hybrid
+
+    per_kind = hybrid.layer_parameters(c)
+    sizes = sorted(per_kind[HYBRID_SYMBOLS[ch]] for ch in source_pattern)
+    rest = count_parameters(c) - sum(per_kind[c.layer_kind(i)] for i in range(c.num_layers))
+    return rest + sum(sizes[: c.num_layers]), rest + sum(sizes[len(sizes) - c.num_layers:])
+
+
+def candidates(mc: ModelConfig, t: Targets, space: SearchSpace, tp: int, pp: int, ep: int = 1,
+               pattern_of: Optional[Callable[[int], str]] = None) -> List[ModelConfig]:
     """Grid architectures within ``tolerance`` of the budget, closest first (at most ``max_candidates``).
     On an MoE model ``ffn`` varies each expert's width and ``experts`` the experts per layer (at least the
-    router's top-k, a multiple of EP); ``target_active_params`` counts the parameters one token uses."""
+    router's top-k, a multiple of EP); ``target_active_params`` counts the parameters one token uses.
+
+    A hybrid model's layers differ in size by kind, so a candidate with fewer layers counts the layers depth
+    pruning keeps: ``pattern_of(num_layers)`` is their pattern (from the depth scores: ``api.prune_model``).
+    Without it (the checks before any compute) a candidate passes when the budget is within tolerance of the
+    range its count spans over every choice of kept layers, and its pattern is the first layers' (provisional)."""
     target = budget(mc, t)
     src = _source_values(mc)
     values = {a: (_axis_values(mc, a, space.ratios, t.grid, tp, pp, ep) if a in space.axes else [src[a]])
               for a in AXES}
-    found = []
-    for h, f, n, L, e in itertools.product(*values.values()):
+    found, slack = [], space.tolerance * target
+    for h, f, n, L, e, mh, md in itertools.product(*values.values()):
         width = dict(target_moe_ffn_hidden_size=f, target_num_moe_experts=e) if mc.is_moe else \
             dict(target_ffn_hidden_size=f)
         c = new_config(mc, Targets(target_hidden_size=h, target_num_attention_heads=n, target_num_layers=L,
-                                   **width))
-        p = count_parameters(c, active=t.counts_active())
-        if abs(p - target) <= space.tolerance * target:
-            found.append((abs(p - target), -L, c))
+                                   target_mamba_num_heads=mh, target_mamba_head_dim=md, **width))
+        if mc.is_hybrid and L != mc.num_layers:
+            lo, hi = _hybrid_count_range(c, mc.hybrid_pattern)
+            off = max(lo - target, target - hi, 0)
+            if off <= slack and pattern_of is not None:
+                c = c.replace(hybrid_pattern=pattern_of(L))
+                off = abs(count_parameters(c) - target)
+        else:
+            off = abs(count_parameters(c, active=t.counts_active()) - target)
+        if off <= slack:
+            found.append((off, -L, c))
     if not found:
         active = "active " if t.counts_active() else ""
         raise UserError(f"no architecture on the search grid has {target} {active}parameters within "

@@ -11,15 +11,18 @@ the winner, as pruned (not the short-distilled weights), is the recipe's output.
 
     SEARCH/search.json          the settings the search started with (a re-run with others stops)
     SEARCH/zero_shot/           importance scores and the zero-shot table (a re-run skips that phase)
-    SEARCH/L<l>_H<h>_F<f>_A<a>_G<g>[_E<e>_Fe<fe>]/
-                                one candidate's run (MoE: experts per layer, each expert's width): checkpoints/, metrics.jsonl, loss.png, and
+    SEARCH/L<l>_H<h>_F<f>_A<a>_G<g>[_E<e>_Fe<fe>][_M<m>_D<d>]/
+                                one candidate's run (MoE: experts per layer, each expert's width; hybrid: Mamba
+                                heads per layer, channels per head): checkpoints/, metrics.jsonl, loss.png, and
                                 result.json once finished (a re-run skips it; an unfinished run resumes)
     OUTPUT/prune/candidates.md|csv, search.png   both rankings (prune/artifacts.py writes the table); validation
                                 loss over the K iterations
 
 SEARCH is ``prune.search.workdir`` (default: ``OUTPUT_search``). MoE sources (budget
 ``target_params`` or ``target_active_params``) rank candidates that differ in experts per layer and expert
-width too; each short run adds the student's load-balancing loss as a distillation job does. Each short
+width too; each short run adds the student's load-balancing loss as a distillation job does. Hybrid sources
+(Nemotron-H) rank candidates that differ in Mamba heads and head channels too, each counted with the layers depth
+pruning keeps. Each short
 run is the distillation step of recipes/distill.py (``distill/step.py``) in its trainer
 (``training/setup.build_trainer``).
 """
@@ -45,11 +48,12 @@ from minitron_nemo.readers import read_cache, read_json, read_own_record
 
 SHAPE = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
 MOE_SHAPE = ("num_moe_experts", "moe_ffn_hidden_size", "active_params")  # in the rows of MoE candidates
+HYBRID_SHAPE = ("mamba_num_heads", "mamba_head_dim", "hybrid_pattern")  # in the rows of hybrid candidates
 
 
 def shape_of(row: dict) -> dict:
     """A table row's architecture columns (and active parameters for MoE)."""
-    return {k: row[k] for k in SHAPE + MOE_SHAPE if k in row}
+    return {k: row[k] for k in SHAPE + MOE_SHAPE + HYBRID_SHAPE if k in row}
 
 
 def enabled(p) -> bool:
@@ -151,12 +155,15 @@ def candidate_config(mc: ModelConfig, row: dict) -> ModelConfig:
                                   target_num_attention_heads=row["num_attention_heads"],
                                   target_num_query_groups=row["num_query_groups"],
                                   target_num_moe_experts=row.get("num_moe_experts"),
-                                  target_moe_ffn_hidden_size=row.get("moe_ffn_hidden_size"))).validate()
+                                  target_moe_ffn_hidden_size=row.get("moe_ffn_hidden_size"),
+                                  target_mamba_num_heads=row.get("mamba_num_heads"),
+                                  target_mamba_head_dim=row.get("mamba_head_dim"))).validate()
 
 
 def candidate_name(row: dict) -> str:
     name = "L{num_layers}_H{hidden_size}_F{ffn_hidden_size}_A{num_attention_heads}_G{num_query_groups}".format(**row)
-    return name + ("_E{num_moe_experts}_Fe{moe_ffn_hidden_size}".format(**row) if "num_moe_experts" in row else "")
+    name += "_E{num_moe_experts}_Fe{moe_ffn_hidden_size}".format(**row) if "num_moe_experts" in row else ""
+    return name + ("_M{mamba_num_heads}_D{mamba_head_dim}".format(**row) if "mamba_num_heads" in row else "")
 
 
 # ----------------------------------------------------------------------------- one short run
