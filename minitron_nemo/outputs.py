@@ -441,9 +441,10 @@ def write_error(exc: BaseException, where) -> UserError | None:
     e = env_error(exc)
     if e is None:
         text = str(exc)
-        if (isinstance(exc, OSError) and SHORT_WRITE.search(text)) or ZIP_SHORT_WRITE.search(text):
-            return UserError(f"cannot write {where}: the disk is full (a write stopped short: {text}); nothing was "
-                             f"changed there")
+        short = (isinstance(exc, OSError) and SHORT_WRITE.search(text)) or ZIP_SHORT_WRITE.search(text)
+        if short:  # the matched words only: the exception's text may hold a writer process's whole traceback
+            return UserError(f"cannot write {where}: the disk is full (a write stopped short: {short.group(0)}); "
+                             f"nothing was changed there")
         for code, why in ENV_ERRNOS.items():
             if os.strerror(code) in text:
                 return UserError(f"cannot write {where}: {why}; nothing was changed there")

@@ -43,9 +43,38 @@ def test_bucket_kl_is_full_kl_at_full_vocab_and_a_lower_bound_below(reverse, tau
         assert bool((kl <= full + 1e-12).all()), k  # grouping outcomes never raises the KL
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_nll_and_logprobs_in_one_pass_equal_cross_entropy_and_log_softmax(dtype, tau):
+    """``student_nll_and_logprobs`` (the training loss's one pass over the logits, in chunks of 4 rows) against
+    torch's cross entropy and log-softmax: values and the gradient of a weighted sum of both outputs, with labels
+    among the ids and outside them, fp32 math for bf16 logits."""
+    from minitron_nemo.distill.bucket_kl import student_nll_and_logprobs
+
+    g = torch.Generator().manual_seed(1)
+    n, v, k = 11, 53, 6
+    x = (torch.randn(n, v, generator=g, dtype=torch.float64) * 3).to(dtype)
+    ids = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(n)])
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[:4] = ids[:4, 2]  # some labels are cached ids too
+    w_nll, w_lp = torch.randn(n, generator=g, dtype=torch.float64), torch.randn(n, k, generator=g, dtype=torch.float64)
+    a = x.clone().requires_grad_(True)
+    nll, lp = student_nll_and_logprobs(a, labels, ids, tau, chunk=4)
+    (ga,) = torch.autograd.grad((nll.double() * w_nll).sum() + (lp.double() * w_lp).sum(), a)
+    r = x.double().requires_grad_(True)
+    nll_r = torch.nn.functional.cross_entropy(r, labels, reduction="none")
+    lp_r = torch.log_softmax(r / tau, dim=-1).gather(-1, ids)
+    (gr,) = torch.autograd.grad((nll_r * w_nll).sum() + (lp_r * w_lp).sum(), r)
+    tol = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-5}[dtype]
+    assert nll.dtype == lp.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.allclose(nll.double(), nll_r, rtol=tol, atol=tol) and torch.allclose(lp.double(), lp_r, rtol=tol, atol=tol)
+    gtol = 1e-2 if dtype == torch.bfloat16 else tol  # the gradient is stored in the logits' dtype
+    assert ga.dtype == dtype and torch.allclose(ga.double(), gr, rtol=gtol, atol=gtol)
+
+
 def test_tensor_parallel_cache_loss_matches_single_rank():
     p = run_torchrun(ROOT / "tests" / "workers" / "bucket_kl_worker.py", 2, "2", timeout=300)
-    assert "16 checks passed at TP=2" in p.stdout
+    assert "16 checks passed at TP=2" in p.stdout and "NLL and log-probabilities: 4 checks passed" in p.stdout
 
 
 # ----------------------------------------------------------------------------- recipes

@@ -60,13 +60,24 @@ def test_a_short_write_of_a_cache_shard_is_a_full_disk(tmp_path, monkeypatch):
     assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []  # no partial shard
 
 
-def test_a_short_write_inside_the_checkpoint_writer_is_a_full_disk(tmp_path, ckpt, monkeypatch):
+WORKER_SHORT = "Worker failure: [enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
+WORKER_REPORTS = {  # as Megatron-Core's writer process reports it: alone, or in the checkpoint's exception with
+    # the process's traceback (seen on a CI run)
+    "alone": WORKER_SHORT,
+    "with_traceback": "CheckpointException ranks:dict_keys([0])\nTraceback (most recent call last): (RANK 0)\n  File "
+                      "\"filesystem_async.py\", line 445, in retrieve_write_results\n    raise RuntimeError(\n"
+                      f"RuntimeError: {WORKER_SHORT}\n",
+}
+
+
+@pytest.mark.parametrize("report", sorted(WORKER_REPORTS))
+def test_a_short_write_inside_the_checkpoint_writer_is_a_full_disk(tmp_path, ckpt, monkeypatch, report):
     """What Megatron-Core's checkpoint writer process reports when torch.save's zip writer stops short on a
     full disk (a RuntimeError, no errno): one line naming the output, which is not created."""
     from megatron.core import dist_checkpointing
 
     def short(*a, **k):
-        raise RuntimeError("Worker failure: [enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        raise RuntimeError(WORKER_REPORTS[report])
 
     monkeypatch.setattr(dist_checkpointing, "save", short)
     out = tmp_path / "ckpt"

@@ -2,7 +2,7 @@
 
 The student runs alone (plain DDP chunk, any TP x PP x DP); on the last pipeline stage the forward
 also looks up the cached teacher distribution of the micro-batch's samples (by their dataset index),
-and the loss is ``bucket_kl.bucket_kl`` over the cached ids plus the rest bucket (a whole-vocabulary cache:
+and the loss is ``bucket_kl``'s KL over the cached ids plus the rest bucket (a whole-vocabulary cache:
 the online kernel ``losses.logits_kl_loss`` on the cached log-probabilities). Validation reports
 the same keys as online distillation (student LM loss, KD loss, teacher LM loss from the cached
 target log-probabilities).
@@ -23,7 +23,7 @@ from minitron_nemo.distill import cache
 from minitron_nemo.distill.config import DistillationConfig
 from minitron_nemo.distill.losses import _masked, balance, logits_kl_loss, resolve_tp_group
 from minitron_nemo.distill.online import token_nll
-from minitron_nemo.distill.bucket_kl import bucket_kl
+from minitron_nemo.distill.bucket_kl import bucket_kl_of, student_nll_and_logprobs
 from minitron_nemo.errors import UserError
 from minitron_nemo.models.packing import model_inputs
 
@@ -93,26 +93,29 @@ def make_forward(tc: cache.TeacherCache):
     return forward
 
 
-def _kl(kd_cfg: DistillationConfig, s, cached, mask):
+def _lm_and_kl(kd_cfg: DistillationConfig, s, labels, cached, mask):
+    """(student LM loss, KD loss) of one micro-batch against its cached teacher: over the cached ids plus the rest
+    bucket, the NLL and the ids' log-probabilities from one pass over the logits; a whole-vocabulary cache takes the
+    online kernel on this rank's vocabulary shard."""
     b, sl, v = s.shape
-    if "ids" not in cached:  # a whole-vocabulary cache: the online kernel, on this rank's vocabulary shard
-        group, tau = resolve_tp_group(), float(kd_cfg.logit_kl_temperature)
+    group, tau = resolve_tp_group(), float(kd_cfg.logit_kl_temperature)
+    if "ids" not in cached:
+        lm = _masked(token_nll(s, labels), mask).loss
         lo = (0 if group is None else torch.distributed.get_rank(group)) * v
         teacher = cached["logp"][..., lo:lo + v] * tau  # log-probabilities at tau, as logits the kernel divides
-        return logits_kl_loss(s, teacher, mask, temperature=tau, reverse=kd_cfg.reverse_kl,
-                              chunk_size=kd_cfg.kl_chunk_size, tp_group=group).loss
-    per = bucket_kl(s.reshape(b * sl, v), cached["ids"].reshape(b * sl, -1), cached["logp"].reshape(b * sl, -1),
-                    float(kd_cfg.logit_kl_temperature), kd_cfg.reverse_kl, resolve_tp_group(),
-                    kd_cfg.kl_chunk_size)
-    return _masked(per.view(b, sl), mask).loss
+        return lm, logits_kl_loss(s, teacher, mask, temperature=tau, reverse=kd_cfg.reverse_kl,
+                                  chunk_size=kd_cfg.kl_chunk_size, tp_group=group).loss
+    nll, ls = student_nll_and_logprobs(s.reshape(b * sl, v), labels.reshape(-1), cached["ids"].reshape(b * sl, -1),
+                                       tau, group, kd_cfg.kl_chunk_size)
+    per = bucket_kl_of(ls, cached["logp"].reshape(b * sl, -1), tau, kd_cfg.reverse_kl)
+    return _masked(nll.view(b, sl), mask).loss, _masked(per.view(b, sl), mask).loss
 
 
 def loss(kd_cfg: DistillationConfig, batch, output):
     """Training loss of one micro-batch: as ``distill.online.kd_loss`` with the cached teacher."""
     s = output["student"]
     mask = batch["loss_mask"].to(s.device).float()
-    lm = _masked(token_nll(s, batch["labels"].to(s.device)), mask).loss
-    kl = _kl(kd_cfg, s, output["cached"], mask)
+    lm, kl = _lm_and_kl(kd_cfg, s, batch["labels"].to(s.device), output["cached"], mask)
     total = balance(kl, None, lm, skip_lm_loss=kd_cfg.skip_lm_loss, kd_loss_scale=kd_cfg.kd_loss_scale)
     return total, {"lm": lm.detach().float(), "logits": kl.detach().float(), "total": total.detach().float()}
 
@@ -121,8 +124,8 @@ def valid_loss(kd_cfg: DistillationConfig, batch, output):
     """Validation: student LM loss, KD loss against the cache, teacher LM loss from the cache."""
     s, c = output["student"], output["cached"]
     mask = batch["loss_mask"].to(s.device).float()
-    metrics = {"student_lm": _masked(token_nll(s, batch["labels"].to(s.device)), mask).loss,
-               "kd": _kl(kd_cfg, s, c, mask).detach(), "teacher_lm": _masked(-c["target"], mask).loss}
+    lm, kl = _lm_and_kl(kd_cfg, s, batch["labels"].to(s.device), c, mask)
+    metrics = {"student_lm": lm.detach(), "kd": kl.detach(), "teacher_lm": _masked(-c["target"], mask).loss}
     return metrics["kd"], metrics
 
 

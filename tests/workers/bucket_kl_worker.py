@@ -7,7 +7,7 @@ import sys
 import torch
 
 from minitron_nemo import runtime
-from minitron_nemo.distill.bucket_kl import bucket_kl, teacher_topk
+from minitron_nemo.distill.bucket_kl import bucket_kl, student_nll_and_logprobs, teacher_topk
 
 
 def main():
@@ -42,6 +42,25 @@ def main():
                 assert torch.allclose(s1.grad[:, shard], s2.grad, rtol=1e-9, atol=1e-12), f"grad differs: {what}"
                 checks += 1
     runtime.print0(f"bucket_kl_worker: {checks} checks passed at TP={tp}")
+    labels = torch.randint(0, v, (n,), generator=g)
+    w = torch.randn(n, generator=g, dtype=torch.float64)
+    checks = 0
+    for k in (3, v):
+        for tau in (1.0, 2.0):
+            ids = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(n)])
+            wk = torch.randn(n, k, generator=g, dtype=torch.float64)
+            outs = []
+            for s, grp, chunk in ((student, None, None), (student[:, shard], group, 5)):
+                a = s.clone().requires_grad_(True)
+                nll, lp = student_nll_and_logprobs(a, labels, ids, tau, grp, chunk)
+                ((nll * w).sum() + (lp * wk).sum()).backward()
+                outs.append((nll, lp, a.grad))
+            what = f"k={k} tau={tau} rank={rank}"
+            assert torch.allclose(outs[0][0], outs[1][0], rtol=1e-12, atol=1e-12), f"NLL differs: {what}"
+            assert torch.allclose(outs[0][1], outs[1][1], rtol=1e-12, atol=1e-12), f"log-probs differ: {what}"
+            assert torch.allclose(outs[0][2][:, shard], outs[1][2], rtol=1e-10, atol=1e-12), f"grad differs: {what}"
+            checks += 1
+    runtime.print0(f"bucket_kl_worker: NLL and log-probabilities: {checks} checks passed at TP={tp}")
     runtime.shutdown()
 
 
