@@ -13,6 +13,7 @@ micro-batch as the student. Virtual (interleaved) pipeline is not supported.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -143,7 +144,10 @@ def kd_loss(kd_cfg: DistillationConfig, batch, output):
     """Training loss of one micro-batch; logs LM, logits, intermediate and total separately."""
     s, t = output["student"], output["teacher"]
     mask = batch["loss_mask"].to(s.device).float()
-    lm = token_nll(s, batch["labels"].to(s.device))
+    # With skip_lm_loss the LM loss is only logged: no graph, so the cross entropy's fp32 copy of the logits is
+    # freed now instead of living through the backward
+    with torch.no_grad() if kd_cfg.skip_lm_loss else contextlib.nullcontext():
+        lm = token_nll(s, batch["labels"].to(s.device))
     out = distillation_loss(kd_cfg, s, t, mask, hidden_pairs=output["pairs"], lm_loss=lm,
                             projection=output.get("projection"))
     keys = ("lm", "logits", "intermediate", "total") if kd_cfg.intermediate_layer_pairs else ("lm", "logits", "total")
