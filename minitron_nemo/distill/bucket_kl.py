@@ -78,15 +78,8 @@ class _StudentLogProbs(torch.autograd.Function):
             local = m + e.sub_(m[:, None]).exp_().sum(dim=-1).log()
             lse = local[None].expand(2, n)
             saved = (e, m)
-        else:
-            lse = torch.empty((2, n), dtype=cdt, device=x.device)  # log-sum-exp of x and of x / tau (this shard's)
-            buf = torch.empty((min(chunk, n), vl), dtype=cdt, device=x.device)
-            for i in range(0, n, chunk):
-                j = slice(i, i + chunk)
-                for row, t in ((0, 1.0), (1, tau)):
-                    b = buf[: x[j].shape[0]].copy_(x[j]).div_(t)
-                    mj = b.amax(dim=-1, keepdim=True)
-                    lse[row, j] = mj.squeeze(-1) + b.sub_(mj).exp_().sum(dim=-1).log()
+        else:  # log-sum-exp of x and of x / tau (this shard's)
+            lse = torch.stack([_log_normaliser(x, t, chunk, None) for t in (1.0, tau)])
         if _world(group) > 1:
             lse = torch.logsumexp(torch.stack(_all_gather(lse.contiguous(), group)), dim=0)
         ids_at, ids_in = _local(ids, lo, vl)

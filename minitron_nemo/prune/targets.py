@@ -223,7 +223,7 @@ def _step(mc: ModelConfig, axis: str, grid: int, tp: int, pp: int, ep: int) -> i
     if axis == "hidden":
         return grid
     if axis == "ffn":
-        return grid * tp // _gcd(grid, tp)
+        return _lcm(grid, tp)
     if axis == "heads":
         return _lcm(mc.num_query_groups, tp)
     if axis == "mamba_heads":
